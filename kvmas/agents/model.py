@@ -1,0 +1,206 @@
+"""The shared model: one instance per process, used by every agent.
+
+>>> from kvmas.testing import tiny_model
+>>> m = tiny_model("qwen")
+>>> len(m.encode("abc")), m.fingerprint.num_layers
+(3, 2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from kvmas.errors import ContextOverflowError, FingerprintMismatchError
+
+_LOCK = threading.Lock()
+_LOADED: dict[str, "Model"] = {}
+
+
+class ModelFingerprint(BaseModel):
+    """What identifies a model for KV exchange: raw KV only moves between identical weights."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    revision: str  # hash of config + a sample of the weights
+    dtype: str
+    arch: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    rope: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """A short stable id: equal keys mean interchangeable caches."""
+        blob = json.dumps(self.model_dump(exclude={"name"}), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def check(self, other: "ModelFingerprint", what: str = "state") -> None:
+        if self.key != other.key:
+            raise FingerprintMismatchError(
+                f"{what} was made by model {other.name} ({other.key}), refusing it for {self.name} ({self.key})"
+            )
+
+
+def _weights_digest(hf) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(hf.config.to_dict(), sort_keys=True, default=str).encode())
+    # A strided sample of every tensor: cheap, and any re-quantisation or retie changes it.
+    for name, p in sorted(hf.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _rope_info(cfg) -> dict[str, Any]:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    out = {k: v for k, v in dict(rope).items() if isinstance(v, (int, float, str, bool))}
+    theta = getattr(cfg, "rope_theta", None)
+    if theta is not None:
+        out.setdefault("rope_theta", theta)
+    return out
+
+
+class Model:
+    """A causal LM plus its tokenizer, fingerprint and small forward helpers.
+
+    ``hf`` is the transformers model (fp32, eval); ``tokenizer`` a fast tokenizer with a chat template.
+    """
+
+    def __init__(self, hf, tokenizer, name: str, source: str | None = None):
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        cfg = hf.config
+        heads = cfg.num_attention_heads
+        self.fingerprint = ModelFingerprint(
+            name=name,
+            revision=_weights_digest(hf),
+            dtype=str(next(hf.parameters()).dtype).replace("torch.", ""),
+            arch=type(hf).__name__,
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            rope=_rope_info(cfg),
+        )
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+        self._aux: dict[str, Any] = {}  # per-model derived objects (realignment, skill prefixes, ...)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf, tokenizer, name: str = "custom") -> "Model":
+        """Wrap an already-built transformers model and tokenizer (tests, notebooks)."""
+        return cls(hf, tokenizer, name=name)
+
+    @classmethod
+    def load(cls, name_or_path: str | None = None, *, threads: int | None = None) -> "Model":
+        """Load a model once per process: a registry name (default ``smollm2-135m``), a local HF dir, or a hub id.
+
+        The embedded default is converted once from its GGUF into a safetensors cache under ``KVMAS_HOME``.
+        """
+        from kvmas.agents.registry import resolve_model_dir
+
+        if threads:
+            torch.set_num_threads(threads)
+        with _LOCK:
+            key = name_or_path or ""
+            if key in _LOADED:
+                return _LOADED[key]
+            directory, name = resolve_model_dir(name_or_path)
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(directory)
+            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+            model = cls(hf, tok, name=name, source=str(directory))
+            _LOADED[key] = model
+            return model
+
+    # -- text helpers ---------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's chat template (a plain fallback when it has none)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant: " if add_generation_prompt else "")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = set()
+        for src in (self.tokenizer.eos_token_id, getattr(self.hf.generation_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(int(i) for i in src)
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|end|>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok) if tok in self.tokenizer.get_vocab() else None
+            if isinstance(tid, int):
+                ids.add(tid)
+        return sorted(ids)
+
+    def check_fits(self, n_tokens: int, what: str = "prompt") -> None:
+        if n_tokens > self.max_context:
+            raise ContextOverflowError(
+                f"{what} needs {n_tokens} positions but {self.name} has a context of {self.max_context}"
+            )
+
+    # -- model helpers --------------------------------------------------------------------
+    @property
+    def embedding(self) -> torch.nn.Embedding:
+        return self.hf.get_input_embeddings()
+
+    @property
+    def ties_embeddings(self) -> bool:
+        out = self.hf.get_output_embeddings()
+        return out is not None and out.weight.data_ptr() == self.embedding.weight.data_ptr()
+
+    @torch.no_grad()
+    def embed_text(self, text: str) -> torch.Tensor:
+        """Mean-pooled last-layer hidden state of ``text`` (fp32, shape [hidden]); used for retrieval."""
+        ids = self.encode(text)[: self.max_context] or [self.tokenizer.eos_token_id or 0]
+        out = self.hf.model(torch.tensor([ids]))
+        return out.last_hidden_state[0].mean(0).float()
+
+    @torch.no_grad()
+    def score_continuations(self, prefix: str | list[int], continuations: list[str | list[int]]) -> list[float]:
+        """Total log-prob of each continuation after ``prefix``; the prefix is prefilled once and its KV reused."""
+        from kvmas.agents.state import LatentState
+
+        state = LatentState.empty(self).extend(prefix, agent="scorer", role="scorer")
+        return state.score(continuations)
+
+    def require_same(self, fp: ModelFingerprint, what: str = "state") -> None:
+        self.fingerprint.check(fp, what)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, layers={self.fingerprint.num_layers}, key={self.fingerprint.key})"
+
+
+def state_dir(model: Model) -> Path:
+    """Per-model folder in the data dir for derived artefacts (realignment matrix, skill prefixes)."""
+    from kvmas.paths import kvmas_home
+
+    d = kvmas_home() / "derived" / model.fingerprint.key
+    d.mkdir(parents=True, exist_ok=True)
+    return d

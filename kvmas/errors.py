@@ -1,0 +1,34 @@
+"""Typed errors. Every user-facing failure is a `KvmasError` with a one-line message.
+
+The CLI turns these into a non-zero exit code and a single line on stderr, never a traceback.
+"""
+
+
+class KvmasError(Exception):
+    """Base class of every error kvmas raises on purpose."""
+
+    exit_code = 2
+
+
+class BadInputError(KvmasError, ValueError):
+    """The caller handed us something unusable (empty question, bad parameter, bad file)."""
+
+
+class ModelNotFoundError(KvmasError, LookupError):
+    """A model name or path that is neither known, installed, nor a readable HF directory."""
+
+
+class FingerprintMismatchError(KvmasError):
+    """A cached state or file was produced by a different model than the one in use."""
+
+
+class ContextOverflowError(KvmasError):
+    """A prompt plus its budgets would not fit the model's context window."""
+
+
+class CacheCorruptError(KvmasError):
+    """A file in the kvmas data dir failed its checksum or is not a kvmas file."""
+
+
+class SchemaVersionError(KvmasError):
+    """A file or store was written by a newer kvmas (or an unknown format); refused, never overwritten."""
