@@ -1,0 +1,40 @@
+r"""Prompt text for tasks: the same instruction for every method, so methods differ only in how agents talk.
+
+>>> from kvmas.tasks.task import Task
+>>> from kvmas.tasks.prompts import format_question
+>>> print(format_question(Task(id="t", question="What is 2+3?", answer="5")))
+What is 2+3?
+Reason step by step, then give the final answer as \boxed{N}.
+"""
+
+from __future__ import annotations
+
+from kvmas.tasks.task import Task
+
+NUMBER_INSTRUCTION = "Reason step by step, then give the final answer as \\boxed{N}."
+CHOICE_INSTRUCTION = "Reason step by step, then give the letter of the correct option as \\boxed{X}."
+
+
+def format_choices(task: Task) -> str:
+    """``A. text`` lines, one per option (empty for number tasks)."""
+    return "\n".join(f"{c.label}. {c.text}" for c in task.choices or ())
+
+
+def format_question(task: Task, instruction: bool = True) -> str:
+    """The question as every method sees it: stem, options if any, and the answer-format instruction."""
+    parts = [task.question.strip()]
+    if task.kind == "choice":
+        parts.append(format_choices(task))
+    if instruction:
+        parts.append(CHOICE_INSTRUCTION if task.kind == "choice" else NUMBER_INSTRUCTION)
+    return "\n".join(parts)
+
+
+def loglik_prefix(task: Task) -> str:
+    """Prefix for log-likelihood scoring of options: ``Question: ...\nAnswer:`` (no chat template)."""
+    return f"Question: {task.question.strip()}\nAnswer:"
+
+
+def loglik_continuations(task: Task) -> list[str]:
+    """One continuation per option, in label order: a space then the option text."""
+    return [" " + c.text.strip() for c in task.choices or ()]
