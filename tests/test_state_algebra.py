@@ -1,0 +1,267 @@
+"""Golden tests of the LatentState algebra against full recomputation on tiny random models."""
+
+import pytest
+import torch
+
+from kvmas.agents.realign import Realigner
+from kvmas.agents.state import LatentState
+from kvmas.errors import BadInputError, CacheCorruptError, FingerprintMismatchError
+from kvmas.testing import tiny_model
+
+ARCHS = ["llama", "qwen"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    return tiny_model(request.param)
+
+
+def joint_logits(model, ids):
+    with torch.no_grad():
+        return model.hf(torch.tensor([ids])).logits[0].float()
+
+
+def joint_cache(model, ids):
+    with torch.no_grad():
+        return model.hf(torch.tensor([ids]), use_cache=True).past_key_values
+
+
+def snapshot(state):
+    return [t.clone() for t in (*state.keys, *state.values, state.mask, state.positions, state.next_pos)]
+
+
+def unchanged(state, snap):
+    now = (*state.keys, *state.values, state.mask, state.positions, state.next_pos)
+    return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(now, snap))
+
+
+def test_incremental_prefill_equals_joint(model):
+    parts = ["System: be brief.\n", "Q: what is 12+30?\n", "A: let me think", " step by step."]
+    state = LatentState.empty(model)
+    for i, p in enumerate(parts):
+        state = state.extend(p, agent=f"a{i}", role="r")
+    ids = sum((model.encode(p) for p in parts), [])
+    ref = joint_logits(model, ids)
+    assert state.length == len(ids)
+    assert torch.equal(state.positions[0], torch.arange(len(ids)))
+    assert (state.last_logits[0] - ref[-1]).abs().max() < 1e-4
+    cache = joint_cache(model, ids)
+    for layer, k in zip(cache.layers, state.keys):
+        assert (layer.keys - k).abs().max() < 1e-4
+    assert [s.length for s in state.segments] == [len(model.encode(p)) for p in parts]
+    assert [s.start for s in state.segments] == [0] + list(torch.tensor([len(model.encode(p)) for p in parts[:-1]]).cumsum(0).tolist())
+
+
+def test_think_uses_realigned_embedding(model):
+    s = LatentState.empty(model).extend("Question: 3+4?", agent="u", role="q")
+    t = s.think(3, agent="solver", role="solver")
+    assert t.length == s.length + 3
+    assert t.positions[0, -3:].tolist() == [s.length, s.length + 1, s.length + 2]
+    assert int(t.next_pos[0]) == s.length + 3
+    seg = t.segments[-1]
+    assert (seg.kind, seg.start, seg.length, seg.token_ids) == ("latent", s.length, 3, None)
+    # Recompute by hand: each step feeds realign(last hidden) as an input embedding.
+    realign = Realigner.for_model(model, cache=False)
+    ids = torch.tensor([model.encode("Question: 3+4?")])
+    with torch.no_grad():
+        out = model.hf.model(ids, use_cache=True)
+        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        for _ in range(3):
+            e = realign(h)[:, None]
+            assert torch.allclose(e, t.latent_inputs[seg.id][:, _: _ + 1], atol=1e-5)
+            out = model.hf.model(inputs_embeds=e, past_key_values=cache, use_cache=True)
+            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+    assert (t.last_hidden - h).abs().max() < 1e-4
+    for layer, k in zip(cache.layers, t.keys):
+        assert (layer.keys - k).abs().max() < 1e-4
+    # the realigned input is not the raw hidden state (the realignment is really applied)
+    assert not torch.allclose(t.latent_inputs[seg.id][:, 0], s.last_hidden, atol=1e-3)
+
+
+def test_tied_embeddings_realign_is_identity():
+    r = Realigner.for_model(tiny_model("qwen", tie=True), cache=False)
+    assert r.tied and r.identity_error < 1e-2
+    assert not Realigner.for_model(tiny_model("qwen"), cache=False).tied
+
+
+def test_fork_rows_equal_independent_runs(model):
+    prefix = LatentState.empty(model).extend("Shared question: name a colour.", agent="u", role="q")
+    suffixes = ["A:", "Persona two says:", "B?"]
+    rows = prefix.fork(3).extend(suffixes, agent="solvers", role="solver")
+    batched = rows.speak(12, agent="solvers", role="solver")
+    for i, suf in enumerate(suffixes):
+        alone = prefix.extend(suf).speak(12)
+        assert batched.token_ids[i] == alone.token_ids[0]
+        assert (rows.last_logits[i] - prefix.extend(suf).last_logits[0]).abs().max() < 1e-4
+    assert rows.shared_cols == prefix.length
+
+
+def test_speak_and_extend_never_mutate(model):
+    s = LatentState.empty(model).extend("Hello there, agent.")
+    snap = snapshot(s)
+    ptrs = [k.data_ptr() for k in s.keys]
+    s.speak(8)
+    s.extend(" more text")
+    s.think(2)
+    s.fork(2).speak(4, temperature=1.0, seed=3)
+    s.score(["abc", "de"])
+    assert unchanged(s, snap)
+    assert ptrs == [k.data_ptr() for k in s.keys]
+    # the speaker's own state is the same object before and after: reading it again gives the same tokens
+    assert s.speak(8).token_ids == s.speak(8).token_ids
+
+
+def test_speak_state_holds_exactly_the_text(model):
+    s = LatentState.empty(model).extend("Write:")
+    sp = s.speak(6)
+    ids = model.encode("Write:") + sp.token_ids[0]
+    assert sp.state.length == len(ids)
+    assert (sp.state.last_logits[0] - joint_logits(model, ids)[-1]).abs().max() < 1e-4
+
+
+def test_sampling_is_seeded(model):
+    s = LatentState.empty(model).extend("Sample:")
+    a = s.speak(10, temperature=1.0, seed=7).token_ids
+    assert a == s.speak(10, temperature=1.0, seed=7).token_ids
+    assert a != s.speak(10, temperature=1.0, seed=8).token_ids
+
+
+def test_stop_strings_cut_text(model):
+    s = LatentState.empty(model).extend("Go:")
+    full = s.speak(12, min_new_tokens=12).text
+    assert len(full) >= 6
+    stop = full[3:5]
+    cut = s.speak(12, min_new_tokens=12, stop=[stop]).text
+    assert stop not in cut and full.startswith(cut) and len(cut) <= 3 + len(stop)
+
+
+def test_drop_equals_masking_the_segment_out(model):
+    a, b, c = "Context one. ", "Critique to forget. ", "Now answer:"
+    s = LatentState.empty(model).extend(a).extend(b, agent="critic", role="critic").extend(c)
+    dropped = s.drop(s.segments[1].id).extend(" yes")
+    ids = model.encode(a + b + c) if False else model.encode(a) + model.encode(b) + model.encode(c)
+    new = model.encode(" yes")
+    # reference: the full run, then the new tokens with the critique columns masked out
+    cache = joint_cache(model, ids)
+    nb = len(model.encode(a))
+    mask = torch.ones(1, len(ids) + len(new), dtype=torch.long)
+    mask[0, nb: nb + len(model.encode(b))] = 0
+    with torch.no_grad():
+        ref = model.hf(torch.tensor([new]), past_key_values=cache, attention_mask=mask,
+                       position_ids=torch.arange(len(ids), len(ids) + len(new))[None]).logits[0, -1]
+    assert (dropped.last_logits[0] - ref).abs().max() < 1e-4
+    assert [x.role for x in dropped.segments] == ["user", "user", "user"]
+    assert dropped.length == len(ids) - len(model.encode(b)) + len(new)
+
+
+def test_crop_then_extend_equals_joint(model):
+    s = LatentState.empty(model).extend("Keep this part.").extend(" and drop this tail")
+    n = len(model.encode("Keep this part."))
+    c = s.crop(n).extend(" new")
+    ref = joint_logits(model, model.encode("Keep this part.") + model.encode(" new"))
+    assert (c.last_logits[0] - ref[-1]).abs().max() < 1e-4
+    assert len(c.segments) == 2
+
+
+def _branches(model):
+    prefix = LatentState.empty(model).extend("Question: pick one.\n", agent="u", role="q")
+    texts = ["Candidate one says 4.\n", "Two: 5!\n", "Third answer is 9\n"]
+    return prefix, texts, prefix.fork(3).extend(texts, agent="solvers", role="solver")
+
+
+def test_merge_reprefill_is_exact(model):
+    prefix, texts, rows = _branches(model)
+    merged = rows.merge_rows("reprefill").extend("Selector:")
+    ids = model.encode("Question: pick one.\n") + sum((model.encode(t) for t in texts), []) + model.encode("Selector:")
+    assert merged.length == len(ids)
+    assert (merged.last_logits[0] - joint_logits(model, ids)[-1]).abs().max() < 1e-4
+
+
+def test_merge_rerotate_exact_at_layer0_and_states_its_error(model):
+    prefix, texts, rows = _branches(model)
+    merged = rows.merge_rows("rerotate")
+    ids = model.encode("Question: pick one.\n") + sum((model.encode(t) for t in texts), [])
+    cache = joint_cache(model, ids)
+    assert torch.equal(merged.positions[0], torch.arange(len(ids)))
+    assert (merged.keys[0] - cache.layers[0].keys).abs().max() < 1e-4  # exact where it claims to be
+    deep = (merged.keys[-1] - cache.layers[-1].keys).abs().max().item()
+    # Approximate beyond layer 0: later branches never attended to earlier ones. Measured on these tiny
+    # random models (init 0.5): ~0.5-3 in key units; real models are far smoother. Asserted > 0 so the test
+    # fails if the claim "approximate" ever stops being true (e.g. a silent re-prefill).
+    assert deep > 1e-3
+    reader = merged.extend("Selector:")
+    exact = rows.merge_rows("reprefill").extend("Selector:")
+    err = (reader.last_logits - exact.last_logits).abs().max().item()
+    assert 0 < err < 100
+
+
+def test_merge_shared_positions(model):
+    prefix, texts, rows = _branches(model)
+    merged = rows.merge_rows("shared")
+    p = prefix.length
+    lens = [len(model.encode(t)) for t in texts]
+    # each branch keeps the positions it was computed at: all start right after the prefix
+    starts = [s.start for s in merged.segments[1:]]
+    for start, n in zip(starts, lens):
+        assert merged.positions[0, start].item() == p
+        assert merged.positions[0, start + n - 1].item() == p + n - 1
+    assert int(merged.next_pos[0]) == p + max(lens)
+    # each branch's KV is exactly its own run's (here: the branch run alone on top of the prefix)
+    for (start, n), t in zip(zip(starts, lens), texts):
+        alone = prefix.extend(t)
+        for k_m, k_a in zip(merged.keys, alone.keys):
+            assert (k_m[:, :, start: start + n] - k_a[:, :, p:]).abs().max() < 1e-4
+    assert merged.extend("Pick:").speak(4).text is not None
+
+
+def test_merge_rejects_bad_policy_and_other_models(model):
+    _, _, rows = _branches(model)
+    with pytest.raises(BadInputError):
+        rows.merge_rows("average")
+    other = LatentState.empty(tiny_model("llama", seed=9)).extend("x")
+    with pytest.raises(FingerprintMismatchError):
+        LatentState.merge([rows.select([0]), other])
+
+
+def test_score_matches_full_forward(model):
+    s = LatentState.empty(model).extend("Answer:")
+    conts = [" yes", " no way", "!"]
+    got = s.score(conts)
+    for c, g in zip(conts, got):
+        ids = model.encode("Answer:") + model.encode(c)
+        lp = torch.log_softmax(joint_logits(model, ids), -1)
+        n = len(model.encode("Answer:"))
+        ref = sum(float(lp[n - 1 + j, t]) for j, t in enumerate(model.encode(c)))
+        assert abs(g - ref) < 1e-3
+
+
+def test_save_load_bit_exact_and_refusals(model, tmp_path):
+    s = LatentState.empty(model).extend("Persist me.").think(2).extend(" ok")
+    path = s.save(tmp_path / "s.safetensors")
+    back = LatentState.load(path, model)
+    assert unchanged(back, snapshot(s))
+    assert torch.equal(back.last_logits, s.last_logits) and back.segments == s.segments
+    assert torch.equal(back.latent_inputs[s.segments[1].id], s.latent_inputs[s.segments[1].id])
+    with pytest.raises(FingerprintMismatchError):
+        LatentState.load(path, tiny_model("llama", seed=5))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file")
+    with pytest.raises(CacheCorruptError):
+        LatentState.load(junk, model)
+    import safetensors.torch as st
+    st.save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CacheCorruptError):
+        LatentState.load(tmp_path / "foreign.safetensors", model)
+
+
+def test_bad_input(model):
+    s = LatentState.empty(model)
+    with pytest.raises(BadInputError):
+        s.extend("")
+    with pytest.raises(BadInputError):
+        s.speak(4)  # nothing computed yet
+    with pytest.raises(BadInputError):
+        s.extend("x").speak(0)
+    from kvmas.errors import ContextOverflowError
+    with pytest.raises(ContextOverflowError):
+        s.extend("x" * (model.max_context + 1))
