@@ -1,0 +1,104 @@
+"""`kvmas attribute`: who and when a failed multi-agent run went wrong.
+
+    kvmas attribute RUN.json [--json]             # a kvmas trace, a Who&When record, or [{agent, content}]
+    kvmas attribute eval --data PATH [--with-gt/--no-gt] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from kvmas.errors import KvmasError
+from kvmas.paths import atomic_write_text
+
+
+class _DefaultToReport(TyperGroup):
+    """Routes ``kvmas attribute FILE`` to the ``report`` command; ``eval`` stays a sub-command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["report", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=_DefaultToReport, help="Failure attribution: which agent, which step, and why.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _fail(exc: KvmasError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command("report")
+def report(
+    path: Path = typer.Argument(..., help="kvmas trace, Who&When record (.json) or generic [{agent, content}] list"),
+    as_json: bool = typer.Option(False, "--json", help="print the attribution as JSON"),
+    with_gt: bool = typer.Option(False, "--with-gt/--no-gt", help="let the scorer see the gold answer"),
+    weights: Optional[Path] = typer.Option(None, help="step-scorer weights JSON (default: shipped weights)"),
+    agent_rule: str = typer.Option("shapley", help="shapley (bottleneck agent) or speaker (of the top step)"),
+) -> None:
+    """Attribute one failed run: agent blame, critical step with neighbourhood, evidence, suggested fix."""
+    from kvmas.attribution.attributor import LogAttributor
+    from kvmas.attribution.log import load_log
+    from kvmas.attribution.report import render_attribution
+    from kvmas.attribution.scorer import StepScorer
+    from kvmas.errors import BadInputError
+
+    try:
+        if agent_rule not in ("shapley", "speaker"):
+            raise BadInputError(f"--agent-rule must be shapley or speaker, not {agent_rule!r}")
+        log = load_log(path)
+        scorer = StepScorer.load(weights) if weights else None
+        res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=agent_rule).attribute(log)  # type: ignore[arg-type]
+    except KvmasError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(res.model_dump_json(indent=2))
+    else:
+        render_attribution(res, log, Console())
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", help="Who&When-format .jsonl, a directory of .json, or one file"),
+    with_gt: Optional[bool] = typer.Option(None, "--with-gt/--no-gt", help="one setting (default: both)"),
+    folds: int = typer.Option(5, help="cross-validation folds (only held-out predictions are scored)"),
+    seeds: int = typer.Option(3, help="how many fold shuffles to average"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full summary + per-item JSON here"),
+) -> None:
+    """Agent / step accuracy (exact, ±1, ±3) beside trivial baselines, with exact McNemar tests."""
+    from kvmas.attribution.evaluate import evaluate
+    from kvmas.attribution.report import render_eval
+    from kvmas.errors import BadInputError
+
+    console = Console()
+    settings = [with_gt] if with_gt is not None else [False, True]
+    results = {}
+    try:
+        if seeds < 1:
+            raise BadInputError("--seeds must be >= 1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for gt in settings:
+                res = evaluate(data, with_gt=gt, folds=folds, seeds=tuple(range(seeds)))
+                results["with_gt" if gt else "without_gt"] = res
+                render_eval(res, console)
+        if json_out:
+            atomic_write_text(json_out, json.dumps(results, indent=1))
+            console.print(f"wrote {json_out}")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

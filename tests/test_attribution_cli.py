@@ -1,0 +1,42 @@
+"""CLI: `attribute FILE`, `attribute eval`, one-line errors."""
+
+import json
+
+from typer.testing import CliRunner
+
+from kvmas.cli.attribute_cmd import app
+from test_attribution_eval import synthetic
+
+runner = CliRunner()
+
+
+def test_report_json_and_rich(tmp_path):
+    log = tmp_path / "run.json"
+    log.write_text(json.dumps([{"agent": "planner", "content": "Let's assume the value is 41."},
+                               {"agent": "Computer_terminal", "content": "exitcode: 0\nCode output: 41"},
+                               {"agent": "checker", "content": "Verified, the answer is 41."}]))
+    r = runner.invoke(app, [str(log), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["agent"] == "planner" and out["step"] == 0 and out["blame"][0]["agent"] == "planner"
+    r = runner.invoke(app, [str(log)])
+    assert r.exit_code == 0 and "critical step 0" in r.output and "suggested fix" in r.output
+
+
+def test_eval_writes_json(tmp_path):
+    data = synthetic(tmp_path / "s.jsonl", n=20)
+    out = tmp_path / "ev.json"
+    r = runner.invoke(app, ["eval", "--data", str(data), "--no-gt", "--folds", "4", "--seeds", "1",
+                            "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert list(res) == ["without_gt"] and res["without_gt"]["n"] == 20
+
+
+def test_errors_are_one_line(tmp_path):
+    r = runner.invoke(app, [str(tmp_path / "nope.json")])
+    assert r.exit_code == 2 and "not found" in r.output and "Traceback" not in r.output
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"foo": 1}')
+    r = runner.invoke(app, [str(bad)])
+    assert r.exit_code == 2 and "not a trace" in r.output

@@ -1,0 +1,49 @@
+"""Causal graphs: exact from reads/writes, inferred for external logs, reversed with an outcome node."""
+
+import networkx as nx
+
+from kvmas.attribution.graph import OUTCOME, data_graph, final_steps, performance_graph, values
+from kvmas.attribution.log import from_generic, from_trace, from_whowhen
+from kvmas.trace import Step, Trace
+
+
+def test_exact_graph_from_segments():
+    t = Trace(question="q")
+    t.add(Step(agent="a", role="r", action="speak", writes=[1]))
+    t.add(Step(agent="b", role="r", action="speak", writes=[2]))
+    t.add(Step(agent="c", role="r", action="speak", reads=[1, 2], writes=[3]))
+    t.add(Step(agent="d", role="r", action="speak", reads=[3]))
+    g = data_graph(from_trace(t))
+    assert set(g.edges()) == {(2, 0), (2, 1), (3, 2)}
+    perf = performance_graph(g, from_trace(t))
+    assert perf.has_edge(0, 2) and nx.has_path(perf, 0, OUTCOME)
+
+
+def test_inferred_edges_kinds():
+    log = from_generic([
+        {"agent": "Orchestrator (-> coder)", "content": "compute the area of file plot.csv"},
+        {"agent": "coder", "content": "```python\nprint(3141)\n```"},
+        {"agent": "Computer_terminal", "content": "exitcode: 0\nCode output: 3141"},
+        {"agent": "checker", "content": "coder got 3141 from plot.csv, confirmed."},
+    ])
+    g = data_graph(log)
+    kinds = {(u, v): d["kind"] for u, v, d in g.edges(data=True)}
+    assert kinds[(1, 0)] == "instruction"
+    assert kinds[(2, 1)] == "code->output"
+    assert (3, 2) in kinds and (3, 0) in kinds  # reads the output; reuses the file name from step 0
+    assert all(u > v for u, v in g.edges())
+
+
+def test_outcome_edges_and_final_steps():
+    log = from_whowhen({"question": "q", "history": [
+        {"name": "A", "content": "I estimate 1234 people."},
+        {"name": "B", "content": "The answer is 1234."},
+        {"name": "B", "content": "TERMINATE"}]})
+    assert final_steps(log) == [1]
+    perf = performance_graph(data_graph(log), log)
+    assert perf.has_edge(0, OUTCOME) and perf.has_edge(1, OUTCOME) and not perf.has_edge(2, OUTCOME)
+    assert perf.has_edge(0, 1)  # reversed value-reuse edge: step 0's quality affects step 1
+
+
+def test_values_ignore_trivial_numbers():
+    assert values("1 2 10 and 42 and 3.75%") == {"42", "3.75"}
