@@ -1,10 +1,11 @@
 """Terminal rendering (rich) of an attribution and of an evaluation summary.
 
+>>> import io
 >>> from rich.console import Console
 >>> from kvmas.attribution.log import from_generic
 >>> from kvmas.attribution.attributor import LogAttributor
 >>> log = from_generic([{"agent": "a", "content": "Assume x = 12."}, {"agent": "b", "content": "So 12."}])
->>> con = Console(record=True, width=100)
+>>> con = Console(record=True, width=100, file=io.StringIO())
 >>> render_attribution(LogAttributor().attribute(log), log, con)
 >>> "critical step" in con.export_text()
 True
