@@ -51,7 +51,7 @@ def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, voca
 
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         initializer_range=init, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(seed)

@@ -265,3 +265,18 @@ def test_bad_input(model):
     from kvmas.errors import ContextOverflowError
     with pytest.raises(ContextOverflowError):
         s.extend("x" * (model.max_context + 1))
+
+
+def test_merge_keeps_every_branch_even_when_rows_look_alike(model):
+    """Rows of one forked segment share its id; merge must still keep each row's own content."""
+    prefix = LatentState.empty(model).extend("Q: pick.\n")
+    rows = prefix.fork(3).extend(["Row 1 here", "Row 2 here", "Row 3 here"]).think(1)
+    merged = rows.merge_rows("reprefill")
+    ids = model.encode("Q: pick.\n") + sum((model.encode(f"Row {i} here") for i in (1, 2, 3)), [])
+    assert merged.length == len(ids) + 3
+    assert [s.branch for s in merged.segments] == [None, 0, 0, 1, 1, 2, 2]
+    for policy in ("shared", "rerotate"):
+        m = rows.merge_rows(policy)
+        assert m.length == merged.length
+        # a dropped forked segment leaves every row's copy
+        assert m.drop(m.segments[1].id).length == m.length - 3 * len(model.encode("Row 1 here"))

@@ -50,6 +50,7 @@ class Segment(BaseModel):
     rows: int = 1
     token_ids: list[list[int]] | None = None
     text: list[str] | None = None
+    branch: int | None = None  # after a merge: which parallel branch (row) this span came from
 
 
 class _Ids:
@@ -351,12 +352,12 @@ class LatentState:
     def drop(self, seg_id: int) -> "LatentState":
         """Remove a segment's columns. Later columns keep their positions and what they already absorbed;
         future tokens no longer attend to the dropped span (equal to masking it out; golden-tested)."""
-        seg = self.segment(seg_id)
-        keep = torch.tensor([c for c in range(self.length) if not seg.start <= c < seg.start + seg.length],
-                            dtype=torch.long)
+        spans = [s for s in self.segments if s.id == seg_id] or [self.segment(seg_id)]
+        gone = {c for sp in spans for c in range(sp.start, sp.start + sp.length)}
+        keep = torch.tensor([c for c in range(self.length) if c not in gone], dtype=torch.long)
         state = self._keep_columns(keep, dropped=seg_id)
         # the head (last hidden/logits) stays valid only if the dropped span was not the tail
-        if seg.start + seg.length == self.length:
+        if self.length - 1 in gone:
             state = state._with(last_hidden=None, last_logits=None)
         else:
             state = state._with(last_hidden=self.last_hidden, last_logits=self.last_logits)
@@ -425,13 +426,15 @@ class LatentState:
             if s.rows != 1:
                 raise BadInputError("merge takes single-row states; use merge_rows() for a multi-row state")
         states = [s._strip_padding() for s in states]
-        shared = _common_prefix_columns(states)
+        # the shared prefix: leading segments every branch holds, and never past a fork point (rows of one
+        # forked segment share its id but not its content)
+        shared = min([_common_prefix_columns(states)] + [s.shared_cols for s in states])
         base = states[0]._keep_columns(torch.arange(shared), dropped=-1)
         base = base._with(next_pos=base.positions[:, -1] + 1 if shared else torch.zeros(1, dtype=torch.long),
                           latent_inputs={})
         if policy == "reprefill":
             state = base
-            for s in states:
+            for b, s in enumerate(states):
                 for seg in s.segments:
                     if seg.start < shared:
                         continue
@@ -446,14 +449,14 @@ class LatentState:
                         parts, _ = state._forward(torch.ones_like(ids), ids=ids)
                         state = state._with(**parts)
                     state = state._with(segments=state.segments + (seg.model_copy(
-                        update={"start": state.length - seg.length}),))
+                        update={"start": state.length - seg.length, "branch": b}),))
             return state._with(last_hidden=None, last_logits=None, shared_cols=state.length)
         inv = None
         keys = [[k[:, :, :shared]] for k in base.keys]
         values = [[v[:, :, :shared]] for v in base.values]
         positions, segs, latent = [base.positions], list(base.segments), {}
         col, offset, next_pos = shared, 0, int(base.next_pos[0])
-        for s in states:
+        for b, s in enumerate(states):
             n = s.length - shared
             if n <= 0:
                 continue
@@ -475,7 +478,7 @@ class LatentState:
             positions.append(s.positions[:, shared:] + delta)
             for seg in s.segments:
                 if seg.start >= shared:
-                    segs.append(seg.model_copy(update={"start": seg.start - shared + col}))
+                    segs.append(seg.model_copy(update={"start": seg.start - shared + col, "branch": b}))
                     if seg.id in s.latent_inputs:
                         latent[seg.id] = s.latent_inputs[seg.id]
             col += n
@@ -493,6 +496,7 @@ class LatentState:
         if keep.numel() == self.length:
             return self
         st = self._keep_columns(keep, dropped=-1)
+        st = st._with(shared_cols=int((keep < self.shared_cols).sum()))
         return st._with(last_hidden=self.last_hidden, last_logits=self.last_logits, next_pos=self.next_pos)
 
     # ------------------------------------------------------------------ scoring

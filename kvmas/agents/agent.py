@@ -1,0 +1,194 @@
+"""Agents: roles bound to the shared model. They read, think and speak on LatentStates; every call is a Step.
+
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.agents.agent import Agent, RunContext
+>>> from kvmas.agents.state import LatentState
+>>> ctx = RunContext(model=tiny_model(), question="2+3?")
+>>> solver = Agent("solver", persona="You solve problems.", max_new_tokens=5)
+>>> s = solver.read(ctx, LatentState.empty(ctx.model), "What is 2+3?")
+>>> text, s = solver.speak(ctx, s)
+>>> [step.action for step in ctx.trace.steps]
+['read', 'speak']
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kvmas.agents.state import LatentState
+from kvmas.errors import BadInputError
+from kvmas.trace import Step, Trace, Usage
+
+
+@dataclass
+class Intervention:
+    """A counterfactual change to one agent's contribution (attribution replays, planted faults).
+
+    kind ``ablate``: the agent contributes nothing (no prompt, no thoughts, empty text).
+    kind ``replace``: the agent's spoken text (or, in latent mode, its thoughts) is replaced by ``text``.
+    ``steps``: trace step indices it applies to (None = every call of that agent).
+    """
+
+    kind: Literal["ablate", "replace"]
+    text: str = ""
+    steps: set[int] | None = None
+
+    def applies(self, step_index: int) -> bool:
+        return self.steps is None or step_index in self.steps
+
+
+@dataclass
+class RunContext:
+    """Everything a run shares: the model, the trace being written, the seed and any interventions."""
+
+    model: object
+    question: str = ""
+    seed: int = 0
+    system: str = "You are a helpful assistant."
+    trace: Trace = field(default_factory=Trace)
+    interventions: dict[str, Intervention] = field(default_factory=dict)
+    skills: object | None = None  # an optional skill memory agents may consult (kvmas.memory)
+    answer: str | None = None  # the latest final answer spoken
+    messages: list[tuple[str, str]] = field(default_factory=list)  # text-mode messages passed between primitives
+    meta: dict = field(default_factory=dict)  # per-run facts primitives report (early stops, majority, ...)
+    _credited: dict[str, set[int]] = field(default_factory=dict)
+
+    def intervention(self, agent: str) -> Intervention | None:
+        iv = self.interventions.get(agent)
+        return iv if iv is not None and iv.applies(len(self.trace.steps)) else None
+
+    def reused_for(self, agent: str, state: LatentState) -> int:
+        """Positions of ``state`` written by other agents that ``agent`` reads for the first time.
+
+        A shared (forked) prefix counts once, however many rows read it; a segment is credited to an agent
+        once per run, so re-reading one's own growing state is never counted as reuse.
+        """
+        seen = self._credited.setdefault(agent, set())
+        total = 0
+        for seg in state.segments:
+            if seg.agent == agent or seg.id in seen:
+                continue
+            seen.add(seg.id)
+            if seg.start + seg.length <= state.shared_cols:
+                total += seg.length
+            else:
+                total += int(state.mask[:, seg.start: seg.start + seg.length].sum())
+        return total
+
+
+@dataclass
+class Agent:
+    """A role: name, persona and generation parameters, bound at call time to the context's model.
+
+    The chat system message is the run's (``RunContext.system``); the persona opens the agent's user turn, so
+    the same words reach the model whether the turn starts a conversation or continues a shared one.
+    """
+
+    name: str
+    role: str = ""
+    persona: str = ""  # who this agent is; rendered at the top of each of its turns
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    latent_steps: int = 0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.role = self.role or self.name
+        if self.max_new_tokens <= 0:
+            raise BadInputError(f"agent {self.name}: max_new_tokens must be > 0")
+        if self.latent_steps < 0:
+            raise BadInputError(f"agent {self.name}: latent_steps must be >= 0")
+
+    # -- prompts -----------------------------------------------------------------------------
+    def turn(self, ctx: RunContext, instruction: str, *, fresh: bool = True) -> str:
+        """This agent's turn as chat text.
+
+        ``fresh``: a whole conversation (system + user + generation prompt). Otherwise a continuation of a
+        conversation already in the state: only the user message and the generation prompt (the template's
+        system part is rendered and stripped, so templates that add a default system prompt do not repeat it).
+        """
+        model = ctx.model
+        sys_msg = {"role": "system", "content": ctx.system}
+        content = f"{self.persona}\n\n{instruction}" if self.persona else instruction
+        full = model.chat_text([sys_msg, {"role": "user", "content": content}])
+        if fresh:
+            return full
+        head = model.chat_text([sys_msg], add_generation_prompt=False)
+        return full[len(head):] if full.startswith(head) else full
+
+    # -- recorded actions -------------------------------------------------------------------------
+    def _record(self, ctx: RunContext, action: str, before: LatentState, after: LatentState, t0: float,
+                usage: Usage, text_in=None, text_out=None, **meta) -> None:
+        old = set(before.segment_ids())
+        ctx.trace.add(Step(
+            agent=self.name, role=self.role, action=action, reads=before.segment_ids(),
+            writes=[i for i in after.segment_ids() if i not in old], rows=before.rows or after.rows,
+            text_in=text_in, text_out=text_out, usage=usage, wall_s=time.perf_counter() - t0, meta=meta,
+        ))
+
+    def read(self, ctx: RunContext, state: LatentState, instruction: str | list[str], *,
+             fresh: bool | None = None) -> LatentState:
+        """Prefill this agent's turn on top of ``state`` (per row when ``instruction`` is a list).
+
+        ``fresh`` (default: the state is empty) renders a whole conversation, else a continuation turn.
+        """
+        t0 = time.perf_counter()
+        iv = ctx.intervention(self.name)
+        if iv is not None and iv.kind == "ablate":
+            self._record(ctx, "read", state, state, t0, Usage(), text_in=None, intervention="ablate")
+            return state
+        fresh = state.length == 0 if fresh is None else fresh
+        text = ([self.turn(ctx, i, fresh=fresh) for i in instruction] if isinstance(instruction, list)
+                else self.turn(ctx, instruction, fresh=fresh))
+        reused = ctx.reused_for(self.name, state)
+        after = state.extend(text, agent=self.name, role=self.role, kind="prompt")
+        prefilled = sum(len(r) for r in after.segments[-1].token_ids)
+        shown = text if isinstance(text, str) else "\n---\n".join(text)
+        self._record(ctx, "read", state, after, t0, Usage(prefilled=prefilled, reused=reused), text_in=shown)
+        return after
+
+    def think(self, ctx: RunContext, state: LatentState, steps: int | None = None) -> LatentState:
+        """Latent steps on top of ``state``; a ``replace`` intervention prefills its text instead."""
+        steps = self.latent_steps if steps is None else steps
+        t0 = time.perf_counter()
+        iv = ctx.intervention(self.name)
+        if iv is not None:
+            after = state if iv.kind == "ablate" else state.extend(iv.text or " ", agent=self.name,
+                                                                    role=self.role, kind="text")
+            pre = 0 if after is state else sum(len(r) for r in after.segments[-1].token_ids)
+            self._record(ctx, "think", state, after, t0, Usage(prefilled=pre), text_out=iv.text or None,
+                         intervention=iv.kind)
+            return after
+        if steps == 0:
+            return state
+        reused = ctx.reused_for(self.name, state)
+        after = state.think(steps, agent=self.name, role=self.role)
+        self._record(ctx, "think", state, after, t0, Usage(latent=steps * state.rows, reused=reused),
+                     steps=steps)
+        return after
+
+    def speak(self, ctx: RunContext, state: LatentState, *, max_new_tokens: int | None = None,
+              seed: int | None = None) -> tuple[list[str] | str, LatentState]:
+        """Decode from every row; returns (text, or a list of texts for several rows) and the new state."""
+        t0 = time.perf_counter()
+        iv = ctx.intervention(self.name)
+        if iv is not None:
+            texts = [iv.text if iv.kind == "replace" else ""] * state.rows
+            after = state.extend(iv.text, agent=self.name, role=self.role, kind="generated") if iv.text else state
+            pre = 0 if after is state else sum(len(r) for r in after.segments[-1].token_ids)
+            self._record(ctx, "speak", state, after, t0, Usage(prefilled=pre), text_out=texts[0],
+                         intervention=iv.kind)
+            return (texts[0] if state.rows == 1 else texts), after
+        reused = ctx.reused_for(self.name, state)
+        sp = state.speak(
+            max_new_tokens or self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            seed=ctx.seed if seed is None else seed, stop=self.stop, agent=self.name, role=self.role,
+        )
+        gen = sum(len(r) for r in sp.token_ids)
+        shown = sp.texts[0] if state.rows == 1 else "\n---\n".join(sp.texts)
+        self._record(ctx, "speak", state, sp.state, t0, Usage(generated=gen, reused=reused), text_out=shown,
+                     tokens=[len(r) for r in sp.token_ids])
+        return (sp.texts[0] if state.rows == 1 else sp.texts), sp.state

@@ -1,0 +1,66 @@
+"""PlanExecute: a planner writes a (latent) plan; K executors work on it as batch rows; an integrator merges."""
+
+from __future__ import annotations
+
+from kvmas.agents.agent import Agent, RunContext
+from kvmas.agents.state import MERGE_POLICIES, LatentState
+from kvmas.errors import BadInputError
+from kvmas.primitives.base import Primitive, check_param
+
+PLAN = "You are the Planner. Break the problem into a short numbered list of steps. Do not solve it yet."
+EXECUTE = ("You are Executor {i} of {k}. Follow the plan and carry out the work, paying special attention to "
+           "step {i} of the plan, and state the result you get.")
+INTEGRATE = ("You are the Integrator. Combine the executors' work into one final solution to the problem.")
+
+
+class PlanExecute(Primitive):
+    """Planner -> K executors (default 3, batch rows reading the plan) -> integrator reading all of them.
+
+    No executor is thrown away: their rows are merged (``merge_policy``, default ``shared``) into the
+    integrator's context in latent mode, and all their texts are shown to it in text mode.
+    """
+
+    name = "plan"
+
+    def __init__(self, comm="latent", k: int = 3, merge_policy: str = "shared", **kw):
+        super().__init__(comm=comm, **kw)
+        self.k = check_param("k", k)
+        if merge_policy not in MERGE_POLICIES:
+            raise BadInputError(f"unknown merge policy {merge_policy!r} (one of {', '.join(MERGE_POLICIES)})")
+        self.merge_policy = merge_policy
+
+    def params(self) -> dict:
+        return {**super().params(), "k": self.k, "merge_policy": self.merge_policy}
+
+    def positions_needed(self, question_tokens: int) -> int:
+        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
+        return question_tokens + 256 + (self.k + 1) * per + self.max_new_tokens
+
+    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+        kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                  latent_steps=self.latent_steps)
+        planner, executors, integrator = Agent("planner", **kw), Agent("executors", role="executor", **kw), \
+            Agent("integrator", **kw)
+        tasks = [EXECUTE.format(i=i + 1, k=self.k) for i in range(self.k)]
+        if self.comm == "latent":
+            state = self.shared_prefix(ctx, state)
+            state = planner.think(ctx, planner.read(ctx, state, PLAN))
+            rows = executors.think(ctx, executors.read(ctx, state.fork(self.k), tasks, fresh=False))
+            state = integrator.read(ctx, rows.merge_rows(self.merge_policy), INTEGRATE, fresh=False)
+            if final:
+                text, state = integrator.speak(ctx, state)
+                ctx.answer = text
+            else:
+                state = integrator.think(ctx, state)
+            return state
+        base = LatentState.empty(ctx.model)
+        plan, _ = planner.speak(ctx, planner.read(ctx, base, self.text_context(ctx, []) + "\n\n" + PLAN))
+        shown = [("Planner's plan", plan)]
+        prompts = [self.text_context(ctx, shown) + "\n\n" + t for t in tasks]
+        results, _ = executors.speak(ctx, executors.read(ctx, base.fork(self.k), prompts))
+        results = results if isinstance(results, list) else [results]
+        shown += [(f"Executor {i + 1}'s work", r) for i, r in enumerate(results)]
+        text, state = integrator.speak(ctx, integrator.read(ctx, base, self.text_context(ctx, shown) + "\n\n" + INTEGRATE))
+        ctx.answer = text
+        ctx.messages = ctx.messages + [("Integrated solution", text)]
+        return state

@@ -1,0 +1,105 @@
+"""Review: solver -> critic -> solver, for ``rounds`` rounds, with an early stop when the critic agrees."""
+
+from __future__ import annotations
+
+from kvmas.agents.agent import Agent, RunContext
+from kvmas.agents.state import LatentState
+from kvmas.primitives.base import Primitive, check_param
+
+SOLVE = "You are the Solver. Work out the solution to the problem step by step."
+CRITIQUE = ("You are the Critic. Check the Solver's solution above for mistakes in reasoning or arithmetic. "
+            "Point out each error, or say that the solution is correct.")
+REFINE = ("You are the Solver. Taking the Critic's feedback into account, write your final, corrected solution "
+          "to the problem.")
+FINAL = "You are the Solver. Write your final solution to the problem."
+VERDICTS = (" The solution is correct.", " The solution has a mistake.")
+
+
+class Review(Primitive):
+    """Solver drafts, critic reviews, solver refines; ``rounds`` critic/refine rounds (default 2).
+
+    Latent: the critic reads the solver's state (one continuous stream: positions are exact) and answers with
+    latent steps; the solver refines on top; the previous round's critique segments are dropped. Text: drafts
+    and critiques are decoded and re-read. Early stop (``early_stop``): before a critic writes, its state
+    scores the two verdicts in ``VERDICTS``; if "correct" wins by ``stop_margin`` nats the rounds end.
+    """
+
+    name = "review"
+
+    def __init__(self, comm="latent", rounds: int = 2, early_stop: bool = True, stop_margin: float = 1.0, **kw):
+        super().__init__(comm=comm, **kw)
+        self.rounds = check_param("rounds", rounds)
+        self.early_stop = early_stop
+        self.stop_margin = stop_margin
+
+    def params(self) -> dict:
+        return {**super().params(), "rounds": self.rounds, "early_stop": self.early_stop,
+                "stop_margin": self.stop_margin}
+
+    def positions_needed(self, question_tokens: int) -> int:
+        per_round = 2 * (128 + self.latent_steps) if self.comm == "latent" else 3 * self.max_new_tokens
+        return question_tokens + 256 + self.latent_steps + self.rounds * per_round + self.max_new_tokens
+
+    def _agents(self):
+        kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                  latent_steps=self.latent_steps)
+        return Agent("solver", **kw), Agent("critic", **kw)
+
+    def _critic_agrees(self, ctx: RunContext, state: LatentState) -> bool:
+        if not self.early_stop:
+            return False
+        good, bad = state.score(list(VERDICTS))
+        agrees = good - bad > self.stop_margin
+        ctx.meta.setdefault("review_verdict_margins", []).append(round(good - bad, 3))
+        return agrees
+
+    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+        if self.comm == "text":
+            return self._text(ctx, final)
+        solver, critic = self._agents()
+        state = self.shared_prefix(ctx, state)
+        state = solver.think(ctx, solver.read(ctx, state, SOLVE))
+        critique_ids: list[int] = []
+        for r in range(self.rounds):
+            for sid in critique_ids:  # the old critique is absorbed by the refinement: drop it
+                state = state.drop(sid)
+            before = set(state.segment_ids())
+            state = critic.read(ctx, state, CRITIQUE)
+            if self._critic_agrees(ctx, state):
+                ctx.meta["review_stopped_at_round"] = r
+                state = state.drop(state.segments[-1].id)
+                break
+            state = critic.think(ctx, state)
+            critique_ids = [i for i in state.segment_ids() if i not in before]
+            state = solver.read(ctx, state, REFINE)
+            if r < self.rounds - 1:
+                state = solver.think(ctx, state)
+        else:
+            ctx.meta.setdefault("review_stopped_at_round", None)
+        if final:
+            if state.segments[-1].role != "solver" or state.segments[-1].kind != "prompt":
+                state = solver.read(ctx, state, FINAL)
+            text, state = solver.speak(ctx, state)
+            ctx.answer = text
+        else:
+            state = solver.think(ctx, state)
+        return state
+
+    def _text(self, ctx: RunContext, final: bool) -> LatentState:
+        solver, critic = self._agents()
+        empty = LatentState.empty(ctx.model)
+        draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, []) + "\n\n" + SOLVE))
+        for r in range(self.rounds):
+            shown = [("Solver's solution", draft)]
+            cstate = critic.read(ctx, empty, self.text_context(ctx, shown) + "\n\n" + CRITIQUE)
+            if self._critic_agrees(ctx, cstate):
+                ctx.meta["review_stopped_at_round"] = r
+                break
+            critique, _ = critic.speak(ctx, cstate)
+            shown.append(("Critic's feedback", critique))
+            draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, shown) + "\n\n" + REFINE))
+        else:
+            ctx.meta.setdefault("review_stopped_at_round", None)
+        ctx.answer = draft
+        ctx.messages = ctx.messages + [("Reviewed solution", draft)]
+        return state

@@ -1,0 +1,104 @@
+"""Vote (voting & selection): N solvers as batch rows of one forward on a shared prefix, then a selector."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from kvmas.agents.agent import Agent, RunContext
+from kvmas.agents.state import MERGE_POLICIES, LatentState
+from kvmas.errors import BadInputError
+from kvmas.primitives.base import Primitive, check_param
+
+PERSONAS = (
+    "You are Solver {i}, a careful mathematician who checks every calculation.",
+    "You are Solver {i}, a practical problem solver who writes short, clear steps.",
+    "You are Solver {i}, a teacher who explains the reasoning simply.",
+    "You are Solver {i}, a sceptic who looks for the trap in the question.",
+    "You are Solver {i}, an engineer who estimates first and then computes exactly.",
+)
+SOLVE = "Solve the problem step by step."
+SELECT = ("You are the Selector. Several solvers worked on the problem above. Compare their solutions and "
+          "give the single best final solution.")
+
+
+def answer_key(text: str) -> str | None:
+    """A comparable answer: the last \\boxed{} content, else the last number (for answer-level majority)."""
+    from kvmas.tasks.answers import boxed_contents, extract_number
+
+    boxed = boxed_contents(text or "")
+    if boxed:
+        return boxed[-1].strip()
+    return extract_number(text or "")
+
+
+class Vote(Primitive):
+    """N solvers (default 3), diverse by persona (and by seed when sampling), and a selector.
+
+    The question is prefilled once and forked into N rows; each row reads its persona (rows are padded
+    between prefix and persona, masked). Latent: solvers think ``latent_steps``; their rows are merged into one
+    row with ``merge_policy`` (default ``shared``: every candidate keeps the positions it was computed at, so
+    none is closer to the selector and each candidate's KV is exactly its own run; measured against exact
+    re-prefill in ``kvmas bench efficiency``); the selector reads the question and all candidates. Text:
+    solvers decode their solutions (still one batched forward), the selector re-reads them as text.
+    ``aggregate="majority"`` answers with the majority answer when candidate answers are extractable and a
+    strict majority exists (text candidates), else falls back to the selector.
+    """
+
+    name = "vote"
+
+    def __init__(self, comm="latent", n: int = 3, merge_policy: str = "shared", aggregate: str = "selector", **kw):
+        super().__init__(comm=comm, **kw)
+        self.n = check_param("n", n)
+        if merge_policy not in MERGE_POLICIES:
+            raise BadInputError(f"unknown merge policy {merge_policy!r} (one of {', '.join(MERGE_POLICIES)})")
+        if aggregate not in ("selector", "majority"):
+            raise BadInputError(f"unknown aggregate {aggregate!r} (selector|majority)")
+        self.merge_policy = merge_policy
+        self.aggregate = aggregate
+
+    def params(self) -> dict:
+        return {**super().params(), "n": self.n, "merge_policy": self.merge_policy, "aggregate": self.aggregate}
+
+    def positions_needed(self, question_tokens: int) -> int:
+        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
+        return question_tokens + 256 + self.n * per + self.max_new_tokens
+
+    def _personas(self) -> list[str]:
+        return [PERSONAS[i % len(PERSONAS)].format(i=i + 1) for i in range(self.n)]
+
+    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+        kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                  latent_steps=self.latent_steps)
+        solvers = Agent("solvers", role="solver", **kw)
+        selector = Agent("selector", **kw)
+        personas = [f"{p} {SOLVE}" for p in self._personas()]
+        if self.comm == "latent":
+            state = self.shared_prefix(ctx, state)
+            rows = solvers.think(ctx, solvers.read(ctx, state.fork(self.n), personas, fresh=False))
+            merged = rows.merge_rows(self.merge_policy)
+            state = selector.read(ctx, merged, SELECT, fresh=False)
+            if final:
+                text, state = selector.speak(ctx, state)
+                ctx.answer = text
+            else:
+                state = selector.think(ctx, state)
+            return state
+        # text mode: the shared problem prompt is prefilled once, candidates decoded as batch rows
+        base = LatentState.empty(ctx.model)
+        prompts = [self.text_context(ctx, []) + "\n\n" + p for p in personas]
+        rows = solvers.read(ctx, base.fork(self.n), prompts, fresh=True)
+        cands, _ = solvers.speak(ctx, rows)
+        cands = list(cands) if isinstance(cands, list) else [cands]
+        keys = [answer_key(c) for c in cands]
+        ctx.meta["vote_candidates"] = keys
+        shown = [(f"Solver {i + 1}'s solution", c) for i, c in enumerate(cands)]
+        top, count = Counter(k for k in keys if k).most_common(1)[0] if any(keys) else (None, 0)
+        if self.aggregate == "majority" and top is not None and count * 2 > len(keys):
+            text = next(c for c, k in zip(cands, keys) if k == top)
+            ctx.meta["vote_majority"] = top
+            state = rows.select([keys.index(top)])
+        else:
+            text, state = selector.speak(ctx, selector.read(ctx, base, self.text_context(ctx, shown) + "\n\n" + SELECT))
+        ctx.answer = text
+        ctx.messages = ctx.messages + [("Selected solution", text)]
+        return state
