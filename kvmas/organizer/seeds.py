@@ -38,7 +38,8 @@ SEED_DESIGNS: list[dict[str, Any]] = [
          ref="Wang et al. 2022, self-consistency",
          query="A question with one short final answer, a number or an option letter, where several "
                "independent reasoning paths can be compared and the most common answer kept.",
-         tags=["math", "choice", "short-answer", "ensemble"], spec=_CHAIN(("vote", {"n": 5}))),
+         tags=["math", "choice", "short-answer", "ensemble"],
+         spec=_CHAIN(("vote", {"n": 5, "aggregate": "majority"}))),
     dict(name="best-of-three",
          ref="best-of-n selection with a reader",
          query="A question where three independent attempts followed by a careful selector reading all of them "

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvmas.errors import BadInputError
+from kvmas.paths import atomic_write_text
 
 SPEC_VERSION = 1
 MAX_NODES = 32
@@ -73,9 +75,10 @@ _COMMON = {
 #: Parameters each primitive accepts in a spec (names, types, bounds). Kept in step with kvmas.primitives.
 PRIMITIVE_PARAMS: dict[str, dict[str, Param]] = {
     "single": dict(_COMMON),
-    "review": {**_COMMON, "rounds": Param(int, 1, 8), "early_stop": Param(bool)},
-    "vote": {**_COMMON, "n": Param(int, 1, 16), "majority": Param(bool)},
-    "plan": {**_COMMON, "k": Param(int, 1, 16), "plan_tokens": Param(int, 0, 1024)},
+    "review": {**_COMMON, "rounds": Param(int, 1, 8), "early_stop": Param(bool), "stop_margin": Param(float, 0.0, 100.0)},
+    "vote": {**_COMMON, "n": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill")),
+             "aggregate": Param(str, choices=("selector", "majority"))},
+    "plan": {**_COMMON, "k": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill"))},
 }
 
 
@@ -174,6 +177,24 @@ class PipelineSpec(BaseModel):
             nodes.append({"id": f"n{i}", "type": typ, "params": dict(params)})
         edges = [(f"n{i}", f"n{i + 1}") for i in range(len(nodes) - 1)]
         return cls.from_dict({"nodes": nodes, "edges": edges})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PipelineSpec":
+        """Read and validate a spec JSON file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BadInputError(f"pipeline spec not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInputError(f"unreadable pipeline spec {path}: {exc}") from None
+        try:
+            return cls.from_json(text)
+        except BadInputError as exc:
+            raise BadInputError(f"{path}: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON (atomically)."""
+        return atomic_write_text(path, self.to_json(indent=2))
 
     def to_json(self, indent: int | None = None) -> str:
         return self.model_dump_json(indent=indent)

@@ -1,0 +1,228 @@
+"""The Organizer: for a query, retrieve candidate pipelines from the knowledge pool and pick one by
+constrained choice with the local model; run it; learn from verified outcomes.
+
+Choice, never free text: the candidates are listed as lettered options in one prompt, and the model scores
+each option letter as the continuation of "The best design is option (" (``Model.score_continuations``: the
+prompt is prefilled once, every letter reuses its KV). Letter bias is removed by contextual calibration
+(Zhao et al. 2021): the same prompt with the question replaced by "N/A" is scored too and subtracted. The
+final score of option *i* is ``calibrated_logprob_i + prior_weight * log(prior_i)`` where ``prior_i`` is the
+entry's pool prior (Laplace success rate times its decay weight), so the pool's experience and the model's
+reading of the question both count.
+
+Fallbacks (recorded in the trace step's ``meta.decision``): no candidate (empty pool) -> :data:`DEFAULT_SPEC`
+(the single agent); one candidate -> it, unscored; a candidate set the model cannot score (context overflow)
+-> the candidate with the best prior. The organizer's own tokens (query embedding, both scoring prompts and
+the option letters) are one ``organize`` step of the run's trace, so its cost is in the run's usage.
+
+>>> import os, tempfile
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.organizer import KnowledgePool, Organizer
+>>> from kvmas.organizer import PipelineSpec
+>>> pool = KnowledgePool(os.path.join(tempfile.mkdtemp(), "p.sqlite"), seed=False)
+>>> for q, prim in [("sums", "single"), ("long sums", "review"), ("options", "vote")]:
+...     _ = pool.add(q, PipelineSpec.chain(prim))
+>>> d = Organizer(pool, k=3).choose("What is 12 * 7?", tiny_model())
+>>> d.how, len(d.options), d.usage.prefilled > 0
+('constrained', 3, True)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmas.errors import BadInputError, ContextOverflowError
+from kvmas.organizer.pool import Entry, KnowledgePool, infer_tags
+from kvmas.organizer.spec import PipelineSpec
+from kvmas.trace import Step, Usage
+
+DEFAULT_SPEC = PipelineSpec.chain("single")
+LETTERS = "ABCDEFGHIJ"
+PROMPT = (
+    "You organise a team of AI agents. Choose the team design that will most reliably answer the question "
+    "correctly.\n\nQuestion:\n{question}\n\nDesigns:\n{options}\n\n"
+    "Reply with the letter of the best design."
+)
+ANSWER_LEAD = "The best design is option ("
+_PRIMITIVE_WORDS = {
+    "single": "one agent reasons step by step",
+    "review": "a solver drafts, a critic reviews, the solver refines ({rounds} rounds)",
+    "vote": "{n} solvers answer independently and a selector reads all answers",
+    "plan": "a planner writes a plan and {k} executors carry it out",
+}
+_DEFAULTS = {"rounds": 2, "n": 3, "k": 3}
+
+
+def describe_in_words(spec: PipelineSpec) -> str:
+    """A plain-English description of a pipeline, for the option list the model reads."""
+    parts = []
+    for nid in spec.order():
+        node = next(n for n in spec.nodes if n.id == nid)
+        parts.append(_PRIMITIVE_WORDS[node.type].format(**{**_DEFAULTS, **node.params}))
+    return "; then ".join(parts)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+@dataclass
+class Decision:
+    """What the organizer chose and why."""
+
+    spec: PipelineSpec
+    entry_id: int | None
+    how: str  # constrained | single-candidate | fallback-empty | fallback-prior | random
+    options: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    wall_s: float = 0.0
+    prompt: str = ""
+
+    def step(self) -> Step:
+        """The trace step that accounts for this decision's cost."""
+        return Step(agent="organizer", role="organizer", action="organize", text_in=self.prompt or None,
+                    text_out=self.spec.describe(), usage=self.usage, wall_s=self.wall_s,
+                    meta={"decision": self.how, "entry_id": self.entry_id, "spec": self.spec.model_dump(mode="json"),
+                          "options": self.options})
+
+
+class Organizer:
+    """Retrieve ``k`` candidates (cosine + MMR, lexical fallback), choose one by constrained choice, run it.
+
+    ``pool=None`` or an empty pool: always the fallback. ``comm`` is applied to every node of the chosen
+    pipeline (``"latent"`` or ``"text"``; None keeps each node's own). ``random_choice=True`` is the
+    random-composition ablation (a seeded uniform pick among the candidates, no model call).
+    """
+
+    def __init__(self, pool: KnowledgePool | None = None, *, k: int = 4, diversity: float = 0.3,
+                 prior_weight: float = 1.0, calibrate: bool = True, comm: str | None = "latent",
+                 node_params: dict[str, Any] | None = None, random_choice: bool = False):
+        if not 1 <= k <= len(LETTERS):
+            raise BadInputError(f"k must be in 1..{len(LETTERS)}, got {k}")
+        if comm not in (None, "latent", "text"):
+            raise BadInputError(f"unknown comm mode {comm!r} (latent|text)")
+        self.pool = pool
+        self.k = k
+        self.diversity = diversity
+        self.prior_weight = prior_weight
+        self.calibrate = calibrate
+        self.comm = comm
+        self.node_params = dict(node_params or {})
+        self.random_choice = random_choice
+
+    def _finish(self, spec: PipelineSpec) -> PipelineSpec:
+        extra = dict(self.node_params)
+        if self.comm is not None:
+            extra["comm"] = self.comm
+        return spec.with_params(**extra) if extra else spec
+
+    def choose(self, question: str, model, *, seed: int = 0) -> Decision:
+        """Pick a pipeline for ``question`` (see the module doc for the rule and the fallbacks)."""
+        if not isinstance(question, str) or not question.strip():
+            raise BadInputError("empty question")
+        t0 = time.perf_counter()
+        usage = Usage()
+        hits = []
+        if self.pool is not None and len(self.pool):
+            hits = self.pool.search(question, model=None if self.random_choice else model, k=self.k,
+                                    diversity=self.diversity)
+            if hits and hits[0].how == "cosine":
+                usage = usage + Usage(prefilled=len(model.encode(question)))
+        opts = [{"letter": LETTERS[i], "entry_id": h.entry.id, "name": h.entry.name, "spec": h.entry.spec.describe(),
+                 "similarity": round(h.similarity, 4), "prior": round(h.entry.prior, 4)} for i, h in enumerate(hits)]
+        if not hits:
+            return Decision(self._finish(DEFAULT_SPEC), None, "fallback-empty", [], usage,
+                            time.perf_counter() - t0)
+        if self.random_choice:
+            i = random.Random(f"{seed}:{question}").randrange(len(hits))
+            return Decision(self._finish(hits[i].entry.spec), hits[i].entry.id, "random", opts, usage,
+                            time.perf_counter() - t0)
+        if len(hits) == 1:
+            return Decision(self._finish(hits[0].entry.spec), hits[0].entry.id, "single-candidate", opts, usage,
+                            time.perf_counter() - t0)
+        prompt = ""
+        try:
+            prompt, conts, extra = self._prompt(question, [h.entry for h in hits], model)
+            lp = model.score_continuations(prompt, conts)
+            usage = usage + extra
+            if self.calibrate:
+                null_prompt, _, extra0 = self._prompt("N/A", [h.entry for h in hits], model)
+                lp0 = model.score_continuations(null_prompt, conts)
+                usage = usage + extra0
+            else:
+                lp0 = [0.0] * len(lp)
+        except ContextOverflowError:
+            best = max(range(len(hits)), key=lambda i: (hits[i].entry.prior, -i))
+            return Decision(self._finish(hits[best].entry.spec), hits[best].entry.id, "fallback-prior", opts,
+                            usage, time.perf_counter() - t0, prompt)
+        for i, o in enumerate(opts):
+            o["logprob"] = round(lp[i], 4)
+            o["calibrated"] = round(lp[i] - lp0[i], 4)
+            o["score"] = round(lp[i] - lp0[i] + self.prior_weight * math.log(max(hits[i].entry.prior, 1e-9)), 4)
+        best = max(range(len(hits)), key=lambda i: (opts[i]["score"], -i))
+        opts[best]["chosen"] = True
+        return Decision(self._finish(hits[best].entry.spec), hits[best].entry.id, "constrained", opts, usage,
+                        time.perf_counter() - t0, prompt)
+
+    @staticmethod
+    def _prompt(question: str, entries: list[Entry], model) -> tuple[str, list[str], Usage]:
+        lines = [f"({LETTERS[i]}) {describe_in_words(e.spec)}. Suited to: {_clip(e.query)}"
+                 for i, e in enumerate(entries)]
+        user = PROMPT.format(question=question.strip(), options="\n".join(lines))
+        prompt = model.chat_text([{"role": "user", "content": user}]) + ANSWER_LEAD
+        conts = [f"{LETTERS[i]})" for i in range(len(entries))]
+        n_prompt = len(model.encode(prompt))
+        model.check_fits(n_prompt + 4, "organizer prompt")
+        n_conts = sum(max(0, len(model.encode(c)) - 1) for c in conts)  # last token of each is never fed
+        return prompt, conts, Usage(prefilled=n_prompt + n_conts)
+
+    def run(self, question: str, model=None, *, seed: int = 0, interventions=None, trace_path=None):
+        """Choose a pipeline and run it; the returned trace starts with the organizer's step.
+
+        ``result.meta["organizer"]`` holds the decision (entry id, spec) for :meth:`feedback`.
+        """
+        from kvmas.agents.agent import RunContext
+        from kvmas.agents.model import Model
+        from kvmas.agents.state import LatentState
+        from kvmas.organizer.pipeline import Pipeline
+        from kvmas.primitives.base import TEAM_SYSTEM, RunResult
+        from kvmas.trace import Trace
+
+        if model is None or isinstance(model, str):
+            model = Model.load(model)
+        t0 = time.perf_counter()
+        decision = self.choose(question, model, seed=seed)
+        pipe = Pipeline(decision.spec)
+        model.check_fits(pipe.positions_needed(len(model.encode(question))), "the chosen pipeline on this question")
+        trace = Trace(method="auto", question=question, seed=seed, model=model.fingerprint.model_dump(),
+                      params={"pipeline": decision.spec.model_dump(mode="json"), "entry_id": decision.entry_id,
+                              "decision": decision.how, "chosen_method": pipe.method})
+        trace.add(decision.step())
+        ctx = RunContext(model=model, question=question, seed=seed, trace=trace, system=TEAM_SYSTEM,
+                         interventions=interventions or {})
+        state = pipe.forward(ctx, LatentState.empty(model), final=True)
+        trace.wall_s = time.perf_counter() - t0
+        trace.answer = ctx.answer
+        if trace_path:
+            trace.save(trace_path)
+        meta = dict(ctx.meta)
+        meta["organizer"] = {"entry_id": decision.entry_id, "spec": decision.spec.model_dump(mode="json"),
+                             "decision": decision.how, "method": pipe.method}
+        return RunResult(answer=ctx.answer or "", trace=trace, state=state, meta=meta)
+
+    def feedback(self, result, success: bool, *, model=None, tags: list[str] | None = None):
+        """Teach the pool a verified outcome of a :meth:`run` result (no-op without a pool)."""
+        if self.pool is None:
+            return None
+        org = result.meta.get("organizer") or {}
+        spec = PipelineSpec.from_dict(org["spec"]) if org.get("spec") else None
+        if spec is None:
+            raise BadInputError("this result was not produced by Organizer.run (no organizer metadata)")
+        question = result.trace.question
+        return self.pool.learn(question, spec, success, entry_id=org.get("entry_id"),
+                               tokens=result.trace.usage.computed, time_s=result.trace.wall_s,
+                               tags=tags if tags is not None else infer_tags(question), model=model)
