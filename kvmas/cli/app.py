@@ -1,0 +1,142 @@
+"""The `kvmas` command line.
+
+    kvmas run "What is 2+3?"                       # single agent on the embedded model
+    kvmas run --primitive review --comm latent "..."
+    kvmas trace show runs/trace.json
+    kvmas models | kvmas bench ... | kvmas attribute ... | kvmas skills ... | kvmas pool ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from kvmas.errors import KvmasError
+
+app = typer.Typer(help="kvmas: multi-agent LLM systems whose agents talk through KV caches.", add_completion=False,
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+trace_app = typer.Typer(help="Inspect run traces.", no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+
+# Sub-apps owned by their own modules (mounted when the module is present in this install).
+SUBAPPS = {
+    "models": "kvmas.cli.models_cmd",
+    "attribute": "kvmas.cli.attribute_cmd",
+    "skills": "kvmas.cli.skills_cmd",
+    "pool": "kvmas.cli.pool_cmd",
+    "bench": "kvmas.cli.bench_cmd",
+    "feedback": "kvmas.cli.feedback_cmd",
+}
+for _name, _module in SUBAPPS.items():
+    try:
+        _mod = importlib.import_module(_module)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _module:
+            raise
+        continue
+    if isinstance(getattr(_mod, "app", None), typer.Typer):
+        app.add_typer(_mod.app, name=_name)
+    elif callable(getattr(_mod, "command", None)):
+        app.command(_name)(_mod.command)
+
+err_console = Console(stderr=True)
+
+
+def fail(exc: BaseException) -> None:
+    err_console.print(f"[red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(getattr(exc, "exit_code", 1))
+
+
+@app.command()
+def run(
+    question: str = typer.Argument(..., help="the question to answer"),
+    primitive: str = typer.Option("single", "--primitive", "-p", help="single | review | vote | plan"),
+    comm: str = typer.Option("latent", "--comm", "-c", help="latent | text"),
+    model: str = typer.Option(None, "--model", "-m", help="registry name or local HF dir (default: embedded)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="decode budget per speaking agent"),
+    latent_steps: int = typer.Option(None, "--latent-steps", help="latent steps per agent (primitive default)"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (greedy decoding ignores it)"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    trace: Path = typer.Option(None, "--trace", help="write the run trace (JSON) here"),
+    pipeline: Path = typer.Option(None, "--pipeline", help="run a pipeline spec (JSON) instead of one primitive"),
+    auto: bool = typer.Option(False, "--auto", help="let the organizer compose a pipeline for this question"),
+    show_trace: bool = typer.Option(False, "--show-trace", help="render the trace after the answer"),
+) -> None:
+    """Answer a question with one primitive (or a pipeline) and print the answer and token usage."""
+    from kvmas.cli.render import print_trace, usage_line
+
+    console = Console()
+    try:
+        if not question.strip():
+            raise KvmasError("empty question")
+        from kvmas.agents.model import Model
+
+        with console.status("loading model…"):
+            m = Model.load(model)
+        if pipeline is not None or auto:
+            result = _run_pipeline(question, m, pipeline, auto, seed, max_new_tokens)
+        else:
+            from kvmas.primitives import build
+
+            params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+            if latent_steps is not None:
+                params["latent_steps"] = latent_steps
+            if primitive != "single":
+                params["comm"] = comm
+            prim = build(primitive, **params)
+            with console.status(f"running {prim.method}…"):
+                result = prim(question, model=m, seed=seed, trace_path=trace)
+        if trace is not None and not trace.exists():
+            result.trace.save(trace)
+    except KvmasError as exc:
+        fail(exc)
+    console.print(f"[bold green]answer:[/] {result.answer.strip()}", highlight=False)
+    console.print(f"[dim]{result.trace.method} · {usage_line(result.usage)} · {result.trace.wall_s:.2f}s"
+                  f" · run {result.trace.run_id}[/]")
+    if trace is not None:
+        console.print(f"[dim]trace written to {trace}[/]")
+    if show_trace:
+        print_trace(result.trace, console)
+
+
+def _run_pipeline(question, model, pipeline, auto, seed, max_new_tokens):
+    try:
+        organizer = importlib.import_module("kvmas.organizer")
+    except ModuleNotFoundError as exc:  # pragma: no cover - the organizer ships with kvmas
+        raise KvmasError("the organizer is not available in this install") from exc
+    if auto:
+        return organizer.run_auto(question, model=model, seed=seed)
+    return organizer.run_pipeline_file(pipeline, question, model=model, seed=seed)
+
+
+@trace_app.command("show")
+def trace_show(
+    file: Path = typer.Argument(..., help="a trace JSON written by --trace"),
+    full: bool = typer.Option(False, "--full", help="show whole texts instead of one-line snippets"),
+) -> None:
+    """Render a trace: steps per agent with usage, timings, provenance and texts."""
+    from kvmas.cli.render import print_trace
+    from kvmas.trace import Trace
+
+    try:
+        t = Trace.load(file)
+    except KvmasError as exc:
+        fail(exc)
+    print_trace(t, Console(), full_text=full)
+
+
+def main() -> None:
+    """Console-script entry point: typed errors become one line and a non-zero exit code."""
+    try:
+        app()
+    except KvmasError as exc:  # errors raised outside a command body
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
