@@ -142,6 +142,15 @@ def verify_cache(directory: str | os.PathLike, *, full: bool = False) -> CacheMa
     return manifest
 
 
+def refuse_newer(directory: str | os.PathLike) -> None:
+    """Raise :class:`SchemaVersionError` if ``directory`` holds a cache written by a newer kvmas.
+
+    A damaged or foreign manifest is not a reason to refuse: such a directory may be rebuilt.
+    """
+    with contextlib.suppress(CacheCorruptError):
+        read_manifest(directory)
+
+
 # -- locking and atomic directory replacement -----------------------------------------------------
 _HELD: dict[str, list] = {}
 _HELD_GUARD = threading.Lock()
@@ -202,7 +211,7 @@ def publish_dir(tmp: Path, directory: Path) -> None:
     A directory written by a newer kvmas is refused, never replaced.
     """
     if directory.exists():
-        read_manifest(directory)  # raises SchemaVersionError for a newer schema; corrupt ones get replaced
+        refuse_newer(directory)  # a newer schema raises; damaged ones get replaced
         trash = directory.parent / f".trash-{directory.name}-{uuid.uuid4().hex[:8]}"
         os.replace(directory, trash)
         os.replace(tmp, directory)
@@ -353,8 +362,7 @@ def convert_gguf(
     if not gguf_path.is_file():
         raise KvmasError(f"GGUF source {gguf_path} does not exist")
     with cache_lock(directory):
-        if directory.exists():
-            read_manifest(directory)  # refuse a newer-schema dir before spending minutes converting
+        refuse_newer(directory)  # before spending minutes converting
         clean_stale_temps(directory)
         tmp = directory.parent / f"{_tmp_prefix(directory)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)

