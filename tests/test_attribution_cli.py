@@ -40,3 +40,22 @@ def test_errors_are_one_line(tmp_path):
     bad.write_text('{"foo": 1}')
     r = runner.invoke(app, [str(bad)])
     assert r.exit_code == 2 and "not a trace" in r.output
+
+
+def test_replay_of_a_saved_trace(tmp_path):
+    from kvmas.agents.agent import Intervention
+    from kvmas.cli.attribute_cmd import _replay
+    from kvmas.primitives import build
+    from kvmas.testing import tiny_model
+    from kvmas.errors import BadInputError
+
+    import pytest
+
+    model = tiny_model("llama")
+    prim = build("single", max_new_tokens=3, latent_steps=1)
+    r = prim("What is 2+3?", model=model, seed=0, interventions={"solver": Intervention("replace", "6", {2})})
+    p = r.trace.save(tmp_path / "t.json")
+    with pytest.raises(BadInputError, match="--gold"):
+        _replay(p, None, 8, model=model)
+    res = _replay(p, "6", 8, model=model)  # judged against 6: the faulted run "succeeds", the rest fails
+    assert res.method == "replay" and res.blame[0].agent == "solver" and res.blame[0].delta <= 0

@@ -57,3 +57,19 @@ def test_replay_budget():
     att = ReplayAttributor(run, judge, max_replays=5)  # 4 coalitions + 1 single-step replay
     res = att.attribute(run({}).trace)
     assert len(att.replays) == 5 and any("budget" in e for e in res.evidence)
+
+
+def test_planted_suite_on_a_real_primitive():
+    """Single (latent, one thought): the fault is planted on the solver's last content step, its speech."""
+    from kvmas.attribution.planted import run_suite
+    from kvmas.primitives import build
+
+    prim = build("single", max_new_tokens=3, latent_steps=1)
+    marker = "ZZZ"
+    res = run_suite({"single": prim}, [("2+3?", "5")], MODEL,
+                    judge_for=lambda gold: (lambda a: float(marker not in (a or ""))),
+                    fault_for=lambda gold: f"{marker} is the answer", plant="last")
+    assert res["effective"] == 1 and res["agent_acc"] == 100.0 and res["step_acc"] == 100.0
+    case = res["cases"][0]
+    assert case["agent"] == "solver" and case["step"] == 2 and case["faulted_answer"].startswith(marker)
+    assert any("not replayable" in e for e in case["evidence"])  # the think step cannot be ablated alone

@@ -1,7 +1,9 @@
 """`kvmas attribute`: who and when a failed multi-agent run went wrong.
 
     kvmas attribute RUN.json [--json]             # a kvmas trace, a Who&When record, or [{agent, content}]
+    kvmas attribute RUN.json --replay --gold 12    # a kvmas trace: real counterfactual replays
     kvmas attribute eval --data PATH [--with-gt/--no-gt] [--json OUT]
+    kvmas attribute planted [--n 4]               # planted-fault suite on real primitives
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def report(
     with_gt: bool = typer.Option(False, "--with-gt/--no-gt", help="let the scorer see the gold answer"),
     weights: Optional[Path] = typer.Option(None, help="step-scorer weights JSON (default: shipped weights)"),
     agent_rule: str = typer.Option("shapley", help="shapley (bottleneck agent) or speaker (of the top step)"),
+    replay: bool = typer.Option(False, "--replay", help="kvmas traces: counterfactual replays of the primitive"),
+    gold: Optional[str] = typer.Option(None, help="gold answer (number) judging replays (default: trace outcome)"),
+    max_replays: int = typer.Option(32, help="replay budget"),
 ) -> None:
     """Attribute one failed run: agent blame, critical step with neighbourhood, evidence, suggested fix."""
     from kvmas.attribution.attributor import LogAttributor
@@ -58,14 +63,68 @@ def report(
         if agent_rule not in ("shapley", "speaker"):
             raise BadInputError(f"--agent-rule must be shapley or speaker, not {agent_rule!r}")
         log = load_log(path)
-        scorer = StepScorer.load(weights) if weights else None
-        res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=agent_rule).attribute(log)  # type: ignore[arg-type]
+        if replay:
+            res = _replay(path, gold, max_replays)
+        else:
+            scorer = StepScorer.load(weights) if weights else None
+            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=agent_rule).attribute(log)  # type: ignore[arg-type]
     except KvmasError as exc:
         _fail(exc)
     if as_json:
         typer.echo(res.model_dump_json(indent=2))
     else:
         render_attribution(res, log, Console())
+
+
+def _replay(path: Path, gold: Optional[str], max_replays: int, model=None):
+    """Re-run the trace's primitive (same question, seed, parameters, model) under counterfactuals."""
+    from kvmas.agents.model import Model
+    from kvmas.attribution.planted import number_judge
+    from kvmas.attribution.replay import ReplayAttributor
+    from kvmas.errors import BadInputError
+    from kvmas.primitives import build
+    from kvmas.trace import Trace
+
+    trace = Trace.load(path)
+    gold = gold if gold is not None else (trace.outcome or {}).get("gold")
+    if gold is None:
+        raise BadInputError("--replay needs --gold (the trace has no outcome.gold)")
+    if "steps" in trace.params:
+        raise BadInputError(f"--replay supports single primitives, not the composite {trace.method!r}")
+    prim = build(trace.method.rpartition(":")[2], **trace.params)
+    model = model or Model.load(trace.model.get("name"))
+    run = lambda iv: prim(trace.question, model=model, seed=trace.seed, interventions=iv)  # noqa: E731
+    return ReplayAttributor(run, number_judge(str(gold)), max_replays=max_replays).attribute(trace)
+
+
+@app.command("planted")
+def planted_cmd(
+    n: int = typer.Option(4, help="how many arithmetic tasks"),
+    plant: str = typer.Option("first", help="plant the fault on each agent's first or last content step"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write every case here"),
+) -> None:
+    """Planted-fault suite on real primitives (default model): how often replays name the planted agent/step."""
+    from kvmas.agents.model import Model
+    from kvmas.attribution.planted import TASKS, run_suite
+    from kvmas.errors import BadInputError
+    from kvmas.primitives import build
+
+    console = Console()
+    try:
+        if not 1 <= n <= len(TASKS):
+            raise BadInputError(f"--n must be in 1..{len(TASKS)}")
+        prims = {
+            "latent:review": build("review", comm="latent", rounds=1, early_stop=False, max_new_tokens=16,
+                                   latent_steps=4),
+            "latent:plan": build("plan", comm="latent", k=2, max_new_tokens=16, latent_steps=4),
+        }
+        res = run_suite(prims, TASKS[:n], Model.load(), plant=plant, progress=lambda c: console.print(
+            f"{c.primitive} planted {c.agent}@{c.step} effective={c.effective} -> {c.pred_agent}@{c.pred_step}"))
+        console.print({k: v for k, v in res.items() if k != "cases"})
+        if json_out:
+            atomic_write_text(json_out, json.dumps(res, indent=1))
+    except KvmasError as exc:
+        _fail(exc)
 
 
 @app.command("eval")

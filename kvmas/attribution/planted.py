@@ -1,0 +1,148 @@
+"""Planted-fault suite: force one agent of a real primitive run to err, then check that the replay attributor
+names the planted agent and step.
+
+For every (primitive, task): run it clean; for every agent, replace that agent's first (or last) content step (speak or
+think) with a wrong claim (``Intervention("replace", ...)`` at that step); keep the case when the fault is
+effective (the clean run is judged correct and the faulted one is not); attribute the faulted trace with
+:class:`~kvmas.attribution.replay.ReplayAttributor` (same primitive, same seed, the planted fault kept in every
+replay) and score agent and step hits.
+
+>>> from kvmas.attribution.planted import number_judge
+>>> number_judge("12")("So 7 + 5 = 12."), number_judge("12")("It is 13.")
+(1.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvmas.agents.agent import Intervention
+from kvmas.attribution.replay import CONTENT_ACTIONS, ReplayAttributor, compose
+from kvmas.errors import BadInputError
+
+TASKS = [(f"What is {a} + {b}? Answer with a number.", str(a + b))
+         for a, b in [(7, 5), (3, 4), (9, 6), (12, 8), (5, 5), (6, 2), (14, 3), (8, 9), (11, 11), (2, 7)]]
+FAULT_TEXT = "I have checked this carefully: the correct final answer is {wrong}."
+
+
+def number_judge(gold: str) -> Callable[[str | None], float]:
+    """1.0 when the answer's extracted number equals ``gold`` (exactly, as fractions), else 0.0."""
+    from kvmas.tasks.answers import extract_number, parse_number
+
+    g = parse_number(gold)
+    if g is None:
+        raise BadInputError(f"gold answer {gold!r} is not a number")
+
+    def judge(answer: str | None) -> float:
+        v = parse_number(extract_number(answer)) if answer else None
+        return float(v is not None and v == g)
+
+    return judge
+
+
+def wrong_value(gold: str) -> str:
+    """A plausible wrong number near ``gold`` (gold + 1 for integers)."""
+    from kvmas.tasks.answers import format_number, parse_number
+
+    g = parse_number(gold)
+    if g is None:
+        raise BadInputError(f"gold answer {gold!r} is not a number")
+    return format_number(g + 1)
+
+
+@dataclass
+class PlantedCase:
+    primitive: str
+    question: str
+    gold: str
+    agent: str
+    step: int
+    action: str
+    clean_answer: str
+    faulted_answer: str = ""
+    effective: bool = False
+    pred_agent: str | None = None
+    pred_step: int | None = None
+    agent_ok: bool = False
+    step_ok: bool = False
+    replays: int = 0
+    wall_s: float = 0.0
+    evidence: list[str] = field(default_factory=list)
+
+
+def content_steps(trace, which: str = "first") -> dict[str, tuple[int, str]]:
+    """Each agent's ``first`` or ``last`` content step (speak / think): ``{agent: (step index, action)}``."""
+    if which not in ("first", "last"):
+        raise BadInputError(f"plant must be 'first' or 'last', not {which!r}")
+    out: dict[str, tuple[int, str]] = {}
+    for s in trace.steps:
+        if s.action in CONTENT_ACTIONS and (which == "last" or s.agent not in out):
+            out[s.agent] = (s.index, s.action)
+    return out
+
+
+def run_suite(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, seed: int = 0,
+              max_replays: int = 32, progress: Callable[[PlantedCase], None] | None = None,
+              judge_for: Callable[[str], Callable[[str | None], float]] = number_judge,
+              fault_for: Callable[[str], str] = lambda gold: FAULT_TEXT.format(wrong=wrong_value(gold)),
+              plant: str = "first") -> dict[str, Any]:
+    """Run the suite; ``primitives`` maps a label to a primitive object, ``tasks`` are (question, gold).
+    ``judge_for(gold)`` builds the outcome judge (default: exact number match); ``fault_for(gold)`` the text the
+    faulty agent is forced to produce (default: a confident claim of gold + 1); ``plant``: the agent's first or
+    last content step receives the fault.
+
+    Returns ``{"cases": [...], "effective": n, "agent_acc": %, "step_acc": %, "skipped": {...}}``.
+    """
+    cases: list[PlantedCase] = []
+    skipped = {"clean_wrong": 0, "fault_ineffective": 0}
+    for label, prim in primitives.items():
+        for q, gold in tasks:
+            judge = judge_for(gold)
+            clean = prim(q, model=model, seed=seed)
+            if judge(clean.answer) < 1.0:
+                skipped["clean_wrong"] += 1
+                continue
+            text = fault_for(gold)
+            for agent, (k, action) in content_steps(clean.trace, plant).items():
+                t0 = time.perf_counter()
+                planted = {agent: Intervention("replace", text, {k})}
+                case = PlantedCase(label, q, gold, agent, k, action, clean.answer)
+
+                def run(iv, _planted=planted, _prim=prim, _q=q):
+                    return _prim(_q, model=model, seed=seed, interventions=compose(_planted, iv))
+
+                faulted = run({})
+                case.faulted_answer = faulted.answer
+                if judge(faulted.answer) >= 1.0:
+                    skipped["fault_ineffective"] += 1
+                    case.wall_s = time.perf_counter() - t0
+                    cases.append(case)
+                    if progress:
+                        progress(case)
+                    continue
+                case.effective = True
+                att = ReplayAttributor(run, judge, max_replays=max_replays, seed=seed)
+                try:
+                    res = att.attribute(faulted.trace)
+                    case.pred_agent, case.pred_step = res.agent, res.step
+                    case.agent_ok, case.step_ok = res.agent == agent, res.step == k
+                    case.evidence = res.evidence
+                except BadInputError as exc:
+                    case.evidence = [f"attribution failed: {exc}"]
+                case.replays = len(att.replays)
+                case.wall_s = time.perf_counter() - t0
+                cases.append(case)
+                if progress:
+                    progress(case)
+    eff = [c for c in cases if c.effective]
+    n = len(eff)
+    return {
+        "cases": [asdict(c) for c in cases],
+        "effective": n,
+        "agent_acc": 100 * sum(c.agent_ok for c in eff) / n if n else None,
+        "step_acc": 100 * sum(c.step_ok for c in eff) / n if n else None,
+        "skipped": skipped,
+    }
