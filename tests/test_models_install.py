@@ -265,3 +265,18 @@ def test_a_garbage_manifest_is_rebuilt_not_fatal(gguf_bytes, tmp_path, home):
     (cache_dir(entry.name) / MANIFEST).write_text("{ truncated")
     assert inst.ensure_cache(entry, sources=sources) == cache_dir(entry.name)
     verify_cache(cache_dir(entry.name), full=True)
+
+
+def test_disk_full_while_assembling_deletes_the_partial_file(gguf_bytes, tmp_path, monkeypatch):
+    import errno
+
+    parts = split_parts(gguf_bytes, tmp_path / "parts")
+    entry = tiny_entry(gguf_bytes)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(inst.os, "fsync", full)
+    with pytest.raises(KvmasError, match="disk full while assembling"):
+        inst.assemble(parts, tmp_path / "out" / "tiny.gguf", size=entry.size, sha256=entry.sha256)
+    assert list((tmp_path / "out").iterdir()) == []
