@@ -47,3 +47,15 @@ def test_outcome_edges_and_final_steps():
 
 def test_values_ignore_trivial_numbers():
     assert values("1 2 10 and 42 and 3.75%") == {"42", "3.75"}
+
+
+def test_reach_all_matches_descendants():
+    import random
+
+    from kvmas.attribution.graph import reach, reach_all
+
+    rng = random.Random(0)
+    log = from_generic([{"agent": f"a{rng.randrange(3)}", "content": f"x {rng.randrange(50) + 10} y"}
+                        for _ in range(40)])
+    perf = performance_graph(data_graph(log), log)
+    assert reach_all(perf) == {i: reach(perf, i) for i in range(40)}

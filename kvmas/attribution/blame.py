@@ -19,6 +19,7 @@ Tool / terminal outputs are not players (they execute what an agent wrote). The 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -56,13 +57,21 @@ def surrogate_blame(
     else:
         anc = set(perf)
     live = [k for k in range(len(step_agents)) if k in anc]
+    # log-survival per agent: v(S) = prod over live steps of agents outside S of (1 - e_k)
+    logs: dict[str, float] = {}
+    zero: dict[str, int] = {}  # steps with e_k = 1 (certain error) per agent
+    for k in live:
+        e = min(max(float(step_errors[k]), 0.0), 1.0)
+        a = step_agents[k]
+        if e >= 1.0:
+            zero[a] = zero.get(a, 0) + 1
+        else:
+            logs[a] = logs.get(a, 0.0) + math.log1p(-e)
 
     def value(coalition: frozenset) -> float:
-        out = 1.0
-        for k in live:
-            if step_agents[k] not in coalition:
-                out *= 1.0 - min(max(step_errors[k], 0.0), 1.0)
-        return out
+        if any(a not in coalition for a in zero):
+            return 0.0
+        return math.exp(sum(v for a, v in logs.items() if a not in coalition))
 
     phi = shapley(players, value, seed=seed)
     base = value(frozenset())

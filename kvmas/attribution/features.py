@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from kvmas.attribution.graph import OUTCOME, data_graph, final_values, performance_graph, reach, values
+from kvmas.attribution.graph import OUTCOME, data_graph, final_values, performance_graph, reach_all, values
 from kvmas.attribution.log import AttributionLog, normalize_agent
 
 FEATURES = [
@@ -64,6 +64,8 @@ def step_features(log: AttributionLog, with_gt: bool = False) -> StepFeatures:
     n = len(steps)
     dg = data_graph(log)
     perf = performance_graph(dg, log)
+    reaches = reach_all(perf)
+    upstream = nx.ancestors(perf, OUTCOME)
     speakers = [s.agent for s in steps if not s.is_terminal]
     counts = Counter(speakers)
     majority = max(counts, key=lambda k: (counts[k], -speakers.index(k))) if counts else None
@@ -106,8 +108,8 @@ def step_features(log: AttributionLog, with_gt: bool = False) -> StepFeatures:
             "next_exec_ok": float(bool(nxt and nxt.is_terminal and not _ERR.search(nxt.content[:2000]))),
             "reads_exec_error": float(bool(prev and prev.is_terminal and _ERR.search(prev.content[:2000]))),
             "introduces_answer": 0.0,  # filled below (terminal outputs credit their producer)
-            "reach": reach(perf, i) / max(1, n - 1),
-            "reaches_outcome": float(nx.has_path(perf, i, OUTCOME)),
+            "reach": reaches[i] / max(1, n - 1),
+            "reaches_outcome": float(i in upstream),
             "new_values": math.log1p(len(new)),
             "assume_cue": float(bool(_ASSUME.search(text))),
             "verify_cue": float(bool(_VERIFY.search(text))),
@@ -134,7 +136,7 @@ def step_features(log: AttributionLog, with_gt: bool = False) -> StepFeatures:
         rows[j]["introduces_answer"] = 1.0
         ev[j].append(f"first introduces {k} value(s) that the final answer repeats")
     for i in range(n):
-        r = reach(perf, i)
+        r = reaches[i]
         if r:
             ev[i].append(f"its output can influence {r} later step(s)")
     names = FEATURES + (GT_FEATURES if with_gt else [])

@@ -187,3 +187,16 @@ def performance_graph(data: nx.DiGraph, log: AttributionLog) -> nx.DiGraph:
 def reach(perf: nx.DiGraph, node: int) -> int:
     """How many steps a step's quality can influence downstream (descendants, outcome excluded)."""
     return sum(1 for d in nx.descendants(perf, node) if d != OUTCOME)
+
+
+def reach_all(perf: nx.DiGraph) -> dict[int, int]:
+    """:func:`reach` of every step at once (bitset dynamic programme over the DAG; fast for long logs)."""
+    steps = [n for n in perf.nodes if n != OUTCOME]
+    bits: dict[int, int] = {}
+    for n in reversed(list(nx.topological_sort(perf.subgraph(steps)))):
+        b = 0
+        for c in perf.successors(n):
+            if c != OUTCOME:
+                b |= (1 << c) | bits[c]
+        bits[n] = b
+    return {n: bits[n].bit_count() for n in steps}
