@@ -215,14 +215,63 @@ class Organizer:
         return RunResult(answer=ctx.answer or "", trace=trace, state=state, meta=meta)
 
     def feedback(self, result, success: bool, *, model=None, tags: list[str] | None = None):
-        """Teach the pool a verified outcome of a :meth:`run` result (no-op without a pool)."""
+        """Teach the pool a verified outcome of a :meth:`run` (its ``RunResult`` or its saved ``Trace``).
+
+        Returns the entry holding the success (None after a failure, or without a pool).
+        """
         if self.pool is None:
             return None
-        org = result.meta.get("organizer") or {}
-        spec = PipelineSpec.from_dict(org["spec"]) if org.get("spec") else None
-        if spec is None:
-            raise BadInputError("this result was not produced by Organizer.run (no organizer metadata)")
-        question = result.trace.question
-        return self.pool.learn(question, spec, success, entry_id=org.get("entry_id"),
-                               tokens=result.trace.usage.computed, time_s=result.trace.wall_s,
+        trace = getattr(result, "trace", result)
+        params = getattr(trace, "params", None) or {}
+        if getattr(trace, "method", None) != "auto" or "pipeline" not in params:
+            raise BadInputError("this run was not chosen by the organizer (trace method is not 'auto')")
+        spec = PipelineSpec.from_dict(params["pipeline"])
+        question = trace.question
+        return self.pool.learn(question, spec, success, entry_id=params.get("entry_id"),
+                               tokens=trace.usage.computed, time_s=trace.wall_s,
                                tags=tags if tags is not None else infer_tags(question), model=model)
+
+
+def runs_dir():
+    """Where ``run_auto`` keeps the traces that ``feedback`` looks up by run id (``kvmas_home()/runs``)."""
+    from kvmas.paths import kvmas_home
+
+    d = kvmas_home() / "runs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def run_auto(question: str, model=None, *, seed: int = 0, max_new_tokens: int | None = None,
+             latent_steps: int | None = None, pool_path=None, trace_path=None, comm: str = "latent"):
+    """``kvmas run --auto``: organizer over the user's pool; the trace is kept for ``feedback`` by run id."""
+    params: dict[str, Any] = {}
+    if max_new_tokens is not None:
+        params["max_new_tokens"] = max_new_tokens
+    if latent_steps is not None:
+        params["latent_steps"] = latent_steps
+    org = Organizer(KnowledgePool(pool_path), comm=comm, node_params=params)
+    result = org.run(question, model=model, seed=seed)
+    result.trace.save(runs_dir() / f"{result.trace.run_id}.json")
+    if trace_path:
+        result.trace.save(trace_path)
+    return result
+
+
+def feedback(run: str, good: bool, *, pool_path=None, model=None):
+    """``kvmas feedback RUN_ID --good/--bad``: teach the pool the verified outcome of an auto run.
+
+    ``run`` is a run id kept by :func:`run_auto` or a path to a trace JSON. Returns the learned entry or None.
+    """
+    from pathlib import Path
+
+    from kvmas.trace import Trace
+
+    path = Path(run)
+    if not path.is_file():
+        if not run or not all(c.isalnum() for c in run):
+            raise BadInputError(f"not a run id or trace file: {run!r}")
+        path = runs_dir() / f"{run}.json"
+        if not path.is_file():
+            raise BadInputError(f"no auto run with id {run} (looked in {runs_dir()})")
+    trace = Trace.load(path)
+    return Organizer(KnowledgePool(pool_path)).feedback(trace, good, model=model)

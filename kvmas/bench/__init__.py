@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy (this package's ``accuracy``) and efficiency (``efficiency``) of kvmas methods."""

@@ -1,0 +1,355 @@
+"""The accuracy harness: every method on the same tasks, same model, same seed and budgets; honest statistics.
+
+Methods (comma-separated): ``single``; ``latent:review``, ``text:vote``, ... (any primitive as ``comm:name``);
+``pipeline:PATH`` (a spec file); ``auto`` (the organizer over a seeded pool, learning online from each
+verified answer: it chooses before seeing the gold answer, then learns); ``auto-empty`` (ablation: empty
+pool, so always the organizer's fallback); ``random`` (ablation: a seeded random pick among the retrieved
+pipelines); ``loglik`` (multiple choice only: options ranked by the mean per-token log-likelihood of their
+text after ``Question: ...\\nAnswer:``, no decoding).
+
+Outputs in ``out_dir``: ``items.jsonl`` (one line per method and task, written as it goes), ``results.json``,
+``results.md`` and ``accuracy.png``. Each method gets accuracy with a bootstrap 95% interval and a Wilson
+interval, tokens and seconds per item, answer lengths and sample answers; every pair of methods gets an
+exact McNemar test and a paired-bootstrap interval of the accuracy difference.
+
+>>> from kvmas.bench.accuracy import parse_methods
+>>> [m.name for m in parse_methods("single, text:review,auto")]
+['single', 'text:review', 'auto']
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kvmas.errors import BadInputError, KvmasError
+from kvmas.paths import atomic_write_text
+from kvmas.tasks import (
+    Task, bootstrap_ci, extract_answer, format_question, is_correct, loglik_continuations, loglik_prefix,
+    mcnemar_exact, paired_bootstrap, wilson,
+)
+from kvmas.trace import Usage
+
+SPECIAL = ("auto", "auto-empty", "random", "loglik")
+DEFAULT_METHODS = "single,latent:review,text:review,latent:vote,text:vote,latent:plan,text:plan,auto"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method to benchmark: ``kind`` is primitive | pipeline | auto | auto-empty | random | loglik."""
+
+    name: str
+    kind: str
+    arg: str = ""
+
+
+def parse_methods(text: str) -> list[Method]:
+    """Parse ``--methods``; unknown names fail before anything runs."""
+    from kvmas.primitives import PRIMITIVES
+
+    out: list[Method] = []
+    for raw in text.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        if name in SPECIAL:
+            out.append(Method(name, name))
+        elif name.startswith("pipeline:"):
+            path = name.split(":", 1)[1]
+            if not Path(path).is_file():
+                raise BadInputError(f"method {name!r}: no spec file {path}")
+            out.append(Method(name, "pipeline", path))
+        else:
+            comm, _, prim = name.rpartition(":")
+            if prim not in PRIMITIVES or comm not in ("", "latent", "text"):
+                raise BadInputError(f"unknown method {name!r} (primitives: {', '.join(PRIMITIVES)} as "
+                                    f"[latent:|text:]NAME; also {', '.join(SPECIAL)}, pipeline:PATH)")
+            out.append(Method(name, "primitive", name))
+    if not out:
+        raise BadInputError("no methods given")
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise BadInputError(f"duplicate methods in {text!r}")
+    return out
+
+
+@dataclass
+class ItemResult:
+    """One method on one task."""
+
+    method: str
+    task_id: str
+    kind: str
+    gold: str
+    pred: str | None
+    correct: bool
+    answer: str
+    usage: Usage
+    wall_s: float
+    answer_tokens: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "task_id": self.task_id, "kind": self.kind, "gold": self.gold,
+                "pred": self.pred, "correct": self.correct, "answer": self.answer,
+                "usage": self.usage.model_dump(), "wall_s": round(self.wall_s, 4),
+                "answer_tokens": self.answer_tokens, "meta": self.meta, "error": self.error}
+
+
+@dataclass
+class BenchConfig:
+    """Budgets and options shared by every method."""
+
+    seed: int = 0
+    max_new_tokens: int = 512
+    latent_steps: int | None = None
+    pool_path: str | None = None
+    learn: bool = True
+    organizer_k: int = 4
+
+    def prim_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
+        if self.latent_steps is not None:
+            params["latent_steps"] = self.latent_steps
+        return params
+
+
+class _Runner:
+    """Builds each method once and runs it on tasks."""
+
+    def __init__(self, method: Method, model, cfg: BenchConfig, out_dir: Path):
+        self.method, self.model, self.cfg = method, model, cfg
+        self.org = None
+        if method.kind == "primitive":
+            from kvmas.primitives import parse_method
+
+            self.prim = parse_method(method.arg, **cfg.prim_params())
+        elif method.kind == "pipeline":
+            from kvmas.organizer.pipeline import Pipeline
+            from kvmas.organizer.spec import PipelineSpec
+
+            self.prim = Pipeline(PipelineSpec.load(method.arg).with_params(**cfg.prim_params()))
+        elif method.kind in ("auto", "auto-empty", "random"):
+            import shutil
+
+            from kvmas.organizer import KnowledgePool, Organizer
+
+            path = out_dir / f"pool-{method.kind}.sqlite"
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            if method.kind == "auto-empty":
+                pool = KnowledgePool(path, seed=False)
+            else:
+                if cfg.pool_path:
+                    KnowledgePool(cfg.pool_path)  # validates the source before copying it
+                    shutil.copyfile(cfg.pool_path, path)
+                pool = KnowledgePool(path)
+            self.org = Organizer(pool, k=cfg.organizer_k, node_params=cfg.prim_params(),
+                                 random_choice=method.kind == "random")
+
+    def run(self, task: Task) -> ItemResult:
+        t0 = time.perf_counter()
+        if self.method.kind == "loglik":
+            return self._loglik(task, t0)
+        question = format_question(task)
+        if self.org is not None:
+            result = self.org.run(question, model=self.model, seed=self.cfg.seed)
+        else:
+            result = self.prim(question, model=self.model, seed=self.cfg.seed)
+        wall = time.perf_counter() - t0
+        answer = result.answer or ""
+        ok = is_correct(answer, task)
+        meta: dict[str, Any] = {}
+        if self.org is not None:
+            org = result.meta.get("organizer", {})
+            meta = {"chosen": org.get("method"), "entry_id": org.get("entry_id"), "decision": org.get("decision")}
+            if self.cfg.learn and self.method.kind == "auto":
+                self.org.feedback(result, ok, model=self.model)
+        return ItemResult(self.method.name, task.id, task.kind, task.answer, extract_answer(answer, task), ok,
+                          answer, result.trace.usage, wall, len(self.model.encode(answer)) if answer else 0, meta)
+
+    def _loglik(self, task: Task, t0: float) -> ItemResult:
+        from kvmas.agents.state import LatentState
+
+        if task.kind != "choice":
+            raise BadInputError(f"loglik scores multiple-choice tasks only; {task.id} is a {task.kind} task")
+        prefix = loglik_prefix(task)
+        conts = loglik_continuations(task)
+        state = LatentState.empty(self.model).extend(prefix, agent="scorer", role="scorer")
+        scores = state.score(conts, mean=True)
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        label = task.labels[best]
+        n_cont = sum(max(0, len(self.model.encode(c)) - 1) for c in conts)
+        usage = Usage(prefilled=state.length + n_cont, reused=state.length * (len(conts) - 1))
+        return ItemResult(self.method.name, task.id, task.kind, task.answer, label, label == task.answer, label,
+                          usage, time.perf_counter() - t0, 0, {"scores": [round(s, 4) for s in scores]})
+
+
+def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
+    n = len(items)
+    k = sum(r.correct for r in items)
+    acc = [1.0 if r.correct else 0.0 for r in items]
+    lo, hi = bootstrap_ci(acc, seed=seed) if n else (0.0, 1.0)
+    wlo, whi = wilson(k, n)
+    tot = Usage()
+    for r in items:
+        tot = tot + r.usage
+    per = lambda v: round(v / n, 2) if n else 0.0  # noqa: E731
+    out: dict[str, Any] = {
+        "n": n, "correct": k, "accuracy": round(k / n, 4) if n else 0.0,
+        "ci95_bootstrap": [round(lo, 4), round(hi, 4)], "ci95_wilson": [round(wlo, 4), round(whi, 4)],
+        "tokens_per_item": {"prefilled": per(tot.prefilled), "reused": per(tot.reused), "latent": per(tot.latent),
+                            "generated": per(tot.generated), "computed": per(tot.computed)},
+        "wall_s_total": round(sum(r.wall_s for r in items), 3), "wall_s_per_item": per(sum(r.wall_s for r in items)),
+        "answer_tokens_mean": per(sum(r.answer_tokens for r in items)),
+        "answer_chars_mean": per(sum(len(r.answer) for r in items)),
+        "empty_answers": sum(1 for r in items if not r.answer.strip()),
+        "no_extractable_answer": sum(1 for r in items if r.pred is None),
+        "errors": sum(1 for r in items if r.error),
+        "samples": [{"task_id": r.task_id, "gold": r.gold, "pred": r.pred, "answer": r.answer[:300]}
+                    for r in items[:3]],
+    }
+    chosen = [r.meta.get("chosen") for r in items if r.meta.get("chosen")]
+    if chosen:
+        counts: dict[str, int] = {}
+        for c in chosen:
+            counts[c] = counts.get(c, 0) + 1
+        out["chosen_pipelines"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def _paired(results: dict[str, list[ItemResult]], seed: int) -> list[dict[str, Any]]:
+    out = []
+    for a, b in combinations(list(results), 2):
+        ra = {r.task_id: r.correct for r in results[a]}
+        rb = {r.task_id: r.correct for r in results[b]}
+        ids = [t for t in ra if t in rb]
+        if not ids:
+            continue
+        xa, xb = [int(ra[t]) for t in ids], [int(rb[t]) for t in ids]
+        mc = mcnemar_exact(xa, xb)
+        d = paired_bootstrap(xa, xb, seed=seed)
+        out.append({"a": a, "b": b, "n": len(ids), "diff": round(d.diff, 4), "ci95": [round(d.lo, 4), round(d.hi, 4)],
+                    "a_only": mc.a_only, "b_only": mc.b_only, "mcnemar_p": round(mc.p_value, 4)})
+    return out
+
+
+def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out_dir: str | Path,
+                 cfg: BenchConfig | None = None, data_name: str = "",
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run every method on every task; write the item log, JSON, markdown and chart; return the results dict."""
+    cfg = cfg or BenchConfig()
+    if isinstance(methods, str):
+        methods = parse_methods(methods)
+    if not tasks:
+        raise BadInputError("no tasks to run")
+    if any(m.kind == "loglik" for m in methods) and any(t.kind != "choice" for t in tasks):
+        raise BadInputError("method loglik needs multiple-choice tasks (the data has number tasks)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "items.jsonl"
+    results: dict[str, list[ItemResult]] = {m.name: [] for m in methods}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with open(log_path, "w", encoding="utf-8") as log:
+        for m in methods:
+            runner = _Runner(m, model, cfg, out)
+            for i, task in enumerate(tasks):
+                if progress:
+                    progress(m.name, i, len(tasks))
+                try:
+                    item = runner.run(task)
+                except KvmasError as exc:  # a user-visible limit (context overflow, ...): logged, counted wrong
+                    item = ItemResult(m.name, task.id, task.kind, task.answer, None, False, "", Usage(), 0.0,
+                                      error=f"{type(exc).__name__}: {exc}")
+                results[m.name].append(item)
+                log.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
+                log.flush()
+            if progress:
+                progress(m.name, len(tasks), len(tasks))
+    summary = {
+        "config": {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
+                   "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
+                   "latent_steps": cfg.latent_steps, "learn": cfg.learn, "started": started,
+                   "methods": [m.name for m in methods]},
+        "methods": {name: _summarise(items, cfg.seed) for name, items in results.items()},
+        "paired": _paired(results, cfg.seed),
+    }
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_text(out / "results.md", to_markdown(summary))
+    write_chart(summary, out / "accuracy.png")
+    return summary
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    """The results as markdown: one row per method, then the paired comparisons."""
+    cfg = summary["config"]
+    lines = [f"# Accuracy: {cfg['data'] or 'tasks'} (n={cfg['n']}, model {cfg['model']}, seed {cfg['seed']}, "
+             f"max_new_tokens {cfg['max_new_tokens']})", "",
+             "| method | accuracy | 95% CI (bootstrap) | computed tokens/item | generated/item | latent/item | "
+             "s/item | answer tokens | no answer | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary["methods"].items():
+        t = s["tokens_per_item"]
+        lines.append(f"| {name} | {s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%) | "
+                     f"{100 * s['ci95_bootstrap'][0]:.1f}–{100 * s['ci95_bootstrap'][1]:.1f}% | {t['computed']:.0f} | "
+                     f"{t['generated']:.0f} | {t['latent']:.0f} | {s['wall_s_per_item']:.2f} | "
+                     f"{s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | {s['errors']} |")
+    first = cfg["methods"][0] if cfg.get("methods") else None
+    shown = [p for p in summary["paired"] if first in (p["a"], p["b"]) or "auto" in (p["a"], p["b"])]
+    if shown:
+        lines += ["", f"Paired comparisons (vs {first} and vs auto; all pairs in results.json):", "",
+                  "| A vs B | diff (A−B) | 95% CI | only A right | only B right | McNemar p |",
+                  "|---|---|---|---|---|---|"]
+        for p in shown:
+            lines.append(f"| {p['a']} vs {p['b']} | {100 * p['diff']:+.1f} pts | {100 * p['ci95'][0]:+.1f} to "
+                         f"{100 * p['ci95'][1]:+.1f} | {p['a_only']} | {p['b_only']} | {p['mcnemar_p']:.3g} |")
+    chosen = {n: s["chosen_pipelines"] for n, s in summary["methods"].items() if "chosen_pipelines" in s}
+    if chosen:
+        lines += ["", "Pipelines chosen:"]
+        lines += [f"- {n}: " + ", ".join(f"{k} ×{v}" for k, v in c.items()) for n, c in chosen.items()]
+    lines += ["", "Sample answers (first items):"]
+    for name, s in summary["methods"].items():
+        for smp in s["samples"][:2]:
+            ans = " ".join(smp["answer"].split())[:160]
+            lines.append(f"- {name} / {smp['task_id']} (gold {smp['gold']}, got {smp['pred']}): {ans}")
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(summary: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy with 95% bootstrap intervals, and computed tokens per item, one bar per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    acc = [100 * summary["methods"][n]["accuracy"] for n in names]
+    lo = [a - 100 * summary["methods"][n]["ci95_bootstrap"][0] for a, n in zip(acc, names)]
+    hi = [100 * summary["methods"][n]["ci95_bootstrap"][1] - a for a, n in zip(acc, names)]
+    tok = [summary["methods"][n]["tokens_per_item"]["computed"] for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(names) * 2), 4.2))
+    ax1.bar(names, acc, yerr=[lo, hi], capsize=4, color="#4C72B0")
+    ax1.set_ylabel("accuracy (%)")
+    ax1.set_ylim(0, 100)
+    ax1.set_title(f"accuracy, n={summary['config']['n']} (95% bootstrap CI)")
+    ax2.bar(names, tok, color="#DD8452")
+    ax2.set_ylabel("computed tokens per item")
+    ax2.set_title("cost")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=35)
+        for lab in ax.get_xticklabels():
+            lab.set_horizontalalignment("right")
+    fig.suptitle(f"{summary['config']['data']} · {summary['config']['model']}")
+    fig.subplots_adjust(bottom=0.3, top=0.85, wspace=0.3)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

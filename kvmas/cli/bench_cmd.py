@@ -1,0 +1,102 @@
+"""`kvmas bench`: benchmarks.
+
+    kvmas bench accuracy --data ../shared/data/gsm8k/test_dev.jsonl --methods single,latent:vote,auto --n 100
+    kvmas bench accuracy                       # no data needed: the seeded synthetic tasks
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvmas.errors import KvmasError
+
+app = typer.Typer(help="Benchmarks: accuracy (and efficiency) of single, primitives and auto.", no_args_is_help=True,
+                  add_completion=False)
+
+
+@app.callback()
+def _bench() -> None:
+    """Benchmarks: accuracy (and efficiency) of single, primitives and auto."""
+
+
+def _fail(exc: KvmasError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def accuracy_table(summary: dict) -> Table:
+    """A rich table of a results dict from :func:`kvmas.bench.accuracy.run_accuracy`."""
+    table = Table(title=f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
+                        f"{summary['config']['model']}")
+    for col in ("method", "accuracy", "95% CI", "tokens/item", "generated", "latent", "s/item", "answer tok",
+                "no answer"):
+        table.add_column(col, no_wrap=True)
+    for name, s in summary["methods"].items():
+        t = s["tokens_per_item"]
+        table.add_row(name, f"{s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%)",
+                      f"{100 * s['ci95_bootstrap'][0]:.0f}–{100 * s['ci95_bootstrap'][1]:.0f}%",
+                      f"{t['computed']:.0f}", f"{t['generated']:.0f}", f"{t['latent']:.0f}",
+                      f"{s['wall_s_per_item']:.2f}", f"{s['answer_tokens_mean']:.0f}", str(s["no_extractable_answer"]))
+    return table
+
+
+@app.command("accuracy")
+def accuracy(
+    data: str = typer.Option(None, "--data", "-d",
+                             help="GSM8K/ARC JSONL path, or synthetic | synthetic-number | synthetic-choice | "
+                                  "gsm8k-sample | arc-easy-sample (default: synthetic)"),
+    methods: str = typer.Option(
+        "single,latent:review,text:review,latent:vote,text:vote,latent:plan,text:plan,auto", "--methods", "-m",
+        help="comma-separated: single, [latent:|text:]review|vote|plan, pipeline:FILE, auto, auto-empty, random, "
+             "loglik"),
+    n: int = typer.Option(20, "--n", help="number of tasks (first n of the file; --shuffle for a seeded sample)"),
+    seed: int = typer.Option(0, "--seed"),
+    shuffle: bool = typer.Option(False, "--shuffle", help="a seeded random sample of n tasks instead of the first n"),
+    model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    out: Path = typer.Option(None, "--out", "-o", help="output dir (default runs/bench-accuracy-<time>)"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="decode budget per speaking agent"),
+    latent_steps: int = typer.Option(None, "--latent-steps", help="latent steps per agent (primitive default)"),
+    pool: Path = typer.Option(None, "--pool", help="starting pool for auto/random (copied; default: fresh seeded)"),
+    learn: bool = typer.Option(True, "--learn/--no-learn", help="auto learns online from each verified answer"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+) -> None:
+    """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
+    from kvmas.bench.accuracy import BenchConfig, parse_methods, run_accuracy
+    from kvmas.tasks import load_tasks
+
+    console = Console()
+    try:
+        meths = parse_methods(methods)
+        tasks = load_tasks(data, n=n, seed=seed, shuffle=shuffle)
+        from kvmas.agents.model import Model
+
+        with console.status("loading model…"):
+            m = Model.load(model, threads=threads)
+        out_dir = out or Path("runs") / f"bench-accuracy-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
+                          pool_path=str(pool) if pool else None, learn=learn)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            bars: dict[str, int] = {}
+
+            def update(name: str, done: int, total: int) -> None:
+                if name not in bars:
+                    bars[name] = progress.add_task(f"{name:<16}", total=total)
+                progress.update(bars[name], completed=done)
+
+            summary = run_accuracy(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"), progress=update)
+    except KvmasError as exc:
+        _fail(exc)
+    console.print(accuracy_table(summary))
+    for p in summary["paired"]:
+        if p["a"] == summary["config"]["methods"][0] or "auto" in (p["a"], p["b"]):
+            console.print(f"  {p['a']} vs {p['b']}: {100 * p['diff']:+.1f} pts "
+                          f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}], McNemar p={p['mcnemar_p']:.3g}",
+                          highlight=False)
+    console.print(f"[dim]wrote {out_dir}/results.json, results.md, accuracy.png, items.jsonl[/]")

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvmas.agents.state import LatentState
+from kvmas.bench.accuracy import BenchConfig, parse_methods, run_accuracy
+from kvmas.cli.bench_cmd import app
+from kvmas.errors import BadInputError
+from kvmas.organizer import PipelineSpec
+from kvmas.tasks import load_tasks, loglik_continuations, loglik_prefix
+from kvmas.testing import tiny_model
+
+CFG = BenchConfig(max_new_tokens=4, latent_steps=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_parse_methods():
+    ms = parse_methods("single, latent:vote ,text:review,auto,auto-empty,random,loglik")
+    assert [m.kind for m in ms] == ["primitive", "primitive", "primitive", "auto", "auto-empty", "random", "loglik"]
+    for bad, msg in [("single,telepathy", "unknown method"), ("single,single", "duplicate"),
+                     ("fast:vote", "unknown method"), ("", "no methods"), ("pipeline:/nope.json", "no spec file")]:
+        with pytest.raises(BadInputError, match=msg):
+            parse_methods(bad)
+
+
+def _small_pool(path):
+    from kvmas.organizer import KnowledgePool
+
+    pool = KnowledgePool(path, seed=False)
+    for q, spec in [("sums", PipelineSpec.chain("single")), ("options", PipelineSpec.chain(("vote", {"n": 2}))),
+                    ("steps", PipelineSpec.chain(("plan", {"k": 1})))]:
+        pool.add(q, spec)
+    pool.close()
+    return str(path)
+
+
+def test_run_accuracy_writes_everything(model, tmp_path):
+    tasks = load_tasks("synthetic-choice", n=3, seed=2)
+    spec = tmp_path / "spec.json"
+    PipelineSpec.chain(("vote", {"n": 2})).save(spec)
+    methods = f"single,loglik,auto,auto-empty,random,pipeline:{spec}"
+    cfg = BenchConfig(max_new_tokens=4, latent_steps=1, pool_path=_small_pool(tmp_path / "start.sqlite"))
+    s = run_accuracy(tasks, methods, model, tmp_path / "out", cfg, data_name="synth")
+    out = tmp_path / "out"
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 6 * 3 and {i["method"] for i in items} == set(s["methods"])
+    assert json.loads((out / "results.json").read_text()) == s
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "| loglik |" in md and "Paired comparisons" in md and "Sample answers" in md
+    assert len(s["paired"]) == 15
+    for name, m in s["methods"].items():
+        assert m["n"] == 3 and 0 <= m["ci95_bootstrap"][0] <= m["accuracy"] <= m["ci95_bootstrap"][1] <= 1
+        assert m["correct"] == sum(i["correct"] for i in items if i["method"] == name)
+    # auto-empty is the fallback single agent; auto pays for its organizer on top of what it runs
+    assert s["methods"]["auto-empty"]["chosen_pipelines"] == {"single": 3}
+    by = {(i["method"], i["task_id"]): i for i in items}
+    assert all(by[("auto-empty", t.id)]["answer"] == by[("single", t.id)]["answer"] for t in tasks)
+    assert s["methods"]["auto"]["tokens_per_item"]["prefilled"] > s["methods"]["single"]["tokens_per_item"]["prefilled"]
+    # auto learned online from verified answers: its pool file holds the counts
+    from kvmas.organizer import KnowledgePool
+
+    auto_pool = KnowledgePool(out / "pool-auto.sqlite").entries()
+    assert sum(e.trials for e in auto_pool if e.origin != "learned") == 3 - s["methods"]["auto"]["errors"]
+    assert len([e for e in auto_pool if e.origin == "learned"]) == s["methods"]["auto"]["correct"]
+    assert KnowledgePool(out / "pool-random.sqlite").stats()["trials"] == 0
+    assert len(KnowledgePool(tmp_path / "start.sqlite")) == 3  # the starting pool was copied, not changed
+    # loglik picks the option with the best mean per-token log-likelihood
+    t = tasks[0]
+    scores = LatentState.empty(model).extend(loglik_prefix(t)).score(loglik_continuations(t), mean=True)
+    assert by[("loglik", t.id)]["pred"] == t.labels[max(range(len(scores)), key=scores.__getitem__)]
+    assert by[("loglik", t.id)]["meta"]["scores"] == [round(x, 4) for x in scores]
+
+
+def test_correctness_is_judged_on_the_answer(model, tmp_path):
+    # a number task whose gold answer is what the tiny model emits is scored right, others wrong
+    tasks = load_tasks("synthetic-number", n=2)
+    s = run_accuracy(tasks, "single", model, tmp_path, CFG)
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert all(i["correct"] == (i["pred"] is not None and float(i["pred"]) == float(i["gold"])) for i in items)
+    assert s["methods"]["single"]["tokens_per_item"]["generated"] <= 4
+
+
+def test_loglik_refuses_number_tasks(model, tmp_path):
+    with pytest.raises(BadInputError, match="multiple-choice"):
+        run_accuracy(load_tasks("synthetic-number", n=2), "loglik", model, tmp_path, CFG)
+
+
+def test_cli_accuracy(model, tmp_path, monkeypatch):
+    from kvmas.agents import model as model_mod
+
+    monkeypatch.setattr(model_mod.Model, "load", classmethod(lambda cls, *a, **k: model))
+    runner = CliRunner()
+    res = runner.invoke(app, ["accuracy", "--data", "arc-easy-sample", "--n", "2", "--methods", "loglik,single",
+                              "--max-new-tokens", "3", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "loglik" in res.output and (tmp_path / "o" / "results.json").is_file()
+    bad = runner.invoke(app, ["accuracy", "--methods", "single,warp", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown method" in bad.output and "Traceback" not in bad.output
+    missing = runner.invoke(app, ["accuracy", "--data", str(tmp_path / "none.jsonl")])
+    assert missing.exit_code == 2 and "not found" in missing.output
