@@ -1,0 +1,288 @@
+"""`kvmas skills`: inspect, curate, learn and evaluate procedural skill memory.
+
+    kvmas skills list [--scope S] [--status active] [--page-size 20] [--after CURSOR]
+    kvmas skills show ID | history ID | rollback ID --to VERSION
+    kvmas skills export FILE [--scope S] | import FILE [--dry-run]
+    kvmas skills prune --scope S [--dry-run] | purge --scope S --yes | stats [--scope S]
+    kvmas skills learn house [--iterations 3] [--episodes 8] [--model NAME]
+    kvmas skills eval house [--iterations 2] [--build-episodes 6] [--eval-episodes 8] [--model NAME] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmas.errors import BadInputError, KvmasError
+from kvmas.paths import atomic_write_text
+
+app = typer.Typer(help="Procedural skill memory: learn, verify, score, prune and reuse skills.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+
+StoreOpt = typer.Option(None, "--store", help="skill store file (default: KVMAS_HOME/skills.sqlite)")
+
+
+def _fail(exc: KvmasError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _store(path: Optional[Path]):
+    from kvmas.memory.store import SkillStore
+
+    return SkillStore(path)
+
+
+def _load_model(name: Optional[str], threads: Optional[int]):
+    from kvmas.agents.model import Model
+
+    return Model.load(name, threads=threads)
+
+
+@app.command("list")
+def list_(scope: Optional[str] = typer.Option(None, help="only this scope"),
+          status: Optional[str] = typer.Option(None, help="candidate|probation|active|archived|rejected"),
+          page_size: int = typer.Option(20, min=1, max=500), after: int = typer.Option(0, help="cursor of the next page"),
+          store: Optional[Path] = StoreOpt) -> None:
+    """List skills, one page at a time (the next cursor is printed when there is more)."""
+    try:
+        st = _store(store)
+        t = {sc: st.iteration(sc) for sc in st.scopes()}
+        skills, nxt = st.list(scope, status, limit=page_size, after=after)
+        table = Table(title=f"skills in {st.path}")
+        for col in ("id", "scope", "name", "v", "status", "source", "tokens", "episodes", "mean credit", "lcb"):
+            table.add_column(col)
+        for s in skills:
+            sts = st.stats(s.id)
+            table.add_row(s.id, s.scope, s.name, str(s.version), s.status, s.source, str(s.token_count),
+                          str(sts.n_episodes), f"{sts.mean_credit:+.3f}", f"{sts.lcb(t.get(s.scope, 0)):+.3f}")
+        console.print(table)
+        if nxt is not None:
+            console.print(f"more: --after {nxt}")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command()
+def show(skill_id: str, store: Optional[Path] = StoreOpt) -> None:
+    """Rendered skill, stats, lineage and gate reports."""
+    try:
+        st = _store(store)
+        s = st.get(skill_id)
+        console.print(f"[bold]{s.name}[/] v{s.version}  id={s.id}  scope={s.scope}  status={s.status}  "
+                      f"source={s.source}  lineage={s.lineage_id}  parent={s.parent_id}")
+        console.print(s.render(), markup=False, highlight=False)
+        console.print(f"stats: {st.stats(s.id).model_dump()}")
+        if s.provenance:
+            console.print(f"provenance: {json.dumps(s.provenance)[:400]}", markup=False)
+        for g in st.gate_results(s.id):
+            console.print(f"gate: {g['decision']} delta={g['delta']:+.4f} |logr|={g['mean_abs_logratio']:.3f} "
+                          f"n={g['n_transitions']} — {g['reason']}", markup=False)
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command()
+def history(skill_id: str, store: Optional[Path] = StoreOpt) -> None:
+    """Every event of the skill's lineage (append-only), oldest first."""
+    try:
+        st = _store(store)
+        table = Table(title="history")
+        for col in ("seq", "ts", "op", "skill", "actor", "change", "reason"):
+            table.add_column(col)
+        for e in st.history(skill_id):
+            change = f"{(e.before or {}).get('status', '')}→{(e.after or {}).get('status', '')}" if e.before else ""
+            table.add_row(str(e.seq), e.ts[:19], e.op, e.skill_id or "", e.actor, change, e.reason[:60])
+        console.print(table)
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command()
+def rollback(skill_id: str, to: int = typer.Option(..., "--to", help="version to make live again"),
+             store: Optional[Path] = StoreOpt) -> None:
+    """Re-activate a version of the lineage (archiving the other live versions) as new events."""
+    try:
+        s = _store(store).rollback(skill_id, to, actor="cli")
+        console.print(f"active: {s.name} v{s.version} ({s.id})")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command("export")
+def export_(path: Path, scope: Optional[str] = typer.Option(None), store: Optional[Path] = StoreOpt) -> None:
+    """Write skills (with stats, without embeddings) as a deterministic JSON file."""
+    try:
+        out = _store(store).export_file(path, scope)
+        console.print(f"wrote {out}")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command("import")
+def import_(path: Path, dry_run: bool = typer.Option(False, "--dry-run"), store: Optional[Path] = StoreOpt) -> None:
+    """Validate a skill file (schema version, field limits) and add its skills; existing content is skipped."""
+    try:
+        counts = _store(store).import_file(path, dry_run=dry_run)
+        console.print(f"{'would create' if dry_run else 'created'} {counts['created']}, skipped {counts['skipped']}")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command()
+def prune(scope: str = typer.Option(..., help="scope to maintain"), dry_run: bool = typer.Option(False, "--dry-run"),
+          capacity: int = typer.Option(8, min=1), store: Optional[Path] = StoreOpt) -> None:
+    """Maintenance: archive duplicates, superseded versions, harmful skills and anything over capacity."""
+    from kvmas.memory.maintain import MaintainConfig, maintain
+
+    try:
+        gone = maintain(_store(store), scope, MaintainConfig(capacity=capacity), dry_run=dry_run, actor="cli")
+        for sid, why in gone:
+            console.print(f"{'would archive' if dry_run else 'archived'} {sid}: {why}", markup=False)
+        if not gone:
+            console.print("nothing to prune")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command()
+def purge(scope: str = typer.Option(..., help="the scope to delete (required; there is no global purge)"),
+          yes: bool = typer.Option(False, "--yes", help="confirm"), store: Optional[Path] = StoreOpt) -> None:
+    """Hard-delete one scope: skills, stats, search rows, evidence. Logged as a purge event."""
+    try:
+        if not yes:
+            raise BadInputError(f"purge deletes every skill of scope {scope!r}; add --yes to confirm")
+        n = _store(store).purge(scope, actor="cli")
+        console.print(f"purged {n} skills from {scope}")
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command()
+def stats(scope: Optional[str] = typer.Option(None), store: Optional[Path] = StoreOpt) -> None:
+    """Per-scope pool size, tokens, usage and gate pass rate."""
+    try:
+        st = _store(store)
+        table = Table(title="skill memory")
+        for col in ("scope", "iter", "live", "live tokens", "archived", "rejected", "episodes credited",
+                    "gated", "gate pass"):
+            table.add_column(col)
+        for sc in [scope] if scope else st.scopes():
+            sk = st.all(sc)
+            live = [s for s in sk if s.status in ("active", "probation")]
+            gates = st.gate_results(scope=sc)
+            table.add_row(sc, str(st.iteration(sc)), str(len(live)), str(sum(s.token_count for s in live)),
+                          str(sum(s.status == "archived" for s in sk)), str(sum(s.status == "rejected" for s in sk)),
+                          str(sum(st.stats(s.id).n_episodes for s in sk)), str(len(gates)),
+                          f"{sum(g['accepted'] for g in gates) / len(gates):.2f}" if gates else "-")
+        console.print(table)
+    except KvmasError as exc:
+        _fail(exc)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+@app.command()
+def learn(env: str = typer.Argument(..., help="house | codebreaker"),
+          scope: Optional[str] = typer.Option(None, help="default: ENV"),
+          iterations: int = typer.Option(3, min=1), episodes: int = typer.Option(8, min=1),
+          split: str = typer.Option("train"), no_gate: bool = typer.Option(False, "--no-gate"),
+          model: Optional[str] = typer.Option(None, "--model", help="model name or path for Model.load"),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+          store: Optional[Path] = StoreOpt) -> None:
+    """Run the learning loop in an environment: act, credit, extract/critique, gate, probation, maintain."""
+    from kvmas.memory.envs import ENVS, SPLITS
+    from kvmas.memory.lifecycle import LearnConfig, Learner
+    from kvmas.memory.policy import ActionPolicy
+
+    try:
+        if env not in ENVS or split not in SPLITS:
+            raise BadInputError(f"unknown env/split {env}/{split} (envs: {', '.join(ENVS)}; splits: {', '.join(SPLITS)})")
+        st = _store(store)
+        m = _load_model(model, threads)
+        lr = Learner(st, ActionPolicy(m), env, scope or env, LearnConfig(episodes_per_iter=episodes,
+                                                                          use_gate=not no_gate), split=split)
+        lr.install_seeds()
+        with _progress() as prog:
+            task = prog.add_task("episodes", total=iterations * episodes)
+            lr.progress = lambda i, n: prog.advance(task)
+            for _ in range(iterations):
+                rep = lr.iterate()
+                prog.console.print(f"iteration {rep['iteration']}: success {rep['success']:.2f}, "
+                                   f"gated {[(g['name'], g['decision']) for g in rep['gated']]}, "
+                                   f"promoted {rep['promoted']}, archived {len(rep['archived'])}", markup=False)
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command("eval")
+def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
+          split: str = typer.Option("train", help="evaluation split: train (in-domain) | ood"),
+          iterations: int = typer.Option(2, min=1), build_episodes: int = typer.Option(6, min=1),
+          eval_episodes: int = typer.Option(8, min=2),
+          conditions: str = typer.Option("none,ours,nogate,seeds"),
+          judge: bool = typer.Option(True, "--judge/--no-judge", help="applicability P(Yes) from the model"),
+          model: Optional[str] = typer.Option(None, "--model", help="model name or path for Model.load"),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
+          store: Optional[Path] = StoreOpt) -> None:
+    """Build phase, then a frozen evaluation on held-out seeds paired across conditions."""
+    from kvmas.memory.bench import CONDITIONS, EvalConfig, activation_prefill, run_eval
+    from kvmas.memory.envs import ENVS, SPLITS
+
+    try:
+        conds = tuple(c.strip() for c in conditions.split(",") if c.strip())
+        bad = [c for c in conds if c not in CONDITIONS]
+        if bad or not conds:
+            raise BadInputError(f"unknown condition(s) {bad} (choose from {', '.join(CONDITIONS)})")
+        if env not in ENVS or split not in SPLITS:
+            raise BadInputError(f"unknown env/split {env}/{split} (envs: {', '.join(ENVS)}; splits: {', '.join(SPLITS)})")
+        st = _store(store)
+        m = _load_model(model, threads)
+        cfg = EvalConfig(env=env, split=split, iterations=iterations, build_episodes=build_episodes,
+                         eval_episodes=eval_episodes, conditions=conds, judge=judge)
+        with _progress() as prog:
+            tasks: dict[str, int] = {}
+
+            def progress(label: str, i: int, n: int) -> None:
+                if label not in tasks:
+                    tasks[label] = prog.add_task(label, total=n)
+                prog.update(tasks[label], completed=i)
+
+            results = run_eval(m, st, cfg, progress=progress)
+        table = Table(title=f"skills eval: {env}/{split}, {eval_episodes} paired held-out seeds, model {m.name}")
+        for col in ("condition", "success [95% CI]", "Δ vs none [95% CI]", "episode reuse", "step reuse",
+                    "skill steps", "extra prompt tok/step", "prefilled/step", "pool (skills/tokens)", "gate pass"):
+            table.add_column(col)
+        for r in results:
+            diff = (f"{r.paired_diff_vs_none:+.2f} [{r.paired_ci95[0]:+.2f},{r.paired_ci95[1]:+.2f}]"
+                    if r.paired_diff_vs_none is not None else "-")
+            table.add_row(r.condition, f"{r.success:.2f} [{r.ci95[0]:.2f},{r.ci95[1]:.2f}]", diff,
+                          f"{r.episode_reuse:.2f}", f"{r.step_reuse:.2f}", f"{r.skill_step_share:.2f}",
+                          f"{r.extra_prompt_tokens_per_step:.1f}", f"{r.prefilled_per_step:.1f}",
+                          f"{r.pool_skills}/{r.pool_tokens}",
+                          "-" if r.gate_pass_rate is None else f"{r.gate_pass_rate:.2f} ({r.gated})")
+        console.print(table)
+        act = activation_prefill(m, st, f"bench/{env}/{'ours' if 'ours' in conds else conds[-1]}", env)
+        if act:
+            console.print(f"one decision under a skill: KV prefix prefills {act['kv']['prefilled']} tokens "
+                          f"(= {act['no_skill_prefilled']} without a skill), text block prefills "
+                          f"{act['text']['prefilled']}; max |Δ log p| between the two = {act['max_abs_logp_diff']:.2e}")
+        console.print("anchor: ProcMEM reports reuse 0.925 with an 816-token memory (Mastermind/ALFWorld).")
+        if json_out:
+            atomic_write_text(json_out, json.dumps({"config": cfg.model_dump(mode="json"), "model": m.name,
+                                                    "results": [r.model_dump(mode="json") for r in results],
+                                                    "activation": act}, indent=2))
+    except KvmasError as exc:
+        _fail(exc)

@@ -1,0 +1,75 @@
+"""Run one episode of a text environment with the acting policy (and optionally a skill memory); the record
+is a kvmas :class:`~kvmas.trace.Trace` whose steps carry the exact prompt inputs for replay.
+
+>>> import random
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.memory.envs import make_env
+>>> from kvmas.memory.policy import ActionPolicy
+>>> from kvmas.memory.episode import run_episode
+>>> tr = run_episode(make_env("codebreaker", 1), ActionPolicy(tiny_model()), None, random.Random(0))
+>>> tr.outcome["n_steps"] == len(tr.steps) > 0
+True
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+from kvmas.memory.policy import ActionPolicy, StepInputs, sample
+from kvmas.trace import Step, Trace, Usage
+
+if TYPE_CHECKING:
+    from kvmas.memory.runtime import SkillMemory
+
+
+def run_episode(env, policy: ActionPolicy, memory: "SkillMemory | None", rng: random.Random, *,
+                greedy: bool = False, iteration: int = 0) -> Trace:
+    """Play one episode; actions are sampled from the policy (or argmax when ``greedy``)."""
+    t0 = time.perf_counter()
+    obs = env.reset()
+    trace = Trace(method=f"skills:{env.name}", question=env.task, seed=env.seed,
+                  model={"name": policy.model.name, "key": policy.model.fingerprint.key},
+                  params={"split": env.split, "task_family": env.task_family, "greedy": greedy,
+                          "iteration": iteration, "kv_prefix": policy.kv_prefix})
+    history: list[list[str]] = []
+    active, age, invocations = None, 0, []
+    reward, done = 0.0, False
+    while not done:
+        selected = False
+        if memory is not None:
+            if active is not None:
+                why = memory.stop_reason(active, env.task, obs, age, env.slots)
+                if why:
+                    invocations[-1]["ended_by"] = why
+                    active = None
+            if active is None:
+                active, sel = memory.select(env.task, obs, rng)
+                selected = True
+                age = 0
+                if active is not None:
+                    invocations.append({"skill_id": active.id, "source": active.source, "t_start": len(trace.steps),
+                                        "ended_by": "env_done", "select": sel})
+        inputs = StepInputs(task=env.task, history=history, obs=obs, admissible=env.admissible())
+        ts = time.perf_counter()
+        scored = policy.score(inputs, active.render() if active else None)
+        idx = max(range(len(scored.logp)), key=lambda i: scored.logp[i]) if greedy else sample(scored.logp, rng)
+        action = inputs.admissible[idx]
+        res = env.step(action)
+        trace.add(Step(
+            agent="actor", role="actor", action="score", text_in=obs, text_out=action,
+            usage=Usage(prefilled=scored.prefilled, reused=scored.reused), wall_s=time.perf_counter() - ts,
+            meta={"inputs": inputs.model_dump(), "choice": idx, "logp": scored.logp[idx],
+                  "skill_id": active.id if active else None, "skill_source": active.source if active else None,
+                  "skill_tokens": scored.skill_tokens, "context": scored.context, "selected": selected,
+                  "event": res.event, "obs_after": res.obs, "reward": res.reward, "slots": env.slots},
+        ))
+        history = history + [[action, res.obs]]
+        obs, reward, done = res.obs, res.reward, res.done
+        age += 1
+    trace.answer = trace.steps[-1].text_out
+    trace.outcome = {"reward": reward, "success": reward > 0, "n_steps": len(trace.steps),
+                     "task_family": env.task_family, "invocations": invocations}
+    trace.wall_s = time.perf_counter() - t0
+    return trace

@@ -1,0 +1,136 @@
+"""The gate: a non-parametric PPO acceptance test computed from the acting model's own log-probs.
+
+For replayed transitions (s_t, a_t) recorded under a behaviour skill ω_t (the parent, a seed skill, or none):
+ρ_t = π(a_t | s_t, ω′) / π(a_t | s_t, ω_t), where π is the policy's softmax over the admissible actions;
+Â_t = the episode's advantage (R − baseline) spread over its steps, then centred and scaled within the set;
+L(ω′) = mean_t min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε) Â_t), L(ω) = mean Â = 0.
+Accept iff Δ = L(ω′) − L(ω) > margin and the trust-region guard mean|log ρ| ≤ max_abs_logratio holds.
+(ProcMEM compares the surrogate with 0 before centring, which lets a no-op candidate pass; we centre.)
+
+>>> from kvmas.memory.gate import surrogate
+>>> d = surrogate([0.0, 0.0], [1.0, -1.0])  # a no-op candidate: Δ = 0, never above the margin
+>>> d["delta"], d["clip_fraction"]
+(0.0, 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from kvmas.memory.policy import ActionPolicy, StepInputs
+from kvmas.memory.skill import Skill
+
+
+@dataclass
+class Transition:
+    """One replayed decision: exact prompt inputs, the action taken, the behaviour log-prob and advantage."""
+
+    inputs: StepInputs
+    choice: int
+    behavior_logp: float
+    advantage: float
+    episode_id: str
+    behavior_skill_id: str | None
+
+
+class GateConfig(BaseModel):
+    eps_clip: float = 0.2
+    margin: float = 0.0
+    max_abs_logratio: float = 1.0
+    min_transitions: int = 16
+    max_transitions: int = 64
+    max_tokens: int = 150
+
+
+class GateReport(BaseModel):
+    candidate_id: str
+    parent_id: str | None
+    n_transitions: int
+    n_episodes: int
+    surrogate_new: float = 0.0
+    surrogate_old: float = 0.0
+    delta: float = 0.0
+    mean_abs_logratio: float = 0.0
+    clip_fraction: float = 0.0
+    adv_pos_share: float = 0.0
+    epsilon: float
+    margin: float
+    logprob: str = "softmax over admissible actions of mean token log-likelihood"
+    model_key: str = ""
+    decision: str  # accept | reject | defer
+    reason: str
+
+
+def surrogate(logratios: list[float], advantages: list[float], eps: float = 0.2) -> dict[str, float]:
+    """Clipped surrogate of centred, scaled advantages; returns delta (vs the behaviour policy) and diagnostics."""
+    mu = statistics.fmean(advantages)
+    sd = statistics.pstdev(advantages) if len(advantages) > 1 else 0.0
+    adv = [(a - mu) / (sd + 1e-8) for a in advantages]
+    terms, clipped = [], 0
+    for lr, a in zip(logratios, adv):
+        rho = math.exp(max(-10.0, min(10.0, lr)))
+        rc = min(max(rho, 1 - eps), 1 + eps)
+        clipped += rc != rho
+        terms.append(min(rho * a, rc * a))
+    new = statistics.fmean(terms)
+    old = statistics.fmean(adv)  # 0 up to rounding after centring
+    return {"new": new, "old": old, "delta": round(new - old, 12), "clip_fraction": clipped / len(terms),
+            "mean_abs_logratio": statistics.fmean(abs(x) for x in logratios)}
+
+
+def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], cfg: GateConfig | None = None,
+         *, parent_id: str | None = None) -> GateReport:
+    """Score ``candidate`` on the replay set with the acting model; the decision and numbers in a report."""
+    cfg = cfg or GateConfig()
+    base = dict(candidate_id=candidate.id, parent_id=parent_id, epsilon=cfg.eps_clip, margin=cfg.margin,
+                model_key=policy.model.fingerprint.key)
+    data = transitions[-cfg.max_transitions:]
+    n_eps = len({t.episode_id for t in data})
+    if candidate.token_count > cfg.max_tokens:
+        return GateReport(**base, n_transitions=len(data), n_episodes=n_eps, decision="reject",
+                          reason=f"rendered size {candidate.token_count} > {cfg.max_tokens} tokens")
+    pos = sum(t.advantage > 0 for t in data)
+    if len(data) < cfg.min_transitions or pos == 0 or pos == len(data):
+        return GateReport(**base, n_transitions=len(data), n_episodes=n_eps, decision="defer",
+                          adv_pos_share=pos / max(1, len(data)),
+                          reason=f"need >= {cfg.min_transitions} transitions with both advantage signs "
+                                 f"(have {len(data)}, {pos} positive)")
+    text = candidate.render()
+    logratios = []
+    for t in data:  # the model calls happen here, outside any store transaction
+        new = policy.score(t.inputs, text).logp[t.choice]
+        logratios.append(new - t.behavior_logp)
+    s = surrogate(logratios, [t.advantage for t in data], cfg.eps_clip)
+    report = dict(base, n_transitions=len(data), n_episodes=n_eps, surrogate_new=s["new"], surrogate_old=s["old"],
+                  delta=s["delta"], mean_abs_logratio=s["mean_abs_logratio"], clip_fraction=s["clip_fraction"],
+                  adv_pos_share=pos / len(data))
+    if s["mean_abs_logratio"] > cfg.max_abs_logratio:
+        return GateReport(**report, decision="reject",
+                          reason=f"trust region: mean |log ratio| {s['mean_abs_logratio']:.3f} > {cfg.max_abs_logratio}")
+    if s["delta"] <= cfg.margin:
+        return GateReport(**report, decision="reject", reason=f"delta {s['delta']:.4f} <= margin {cfg.margin}")
+    return GateReport(**report, decision="accept", reason=f"delta {s['delta']:.4f} > margin {cfg.margin}")
+
+
+def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str | None | bool = False,
+                     families: set[str] | None = None) -> list[Transition]:
+    """Replay set from episode traces: steps (optionally only those under ``behavior_skill``; ``False`` = any)
+    with the episode advantage R − b(family) spread uniformly over the selected steps."""
+    out = []
+    for tr in traces:
+        fam = tr.outcome.get("task_family", "")
+        if families is not None and fam not in families:
+            continue
+        steps = [s for s in tr.steps if behavior_skill is False or s.meta.get("skill_id") == behavior_skill]
+        if not steps:
+            continue
+        adv = (float(tr.outcome.get("reward", 0.0)) - baseline.get(fam, 0.0)) / len(steps)
+        for s in steps:
+            out.append(Transition(inputs=StepInputs(**s.meta["inputs"]), choice=int(s.meta["choice"]),
+                                  behavior_logp=float(s.meta["logp"]), advantage=adv, episode_id=tr.run_id,
+                                  behavior_skill_id=s.meta.get("skill_id")))
+    return out

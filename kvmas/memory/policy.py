@@ -1,0 +1,118 @@
+"""The acting policy: score every admissible action by its log-likelihood under the model, reusing the
+prompt's KV across candidates; a skill is either injected as text or read from a cached KV prefix.
+
+The prompt is ``header + [skill block] + step text`` followed by one candidate action. The header+skill part
+is a fixed prefix, so its KV can be computed once per (skill, model) and reused at every activation: the
+scores are the same as with the text block (same token ids, same positions) but the skill costs no prefill.
+
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.memory.policy import ActionPolicy, StepInputs
+>>> pol = ActionPolicy(tiny_model())
+>>> inp = StepInputs(task="find it", history=[], obs="You see a box.", admissible=["open box", "look"])
+>>> out = pol.score(inp, skill_text=None)
+>>> len(out.logp), round(float(sum(__import__("math").exp(x) for x in out.logp)), 4)
+(2, 1.0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, Field
+
+from kvmas.agents.state import LatentState
+
+PROMPT_VERSION = 1
+HEADER = "Text game. Choose the next action.\n"
+
+
+class StepInputs(BaseModel):
+    """Everything the prompt builder consumes for one decision (stored with each transition for exact replay)."""
+
+    task: str
+    history: list[list[str]] = Field(default_factory=list)  # [[action, obs], ...] most recent last
+    obs: str
+    admissible: list[str]
+    prompt_version: int = PROMPT_VERSION
+
+
+def step_text(inp: StepInputs, max_history: int = 2) -> str:
+    hist = "".join(f"> {a}\n{o}\n" for a, o in inp.history[-max_history:])
+    return f"Task: {inp.task}\n{hist}{inp.obs}\nNext action:"
+
+
+def skill_block(skill_text: str | None) -> str:
+    return f"\n{skill_text}\n\n" if skill_text else "\n"
+
+
+@dataclass
+class Scored:
+    """Per-action log-probabilities under the policy (log-softmax over the admissible list) and the cost."""
+
+    logp: list[float]
+    raw: list[float]  # mean token log-likelihood of each action
+    prefilled: int  # prompt tokens computed for this decision
+    reused: int  # prompt tokens read from a cached prefix
+    context: int  # prompt tokens in context (prefix + step)
+    skill_tokens: int = 0  # tokens of the skill block in context
+
+
+@dataclass
+class ActionPolicy:
+    """Log-likelihood scoring of admissible actions with a shared model, on :class:`LatentState`.
+
+    ``kv_prefix=True`` reads the header+skill prefix state from a per-model cache (computed once per skill);
+    ``False`` prefills the skill block as text at every step (the baseline it is measured against)."""
+
+    model: object
+    kv_prefix: bool = True
+    temperature: float = 1.0
+    prefix_prefills: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        self._cache: dict[str, LatentState] = self.model._aux.setdefault("skill_prefix_state", {})
+
+    def prefix_ids(self, skill_text: str | None) -> list[int]:
+        return self.model.encode(HEADER) + self.model.encode(skill_block(skill_text))
+
+    def prefix(self, skill_text: str | None) -> LatentState:
+        """State holding ``header + skill block``: computed once per (skill text, model), kept on the model."""
+        key = hashlib.sha256((HEADER + skill_block(skill_text)).encode()).hexdigest()[:16]
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = LatentState.empty(self.model).extend(self.prefix_ids(skill_text), agent="memory", role="skill")
+            self._cache[key] = hit
+            self.prefix_prefills += 1
+        return hit
+
+    @torch.no_grad()
+    def score(self, inp: StepInputs, skill_text: str | None) -> Scored:
+        """Policy log-probs of every admissible action for one decision."""
+        step_ids = self.model.encode(step_text(inp))
+        pre_ids = self.prefix_ids(skill_text)
+        skill_tokens = len(pre_ids) - len(self.prefix_ids(None))
+        context = len(pre_ids) + len(step_ids)
+        self.model.check_fits(context + 32)
+        if self.kv_prefix:
+            state = self.prefix(skill_text).extend(step_ids, agent="actor", role="step")
+            prefilled, reused = len(step_ids), len(pre_ids)
+        else:
+            state = LatentState.empty(self.model).extend(pre_ids + step_ids, agent="actor", role="step")
+            prefilled, reused = context, 0
+        raw = state.score([" " + a for a in inp.admissible], mean=True)
+        z = torch.log_softmax(torch.tensor(raw) / max(self.temperature, 1e-6), 0)
+        return Scored(logp=[float(x) for x in z], raw=raw, prefilled=prefilled, reused=reused, context=context,
+                      skill_tokens=skill_tokens)
+
+
+def sample(logp: list[float], rng) -> int:
+    """Draw an index from log-probabilities with a ``random.Random``."""
+    u, acc = rng.random(), 0.0
+    for i, lp in enumerate(logp):
+        acc += math.exp(lp)
+        if u <= acc:
+            return i
+    return len(logp) - 1

@@ -1,0 +1,124 @@
+"""Use of skills at run time: retrieve, check applicability, select (ε-greedy in training, greedy in
+evaluation), and decide when an active skill ends.
+
+>>> import os, random, tempfile
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.memory.store import SkillStore
+>>> from kvmas.memory.skill import Skill
+>>> from kvmas.memory.policy import ActionPolicy
+>>> from kvmas.memory.runtime import SkillMemory
+>>> st = SkillStore(os.path.join(tempfile.mkdtemp(), "s.sqlite"))
+>>> _ = st.add(Skill(scope="house", name="Heat", activation="task says hot", activation_terms=["hot"],
+...                  steps=["go to microwave 1"], termination="It is hot now", status="active"))
+>>> mem = SkillMemory(st, "house", ActionPolicy(tiny_model()))
+>>> skill, info = mem.select("put a hot mug in table 1.", "You are in a room.", random.Random(0))
+>>> skill.name, mem.stop_reason(skill, "put a hot mug", "You heat the mug. It is hot now.", 1)
+('Heat', 'termination')
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from kvmas.memory.envs import ground
+from kvmas.memory.policy import ActionPolicy
+from kvmas.memory.skill import Skill
+from kvmas.memory.store import SkillStore
+
+_STOP = {"the", "a", "an", "in", "on", "is", "it", "you", "to", "of", "with", "when", "now", "and"}
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP}
+
+
+@dataclass
+class SkillMemory:
+    """Run-time access to one scope of a store.
+
+    ``explore_eps``: probability of a uniform pick over {candidates, none} (0 in evaluation).
+    ``sources``: restrict to skills of these sources (e.g. ``("seed",)``); ``statuses``: live statuses used.
+    ``judge``: rank with the model's P(Yes) to "does this skill apply now?" (else retrieval + LCB only)."""
+
+    store: SkillStore
+    scope: str
+    policy: ActionPolicy
+    explore_eps: float = 0.0
+    statuses: tuple[str, ...] = ("active", "probation")
+    sources: tuple[str, ...] | None = None
+    judge: bool = True
+    k: int = 5
+    lam: float = 0.3
+    max_age: int = 8
+    snapshot: list[Skill] | None = None  # frozen pool for evaluation
+    _lcb: dict[str, float] = field(default_factory=dict)
+
+    def _pool(self) -> list[Skill]:
+        return self.snapshot if self.snapshot is not None else self.store.all(self.scope, self.statuses)
+
+    def freeze(self) -> "SkillMemory":
+        """Pin the current pool and LCBs (evaluation must not see the store change)."""
+        self.snapshot = [s for s in self.store.all(self.scope, self.statuses)
+                         if self.sources is None or s.source in self.sources]
+        t = self.store.iteration(self.scope)
+        self._lcb = {s.id: self.store.stats(s.id).lcb(t) for s in self.snapshot}
+        return self
+
+    def candidates(self, task: str, obs: str) -> list[tuple[Skill, float]]:
+        """Retrieval (BM25 over the store, or over the frozen snapshot) + the lexical applicability filter."""
+        query = f"{task} {obs}"
+        if self.snapshot is not None:
+            q = _words(query)
+            hits = [(s, float(len(q & _words(s.activation + " " + " ".join(s.activation_terms + s.steps)))))
+                    for s in self.snapshot]
+            hits = sorted([h for h in hits if h[1] > 0], key=lambda h: -h[1])[: self.k]
+        else:
+            hits = self.store.search(self.scope, query, k=self.k, statuses=self.statuses)
+            if self.sources is not None:
+                hits = [h for h in hits if h[0].source in self.sources]
+        low = query.lower()
+        return [(s, sc) for s, sc in hits if all(t in low for t in s.activation_terms)]
+
+    @torch.no_grad()
+    def p_apply(self, skill: Skill, task: str, obs: str) -> float:
+        """P(Yes) from the acting model's next-token logits, with the skill read from its cached prefix."""
+        pol = self.policy
+        q = pol.model.encode(f"Task: {task}\n{obs}\nDoes this skill apply now? Answer:")
+        lp = pol.prefix(skill.render()).extend(q, agent="memory", role="judge").next_logprobs()[0].float()
+        yes, no = pol.model.encode(" Yes")[0], pol.model.encode(" No")[0]
+        return float(torch.sigmoid(lp[yes] - lp[no]))
+
+    def select(self, task: str, obs: str, rng: random.Random) -> tuple[Skill | None, dict]:
+        """Pick a skill (or none). Returns (skill, selection info)."""
+        cands = self.candidates(task, obs)
+        if not cands:
+            return None, {"n_candidates": 0}
+        if self.explore_eps > 0 and rng.random() < self.explore_eps:
+            pick = rng.randrange(len(cands) + 1)
+            return (cands[pick][0] if pick < len(cands) else None), {"explore": True, "n_candidates": len(cands)}
+        top = max(sc for _, sc in cands) or 1.0
+        t = self.store.iteration(self.scope)
+        ranked = []
+        for s, sc in cands:
+            lcb = self._lcb[s.id] if s.id in self._lcb else self.store.stats(s.id).lcb(t)
+            p = self.p_apply(s, task, obs) if self.judge else 0.5
+            ranked.append((sc / top + p + self.lam * math.tanh(lcb / 0.1), s, p))
+        score, best, p = max(ranked, key=lambda r: r[0])
+        return best, {"score": round(score, 4), "p_apply": round(p, 4), "n_candidates": len(cands)}
+
+    def stop_reason(self, skill: Skill, task: str, obs: str, age: int, slots: dict[str, str] | None = None) -> str | None:
+        """Why the active skill ends now, or None: termination holds / activation lost / too old."""
+        want = _words(re.sub(r"<\w+>", " ", ground(skill.termination, slots or {})))
+        if want and want <= _words(obs):
+            return "termination"
+        low = f"{task} {obs}".lower()
+        if not all(t in low for t in skill.activation_terms):
+            return "activation_lost"
+        if age >= self.max_age:
+            return "max_age"
+        return None
