@@ -18,7 +18,10 @@ from kvmas.agents.convert import (
     SCHEMA_VERSION,
     convert_gguf,
     read_manifest,
+    gguf_tensor_table,
+    read_gguf_tensor,
     retie_embeddings,
+    tie_source,
     verify_cache,
 )
 from kvmas.errors import CacheCorruptError, KvmasError, SchemaVersionError
@@ -30,10 +33,11 @@ CHAT = (
 )
 
 
-def write_tiny_gguf(path, *, tie: bool = False, seed: int = 0, rope_theta: float = 1e6):
+def write_tiny_gguf(path, *, tie: bool = False, seed: int = 0, rope_theta: float = 1e6, emb_f16: bool = False):
     """Write a tiny random Qwen2 model (fp32 tensors, byte-level BPE tokenizer) as GGUF; return the HF model.
 
-    With ``tie=False`` the file stores a separate ``output.weight``, as the Qwen GGUFs do.
+    With ``tie=False`` the file stores a separate ``output.weight``, as the Qwen GGUFs do; ``emb_f16`` stores
+    the embedding at lower precision than the output matrix (as Q5_0 vs Q8_0 there).
     """
     import gguf
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -74,7 +78,8 @@ def write_tiny_gguf(path, *, tie: bool = False, seed: int = 0, rope_theta: float
     for key, value in hf.state_dict().items():
         if tie and key == "lm_head.weight":
             continue
-        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), value.numpy().astype(np.float32))
+        dtype = np.float16 if emb_f16 and key == "model.embed_tokens.weight" else np.float32
+        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), value.numpy().astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -119,8 +124,9 @@ def test_retie_uses_the_embedding_and_drops_the_output_matrix(tiny_gguf, tmp_pat
 
     path, ref = tiny_gguf
     out = tmp_path / "tied"
+    assert tie_source(path) == "embedding"  # equal precision: keep the embedding
     manifest = convert_gguf(path, out, name="tiny", retie=True)
-    assert manifest.retied and manifest.tied
+    assert manifest.retied and manifest.tied and manifest.tied_to == "embedding"
     with safe_open(out / "model.safetensors", "pt") as fh:
         assert "lm_head.weight" not in fh.keys()
     _, hf = load_dir(out)
@@ -136,14 +142,46 @@ def test_retie_uses_the_embedding_and_drops_the_output_matrix(tiny_gguf, tmp_pat
         assert not torch.allclose(ref(ids).logits, expect, atol=1e-3)  # the untied GGUF head really differed
 
 
+def test_retie_keeps_the_higher_precision_copy(tmp_path):
+    path = tmp_path / "mixed.gguf"
+    ref = write_tiny_gguf(path, emb_f16=True)
+    table = gguf_tensor_table(path)
+    assert table["token_embd.weight"] == (1, (64, len(SPECIALS) + 259))  # F16, GGUF dim order
+    assert table["output.weight"][0] == 0  # F32
+    assert torch.equal(read_gguf_tensor(path, "output.weight"), ref.lm_head.weight)
+    assert torch.equal(read_gguf_tensor(path, "token_embd.weight"), ref.model.embed_tokens.weight.half().float())
+    assert tie_source(path) == "output"
+    out = tmp_path / "tied"
+    manifest = convert_gguf(path, out, name="tiny", retie=True)
+    assert manifest.retied and manifest.tied_to == "output"
+    _, hf = load_dir(out)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(hf.model.embed_tokens.weight, ref.lm_head.weight)  # the fp32 copy won over the fp16 one
+
+
+def test_tie_source_without_an_output_matrix(tmp_path):
+    path = tmp_path / "tied.gguf"
+    write_tiny_gguf(path, tie=True)
+    assert tie_source(path) is None and "output.weight" not in gguf_tensor_table(path)
+    with pytest.raises(CacheCorruptError, match="not a GGUF"):
+        gguf_tensor_table(_write(tmp_path / "x.bin", b"nope" * 10))
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def test_retie_on_an_already_tied_model_is_a_no_op():
     from kvmas.testing import tiny_hf_model
 
     hf = tiny_hf_model("qwen", tie=True)
     assert retie_embeddings(hf) is False
     untied = tiny_hf_model("qwen", tie=False)
-    assert retie_embeddings(untied) is True
+    head = untied.lm_head.weight.detach().clone()
+    assert retie_embeddings(untied, keep="output") is True
     assert untied.lm_head.weight is untied.model.embed_tokens.weight
+    assert torch.equal(untied.model.embed_tokens.weight, head)
 
 
 def test_bf16_storage_loads_as_fp32(tiny_gguf, tmp_path):

@@ -53,7 +53,8 @@ class CacheManifest(BaseModel):
     source_size: int
     source_sha256: str
     dtype: str  # storage dtype of the safetensors ("float32" | "bfloat16"); compute is always fp32
-    retied: bool  # the GGUF stored an untied output matrix and we re-tied it to the embedding (upstream)
+    retied: bool  # the GGUF stored two copies of the tied upstream matrix and we re-tied them (upstream shape)
+    tied_to: str = ""  # which stored copy was kept for both roles: "embedding" | "output" (higher precision)
     tied: bool
     params: int
     kvmas_version: str
@@ -250,16 +251,127 @@ def _write_rope_theta(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def retie_embeddings(hf) -> bool:
-    """Tie the output projection to the input embedding (upstream Qwen/SmolLM behaviour); True if it changed.
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    GGUF files of tied models may carry a separate, re-quantised copy of the embedding as ``output.weight``;
-    tying drops it and uses the embedding matrix for both.
+
+def _gguf_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, tuple[int, ...], int]], int]:
+    """``({name: (ggml type, shape in GGUF order, data offset)}, data section start)`` from a GGUF header."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise CacheCorruptError(f"{path} is not a GGUF file")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise CacheCorruptError(f"{path}: unsupported GGUF version {version}")
+        pos, alignment = 24, 32
+
+        def read_string(pos: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8", "replace"), pos + 8 + n
+
+        def skip_value(pos: int, vtype: int) -> int:
+            if vtype in _GGUF_SCALAR:
+                return pos + struct.calcsize(_GGUF_SCALAR[vtype])
+            if vtype == 8:
+                (n,) = struct.unpack_from("<Q", buf, pos)
+                return pos + 8 + n
+            if vtype == 9:
+                etype, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if etype in _GGUF_SCALAR:
+                    return pos + count * struct.calcsize(_GGUF_SCALAR[etype])
+                for _ in range(count):
+                    pos = skip_value(pos, etype)
+                return pos
+            raise CacheCorruptError(f"{path}: unknown GGUF value type {vtype}")
+
+        for _ in range(n_kv):
+            key, pos = read_string(pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            if key == "general.alignment" and vtype in _GGUF_SCALAR:
+                (alignment,) = struct.unpack_from(_GGUF_SCALAR[vtype], buf, pos + 4)
+            pos = skip_value(pos + 4, vtype)
+        table = {}
+        for _ in range(n_tensors):
+            name, pos = read_string(pos)
+            (ndim,) = struct.unpack_from("<I", buf, pos)
+            dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+            pos += 4 + 8 * ndim
+            ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            table[name] = (ggml_type, tuple(dims), offset)
+    return table, (pos + alignment - 1) // alignment * alignment
+
+
+def gguf_tensor_table(path: str | os.PathLike) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """``{tensor name: (ggml type id, shape in GGUF order)}``, parsed from the header (no tensor data read).
+
+    >>> gguf_tensor_table("model.gguf")["output.weight"]  # doctest: +SKIP
+    (8, (896, 151936))
+    """
+    table, _ = _gguf_header(path)
+    return {name: (t, dims) for name, (t, dims, _) in table.items()}
+
+
+def read_gguf_tensor(path: str | os.PathLike, name: str):
+    """One tensor of a GGUF file, de-quantised to a float32 torch tensor in torch (row-major) order."""
+    import numpy as np
+    import torch
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    table, data_start = _gguf_header(path)
+    if name not in table:
+        raise KvmasError(f"{path} has no tensor {name!r}")
+    ggml_type, dims, offset = table[name]
+    qtype = GGMLQuantizationType(ggml_type)
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    count = int(np.prod(dims))
+    raw = np.fromfile(path, dtype=np.uint8, count=count // block * nbytes, offset=data_start + offset)
+    shape = tuple(reversed(dims))
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        values = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
+    else:
+        values = dequantize(raw.reshape(shape[:-1] + (-1,)), qtype)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+
+
+def _bits_per_weight(ggml_type: int) -> float:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    return 8 * nbytes / block
+
+
+def tie_source(gguf_path: str | os.PathLike) -> str | None:
+    """Which stored copy a re-tie should keep: ``"output"`` when the GGUF's separate output matrix is stored at
+    higher precision than its embedding (e.g. Q8_0 vs Q5_0 in the Qwen files: both are quantisations of the
+    same upstream matrix, so the finer one is closer to upstream), ``"embedding"`` otherwise, ``None`` when the
+    file stores no separate output matrix."""
+    table = gguf_tensor_table(gguf_path)
+    if "output.weight" not in table or "token_embd.weight" not in table:
+        return None
+    out_bits = _bits_per_weight(table["output.weight"][0])
+    emb_bits = _bits_per_weight(table["token_embd.weight"][0])
+    return "output" if out_bits > emb_bits else "embedding"
+
+
+def retie_embeddings(hf, keep: str = "embedding") -> bool:
+    """Tie the output projection and the input embedding into one matrix (upstream Qwen/SmolLM behaviour).
+
+    GGUF files of tied models may store two separately quantised copies of the one upstream matrix; tying
+    keeps ``keep`` (``"embedding"`` or ``"output"``) for both roles. Returns True if anything changed.
     """
     emb, out = hf.get_input_embeddings(), hf.get_output_embeddings()
     hf.config.tie_word_embeddings = True
     if out is None or out.weight is emb.weight:
         return False
+    if keep == "output":
+        emb.weight = out.weight
+    elif keep != "embedding":
+        raise ValueError(f"keep must be 'embedding' or 'output', not {keep!r}")
     hf.tie_weights()
     out = hf.get_output_embeddings()
     if out.weight is not emb.weight:
@@ -349,7 +461,8 @@ def convert_gguf(
 ) -> CacheManifest:
     """Convert a GGUF file into a verified safetensors directory at ``directory``, atomically.
 
-    ``retie``: when the GGUF stores a separate output matrix, tie it back to the embedding (upstream ties).
+    ``retie``: when the GGUF stores a separate output matrix although upstream ties them, re-tie, keeping the
+    higher-precision of the two stored copies (:func:`tie_source`).
     ``bf16``: store weights in bfloat16 (half the disk); ``Model.load`` still computes in fp32.
     Holds the directory's lock; a newer-schema directory there is refused with :class:`SchemaVersionError`.
 
@@ -370,8 +483,9 @@ def convert_gguf(
             t0 = time.perf_counter()
             with _status(console, f"[bold]{name}[/]: hashing source GGUF"):
                 source_sha = source_sha256 or sha256_file(gguf_path)
+            keep = tie_source(gguf_path) if retie else None
             tok, hf = _load_gguf(gguf_path, console, name)
-            retied = retie_embeddings(hf) if retie else False
+            retied = retie_embeddings(hf, keep) if keep else False
             tied = hf.get_output_embeddings() is not None and (
                 hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
             )
@@ -400,7 +514,8 @@ def convert_gguf(
                     stamps[rel] = path.stat().st_mtime_ns
             manifest = CacheManifest(
                 name=name, upstream=upstream, source_file=gguf_path.name, source_size=gguf_path.stat().st_size,
-                source_sha256=source_sha, dtype=dtype, retied=retied, tied=tied, params=params,
+                source_sha256=source_sha, dtype=dtype, retied=retied, tied_to=keep if retied else "", tied=tied,
+                params=params,
                 kvmas_version=_version("kvmas"), transformers_version=transformers.__version__,
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 convert_s=round(convert_s, 2), load_s=round(load_s, 3), files=files, stamps=stamps,
