@@ -59,3 +59,19 @@ def test_replay_of_a_saved_trace(tmp_path):
         _replay(p, None, 8, model=model)
     res = _replay(p, "6", 8, model=model)  # judged against 6: the faulted run "succeeds", the rest fails
     assert res.method == "replay" and res.blame[0].agent == "solver" and res.blame[0].delta <= 0
+
+
+def test_default_command_survives_mounting(tmp_path):
+    import typer
+
+    root = typer.Typer()
+    root.add_typer(app, name="attribute")
+
+    @root.command()
+    def other() -> None:  # a second command so the root stays a group
+        pass
+
+    log = tmp_path / "run.json"
+    log.write_text(json.dumps([{"agent": "a", "content": "Assume 12."}, {"agent": "b", "content": "So 12."}]))
+    r = runner.invoke(root, ["attribute", str(log), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["step"] == 0

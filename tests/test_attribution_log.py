@@ -89,7 +89,7 @@ def test_trace_keeps_exact_provenance(tmp_path):
 
 def test_stream_skips_bad_lines_with_ids(tmp_path):
     p = tmp_path / "d.jsonl"
-    lines = [json.dumps(_rec(1)), "{not json", json.dumps({"source_file": "x.json", "history": []}), "",
+    lines = [json.dumps(_rec(1)), "[1, 2]", json.dumps({"source_file": "x.json", "history": []}), "",
              json.dumps(_rec(2)), "A" * 800 + "\n"]
     p.write_text("\n".join(lines) + "\n")
     with warnings.catch_warnings(record=True) as caught:
@@ -97,7 +97,14 @@ def test_stream_skips_bad_lines_with_ids(tmp_path):
         logs = list(iter_jsonl(p, max_line_bytes=500))
     assert [lg.log_id for lg in logs] == ["1.json", "2.json"]
     text = " | ".join(str(w.message) for w in caught)
-    assert "line 2" in text and "x.json" in text and "line 6" in text
+    assert "line 2: record is not a JSON object" in text and "x.json" in text and "line 6" in text
+
+
+def test_invalid_json_line_warns(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("{not json\n" + json.dumps(_rec(3)) + "\n")
+    with pytest.warns(AttributionWarning, match="line 1: invalid JSON"):
+        assert [lg.log_id for lg in iter_jsonl(p)] == ["3.json"]
 
 
 def test_iter_logs_directory_and_missing(tmp_path):

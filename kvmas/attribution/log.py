@@ -103,9 +103,9 @@ def from_whowhen(record: dict[str, Any], record_id: str | None = None) -> Attrib
 
     Raises :class:`BadInputError` (message starts with the record id) on missing or unusable fields.
     """
-    rid = str(record_id or record.get("source_file") or record.get("question_ID") or "?")
     if not isinstance(record, dict):
-        raise BadInputError(f"{rid}: record is not a JSON object")
+        raise BadInputError(f"{record_id or '?'}: record is not a JSON object")
+    rid = str(record_id or record.get("source_file") or record.get("question_ID") or "?")
     hist = record.get("history")
     if not isinstance(hist, list) or not hist:
         raise BadInputError(f"{rid}: empty or missing 'history'")
