@@ -280,3 +280,21 @@ def test_disk_full_while_assembling_deletes_the_partial_file(gguf_bytes, tmp_pat
     with pytest.raises(KvmasError, match="disk full while assembling"):
         inst.assemble(parts, tmp_path / "out" / "tiny.gguf", size=entry.size, sha256=entry.sha256)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_hub_id_resolves_only_from_the_local_hf_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from kvmas.testing import tiny_hf_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    snap = repo / "snapshots" / "0123abcd"
+    tiny_hf_model("llama").save_pretrained(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    directory, name = resolve_model_dir("someorg/tiny")
+    assert directory.resolve() == snap.resolve() and name == "someorg/tiny"
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+        resolve_model_dir("someorg/other")

@@ -380,7 +380,7 @@ def retie_embeddings(hf, keep: str = "embedding") -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(console=None, label: str = "de-quantising tensors") -> Iterator[None]:
+def quiet_transformers(console=None, label: str = "de-quantising tensors") -> Iterator[None]:
     """Silence transformers' tqdm bars; route the GGUF loader's per-tensor loop to a rich bar instead."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
@@ -423,9 +423,9 @@ def _load_gguf(gguf_path: Path, console=None, name: str = ""):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _status(console, f"[bold]{name}[/]: reading the tokenizer from {gguf_path.name}"), _quiet_transformers():
+    with _status(console, f"[bold]{name}[/]: reading the tokenizer from {gguf_path.name}"), quiet_transformers():
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    with _quiet_transformers(console, f"{name}: de-quantising tensors"):
+    with quiet_transformers(console, f"{name}: de-quantising tensors"):
         hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     return tok, hf
 
@@ -435,7 +435,7 @@ def measure_load(directory: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         t0 = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(directory)
         hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -496,7 +496,7 @@ def convert_gguf(
             params = sum(p.numel() for p in hf.parameters())
             dtype = "bfloat16" if bf16 else "float32"
             with _status(console, f"[bold]{name}[/]: writing safetensors ({params / 1e6:.0f}M params, {dtype})"):
-                with _quiet_transformers():
+                with quiet_transformers():
                     hf.save_pretrained(tmp)
                     tok.save_pretrained(tmp)
                 _write_rope_theta(tmp / "config.json")
