@@ -117,16 +117,19 @@ class Model:
         if threads:
             torch.set_num_threads(threads)
         with _LOCK:
-            key = name_or_path or ""
-            if key in _LOADED:
-                return _LOADED[key]
+            if name_or_path in _LOADED:
+                return _LOADED[name_or_path]
             directory, name = resolve_model_dir(name_or_path)
+            key = str(Path(directory).resolve())
+            if key in _LOADED:  # the same model under another name (default vs its registry name)
+                _LOADED[name_or_path] = _LOADED[key]
+                return _LOADED[key]
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(directory)
             hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
             model = cls(hf, tok, name=name, source=str(directory))
-            _LOADED[key] = model
+            _LOADED[key] = _LOADED[name_or_path] = model
             return model
 
     # -- text helpers ---------------------------------------------------------------------
