@@ -62,6 +62,11 @@ def test_install_verify_remove_round_trip(tiny_registered):
     listing = runner.invoke(app, ["list"])
     assert entry.name in listing.output and "installed" in listing.output
     assert runner.invoke(app, ["verify", entry.name]).exit_code == 0
+    timed = runner.invoke(app, ["verify", entry.name, "--time-load"])
+    assert timed.exit_code == 0 and "warm load" in timed.output
+    from kvmas.agents.convert import verify_cache
+
+    assert verify_cache(cache_dir(entry.name), full=True).load_s is not None
     weights = cache_dir(entry.name) / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-10] ^= 0xFF

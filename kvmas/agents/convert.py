@@ -152,6 +152,17 @@ def refuse_newer(directory: str | os.PathLike) -> None:
         read_manifest(directory)
 
 
+def record_load_time(directory: str | os.PathLike) -> CacheManifest:
+    """Re-measure the warm load of a verified cache and store it in its manifest (atomic rewrite)."""
+    directory = Path(directory)
+    verify_cache(directory)
+    load_s = measure_load(directory)
+    with cache_lock(directory):
+        manifest = verify_cache(directory).model_copy(update={"load_s": round(load_s, 3)})
+        atomic_write_text(directory / MANIFEST, manifest.model_dump_json(indent=2))
+    return manifest
+
+
 # -- locking and atomic directory replacement -----------------------------------------------------
 _HELD: dict[str, list] = {}
 _HELD_GUARD = threading.Lock()

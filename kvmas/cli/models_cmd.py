@@ -2,7 +2,7 @@
 
     kvmas models                                  # table: installed?, size on disk, licence, load time
     kvmas models install NAME [--prune-sources] [--bf16]
-    kvmas models verify NAME                      # full sha256 check of the converted cache
+    kvmas models verify NAME [--time-load]        # full sha256 check; optionally re-time the warm load
     kvmas models remove NAME
 """
 
@@ -101,9 +101,12 @@ def install_cmd(
 
 
 @app.command("verify")
-def verify_cmd(name: str = typer.Argument(..., help="registry name")) -> None:
+def verify_cmd(
+    name: str = typer.Argument(..., help="registry name"),
+    time_load: bool = typer.Option(False, "--time-load", help="also re-measure the warm load time and store it"),
+) -> None:
     """Re-hash every file of a converted model against its manifest."""
-    from kvmas.agents.convert import verify_cache
+    from kvmas.agents.convert import record_load_time, verify_cache
     from kvmas.agents.registry import cache_dir, get_entry
 
     try:
@@ -112,9 +115,13 @@ def verify_cmd(name: str = typer.Argument(..., help="registry name")) -> None:
         if not directory.exists():
             raise KvmasError(f"{name} is not installed; run `{entry.install_command}`")
         manifest = verify_cache(directory, full=True)
+        if time_load:
+            manifest = record_load_time(directory)
     except KvmasError as exc:
         _fail(exc)
     typer.echo(f"{name}: {len(manifest.files)} files match their sha256 ({directory})")
+    if time_load:
+        typer.echo(f"{name}: warm load {manifest.load_s:.2f} s (stored)")
 
 
 @app.command("remove")
