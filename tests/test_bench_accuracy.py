@@ -40,7 +40,7 @@ def _small_pool(path):
 
 
 def test_run_accuracy_writes_everything(model, tmp_path):
-    tasks = load_tasks("synthetic-choice", n=3, seed=2)
+    tasks = load_tasks("synthetic-choice", n=2, seed=2)
     spec = tmp_path / "spec.json"
     PipelineSpec.chain(("vote", {"n": 2})).save(spec)
     methods = f"single,loglik,auto,auto-empty,random,pipeline:{spec}"
@@ -48,17 +48,17 @@ def test_run_accuracy_writes_everything(model, tmp_path):
     s = run_accuracy(tasks, methods, model, tmp_path / "out", cfg, data_name="synth")
     out = tmp_path / "out"
     items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
-    assert len(items) == 6 * 3 and {i["method"] for i in items} == set(s["methods"])
+    assert len(items) == 6 * 2 and {i["method"] for i in items} == set(s["methods"])
     assert json.loads((out / "results.json").read_text()) == s
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
     assert "| loglik |" in md and "Paired comparisons" in md and "Sample answers" in md
     assert len(s["paired"]) == 15
     for name, m in s["methods"].items():
-        assert m["n"] == 3 and 0 <= m["ci95_bootstrap"][0] <= m["accuracy"] <= m["ci95_bootstrap"][1] <= 1
+        assert m["n"] == 2 and 0 <= m["ci95_bootstrap"][0] <= m["accuracy"] <= m["ci95_bootstrap"][1] <= 1
         assert m["correct"] == sum(i["correct"] for i in items if i["method"] == name)
     # auto-empty is the fallback single agent; auto pays for its organizer on top of what it runs
-    assert s["methods"]["auto-empty"]["chosen_pipelines"] == {"single": 3}
+    assert s["methods"]["auto-empty"]["chosen_pipelines"] == {"single": 2}
     by = {(i["method"], i["task_id"]): i for i in items}
     assert all(by[("auto-empty", t.id)]["answer"] == by[("single", t.id)]["answer"] for t in tasks)
     assert s["methods"]["auto"]["tokens_per_item"]["prefilled"] > s["methods"]["single"]["tokens_per_item"]["prefilled"]
@@ -66,7 +66,7 @@ def test_run_accuracy_writes_everything(model, tmp_path):
     from kvmas.organizer import KnowledgePool
 
     auto_pool = KnowledgePool(out / "pool-auto.sqlite").entries()
-    assert sum(e.trials for e in auto_pool if e.origin != "learned") == 3 - s["methods"]["auto"]["errors"]
+    assert sum(e.trials for e in auto_pool if e.origin != "learned") == 2 - s["methods"]["auto"]["errors"]
     assert len([e for e in auto_pool if e.origin == "learned"]) == s["methods"]["auto"]["correct"]
     assert KnowledgePool(out / "pool-random.sqlite").stats()["trials"] == 0
     assert len(KnowledgePool(tmp_path / "start.sqlite")) == 3  # the starting pool was copied, not changed

@@ -49,7 +49,7 @@ def test_pool_prior_steers_the_choice(pool, model):
     assert org.choose(Q, model).entry_id != first
 
 
-def test_fallbacks(tmp_path, model):
+def test_fallbacks(tmp_path, model, monkeypatch):
     empty = Organizer(KnowledgePool(tmp_path / "e.sqlite", seed=False))
     d = empty.choose(Q, model)
     assert d.how == "fallback-empty" and d.spec.types() == DEFAULT_SPEC.types() and d.entry_id is None
@@ -58,8 +58,8 @@ def test_fallbacks(tmp_path, model):
     one.add("anything", PipelineSpec.chain(("vote", {"n": 2})))
     assert Organizer(one).choose(Q, model).how == "single-candidate"
     # an option list that overflows the model's context: the candidate with the best prior instead
-    short = tiny_model()
-    short.max_context = 600
+    short = model
+    monkeypatch.setattr(short, "max_context", 600)
     seeded_pool = KnowledgePool(tmp_path / "s.sqlite")
     best = seeded_pool.entries()[5]
     seeded_pool.record(best.id, True)
