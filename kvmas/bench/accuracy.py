@@ -282,7 +282,9 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
     }
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     atomic_write_text(out / "results.md", to_markdown(summary))
-    write_chart(summary, out / "accuracy.png")
+    if write_chart(summary, out / "accuracy.png") is None:
+        summary["chart"] = "not written: matplotlib is not installed (pip install kvmas[charts])"
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 
@@ -321,9 +323,15 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_chart(summary: dict[str, Any], path: str | Path) -> Path:
-    """Accuracy with 95% bootstrap intervals, and computed tokens per item, one bar per method (PNG)."""
-    import matplotlib
+def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
+    """Accuracy with 95% bootstrap intervals, and computed tokens per item, one bar per method (PNG).
+
+    Returns None (and writes nothing) when matplotlib, an optional dependency (``kvmas[charts]``), is missing.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -124,6 +124,10 @@ class Organizer:
         """Pick a pipeline for ``question`` (see the module doc for the rule and the fallbacks)."""
         if not isinstance(question, str) or not question.strip():
             raise BadInputError("empty question")
+        if model is None or isinstance(model, str):
+            from kvmas.agents.model import Model
+
+            model = Model.load(model)
         t0 = time.perf_counter()
         usage = Usage()
         hits = []

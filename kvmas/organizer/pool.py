@@ -453,11 +453,9 @@ class KnowledgePool:
             pair = np.array([[len(a & b) / max(1, len(a | b)) for b in words] for a in words])
             how = "lexical"
             score = lex
-        specs = [e.spec.to_json() for e in cands]
-        for i in range(len(cands)):
-            for j in range(len(cands)):
-                if specs[i] == specs[j]:
-                    pair[i, j] = 1.0
+        groups: dict[str, int] = {}
+        gid = np.array([groups.setdefault(e.spec.to_json(), len(groups)) for e in cands])
+        pair = np.where(gid[:, None] == gid[None, :], 1.0, pair)
         chosen: list[int] = []
         mmr_scores: list[float] = []
         left = list(range(len(cands)))
