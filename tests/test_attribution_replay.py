@@ -70,6 +70,7 @@ def test_planted_suite_on_a_real_primitive():
                     judge_for=lambda gold: (lambda a: float(marker not in (a or ""))),
                     fault_for=lambda gold: f"{marker} is the answer", plant="last")
     assert res["effective"] == 1 and res["agent_acc"] == 100.0 and res["step_acc"] == 100.0
+    assert res["decided_by_flip"] == 1
     case = res["cases"][0]
     assert case["agent"] == "solver" and case["step"] == 2 and case["faulted_answer"].startswith(marker)
     assert any("not replayable" in e for e in case["evidence"])  # the think step cannot be ablated alone

@@ -69,6 +69,7 @@ class PlantedCase:
     agent_ok: bool = False
     step_ok: bool = False
     replays: int = 0
+    decided_by: str = ""  # "flip": an ablation flipped the outcome; "fallback": no replay flipped it
     wall_s: float = 0.0
     evidence: list[str] = field(default_factory=list)
 
@@ -130,6 +131,7 @@ def run_suite(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, s
                     case.pred_agent, case.pred_step = res.agent, res.step
                     case.agent_ok, case.step_ok = res.agent == agent, res.step == k
                     case.evidence = res.evidence
+                    case.decided_by = "flip" if any("flips the outcome" in e for e in res.evidence) else "fallback"
                 except BadInputError as exc:
                     case.evidence = [f"attribution failed: {exc}"]
                 case.replays = len(att.replays)
@@ -137,12 +139,17 @@ def run_suite(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, s
                 cases.append(case)
                 if progress:
                     progress(case)
-    eff = [c for c in cases if c.effective]
-    n = len(eff)
-    return {
-        "cases": [asdict(c) for c in cases],
-        "effective": n,
-        "agent_acc": 100 * sum(c.agent_ok for c in eff) / n if n else None,
-        "step_acc": 100 * sum(c.step_ok for c in eff) / n if n else None,
-        "skipped": skipped,
-    }
+    return summarize([asdict(c) for c in cases], skipped)
+
+
+def summarize(cases: list[dict[str, Any]], skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    """Hit rates over effective cases, overall and for the cases an actual flip decided."""
+    eff = [c for c in cases if c["effective"]]
+    flip = [c for c in eff if c.get("decided_by") == "flip"]
+
+    def pct(xs: list[dict], key: str) -> float | None:
+        return round(100 * sum(c[key] for c in xs) / len(xs), 2) if xs else None
+
+    return {"cases": cases, "effective": len(eff), "agent_acc": pct(eff, "agent_ok"), "step_acc": pct(eff, "step_ok"),
+            "decided_by_flip": len(flip), "agent_acc_flip": pct(flip, "agent_ok"),
+            "step_acc_flip": pct(flip, "step_ok"), "skipped": skipped or {}}
