@@ -111,10 +111,11 @@ def merge_policy_error(model, question: str, n: int = 3, latent_steps: int = 8) 
     solvers, selector = Agent("solvers", latent_steps=latent_steps), Agent("selector")
     rows = solvers.think(ctx, solvers.read(ctx, state.fork(n), [f"{p} {SOLVE}" for p in vote._personas()],
                                            fresh=False))
-    ref = selector.read(ctx, rows.merge_rows("reprefill"), SELECT, fresh=False).next_logprobs()[0]
+    select = vote.final_instruction(ctx, SELECT)
+    ref = selector.read(ctx, rows.merge_rows("reprefill"), select, fresh=False).next_logprobs()[0]
     out = {}
     for policy in ("shared", "rerotate"):
-        lp = selector.read(ctx, rows.merge_rows(policy), SELECT, fresh=False).next_logprobs()[0]
+        lp = selector.read(ctx, rows.merge_rows(policy), select, fresh=False).next_logprobs()[0]
         out[policy] = {
             "max_abs_dlogprob": float((lp - ref).abs().max()),
             "kl_exact_to_policy": float(torch.sum(ref.exp() * (ref - lp))),

@@ -109,6 +109,10 @@ class Primitive:
         """The problem as every agent sees it (the original query is always in context)."""
         return f"Problem:\n{ctx.question}"
 
+    def final_instruction(self, ctx: RunContext, instruction: str) -> str:
+        """The output agent's instruction, with the problem restated right before it answers (both modes)."""
+        return f"{instruction}\n\nProblem:\n{ctx.question}"
+
     def text_context(self, ctx: RunContext, messages: list[tuple[str, str]]) -> str:
         """Problem + decoded messages so far, for a text-mode agent's fresh prompt."""
         parts = [self.problem_text(ctx)]

@@ -10,7 +10,8 @@ from kvmas.primitives.base import Primitive, check_param
 PLAN = "You are the Planner. Break the problem into a short numbered list of steps. Do not solve it yet."
 EXECUTE = ("You are Executor {i} of {k}. Follow the plan and carry out the work, paying special attention to "
            "step {i} of the plan, and state the result you get.")
-INTEGRATE = ("You are the Integrator. Combine the executors' work into one final solution to the problem.")
+INTEGRATE = ("You are the Integrator. Using the plan and the executors' work as a reference, solve the problem step "
+             "by step and give the final answer in the format the problem asks for.")
 
 
 class PlanExecute(Primitive):
@@ -46,7 +47,8 @@ class PlanExecute(Primitive):
             state = self.shared_prefix(ctx, state)
             state = planner.think(ctx, planner.read(ctx, state, PLAN))
             rows = executors.think(ctx, executors.read(ctx, state.fork(self.k), tasks, fresh=False))
-            state = integrator.read(ctx, rows.merge_rows(self.merge_policy), INTEGRATE, fresh=False)
+            state = integrator.read(ctx, rows.merge_rows(self.merge_policy), self.final_instruction(ctx, INTEGRATE),
+                                    fresh=False)
             if final:
                 text, state = integrator.speak(ctx, state)
                 ctx.answer = text
@@ -60,7 +62,8 @@ class PlanExecute(Primitive):
         results, _ = executors.speak(ctx, executors.read(ctx, base.fork(self.k), prompts))
         results = results if isinstance(results, list) else [results]
         shown += [(f"Executor {i + 1}'s work", r) for i, r in enumerate(results)]
-        text, state = integrator.speak(ctx, integrator.read(ctx, base, self.text_context(ctx, shown) + "\n\n" + INTEGRATE))
+        text, state = integrator.speak(ctx, integrator.read(
+            ctx, base, self.text_context(ctx, shown) + "\n\n" + self.final_instruction(ctx, INTEGRATE)))
         ctx.answer = text
         ctx.messages = ctx.messages + [("Integrated solution", text)]
         return state

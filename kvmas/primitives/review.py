@@ -9,10 +9,12 @@ from kvmas.primitives.base import Primitive, check_param
 SOLVE = "You are the Solver. Work out the solution to the problem step by step."
 CRITIQUE = ("You are the Critic. Check the Solver's solution above for mistakes in reasoning or arithmetic. "
             "Point out each error, or say that the solution is correct.")
-REFINE = ("You are the Solver. Taking the Critic's feedback into account, write your final, corrected solution "
-          "to the problem.")
-FINAL = "You are the Solver. Write your final solution to the problem."
-VERDICTS = (" The solution is correct.", " The solution has a mistake.")
+REFINE = ("You are the Solver. Taking the Critic's feedback into account, solve the problem again step by step "
+          "and give the final answer in the format the problem asks for.")
+FINAL = ("You are the Solver. Solve the problem step by step and give the final answer in the format the "
+         "problem asks for.")
+# Same words up to the verdict, so the score difference is log P(correct) - log P(incorrect) at that point.
+VERDICTS = ("The solution is correct.", "The solution is incorrect.")
 
 
 class Review(Primitive):
@@ -26,7 +28,7 @@ class Review(Primitive):
 
     name = "review"
 
-    def __init__(self, comm="latent", rounds: int = 2, early_stop: bool = True, stop_margin: float = 1.0, **kw):
+    def __init__(self, comm="latent", rounds: int = 2, early_stop: bool = True, stop_margin: float = 2.0, **kw):
         super().__init__(comm=comm, **kw)
         self.rounds = check_param("rounds", rounds)
         self.early_stop = early_stop
@@ -71,14 +73,14 @@ class Review(Primitive):
                 break
             state = critic.think(ctx, state)
             critique_ids = [i for i in state.segment_ids() if i not in before]
-            state = solver.read(ctx, state, REFINE)
+            state = solver.read(ctx, state, self.final_instruction(ctx, REFINE))
             if r < self.rounds - 1:
                 state = solver.think(ctx, state)
         else:
             ctx.meta.setdefault("review_stopped_at_round", None)
         if final:
             if state.segments[-1].role != "solver" or state.segments[-1].kind != "prompt":
-                state = solver.read(ctx, state, FINAL)
+                state = solver.read(ctx, state, self.final_instruction(ctx, FINAL))
             text, state = solver.speak(ctx, state)
             ctx.answer = text
         else:
@@ -97,7 +99,8 @@ class Review(Primitive):
                 break
             critique, _ = critic.speak(ctx, cstate)
             shown.append(("Critic's feedback", critique))
-            draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, shown) + "\n\n" + REFINE))
+            draft, state = solver.speak(ctx, solver.read(
+                ctx, empty, self.text_context(ctx, shown) + "\n\n" + self.final_instruction(ctx, REFINE)))
         else:
             ctx.meta.setdefault("review_stopped_at_round", None)
         ctx.answer = draft

@@ -17,8 +17,8 @@ PERSONAS = (
     "You are Solver {i}, an engineer who estimates first and then computes exactly.",
 )
 SOLVE = "Solve the problem step by step."
-SELECT = ("You are the Selector. Several solvers worked on the problem above. Compare their solutions and "
-          "give the single best final solution.")
+SELECT = ("You are the Selector. Several solvers worked on the problem above. Using their work as a reference, "
+          "solve the problem step by step and give the single best final answer in the format the problem asks for.")
 
 
 def answer_key(text: str) -> str | None:
@@ -76,7 +76,7 @@ class Vote(Primitive):
             state = self.shared_prefix(ctx, state)
             rows = solvers.think(ctx, solvers.read(ctx, state.fork(self.n), personas, fresh=False))
             merged = rows.merge_rows(self.merge_policy)
-            state = selector.read(ctx, merged, SELECT, fresh=False)
+            state = selector.read(ctx, merged, self.final_instruction(ctx, SELECT), fresh=False)
             if final:
                 text, state = selector.speak(ctx, state)
                 ctx.answer = text
@@ -98,7 +98,8 @@ class Vote(Primitive):
             ctx.meta["vote_majority"] = top
             state = rows.select([keys.index(top)])
         else:
-            text, state = selector.speak(ctx, selector.read(ctx, base, self.text_context(ctx, shown) + "\n\n" + SELECT))
+            text, state = selector.speak(ctx, selector.read(
+                ctx, base, self.text_context(ctx, shown) + "\n\n" + self.final_instruction(ctx, SELECT)))
         ctx.answer = text
         ctx.messages = ctx.messages + [("Selected solution", text)]
         return state
