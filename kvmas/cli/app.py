@@ -22,26 +22,19 @@ app = typer.Typer(help="kvmas: multi-agent LLM systems whose agents talk through
 trace_app = typer.Typer(help="Inspect run traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 
-# Sub-apps owned by their own modules (mounted when the module is present in this install).
-SUBAPPS = {
-    "models": "kvmas.cli.models_cmd",
-    "attribute": "kvmas.cli.attribute_cmd",
-    "skills": "kvmas.cli.skills_cmd",
-    "pool": "kvmas.cli.pool_cmd",
-    "bench": "kvmas.cli.bench_cmd",
-    "feedback": "kvmas.cli.feedback_cmd",
-}
-for _name, _module in SUBAPPS.items():
-    try:
-        _mod = importlib.import_module(_module)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != _module:
-            raise
-        continue
-    if isinstance(getattr(_mod, "app", None), typer.Typer):
-        app.add_typer(_mod.app, name=_name)
-    elif callable(getattr(_mod, "command", None)):
-        app.command(_name)(_mod.command)
+# Sub-apps live in their own modules; a few commands are mounted where users look for them.
+from kvmas.bench import decode as _decode  # noqa: E402
+from kvmas.bench import efficiency as _efficiency  # noqa: E402
+from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd  # noqa: E402
+
+app.add_typer(models_cmd.app, name="models")
+app.add_typer(attribute_cmd.app, name="attribute")
+app.add_typer(skills_cmd.app, name="skills")
+app.add_typer(pool_cmd.app, name="pool")
+app.add_typer(bench_cmd.app, name="bench")
+bench_cmd.app.command("efficiency")(_efficiency.command)
+bench_cmd.app.command("decode")(_decode.command)
+app.command("feedback")(pool_cmd.feedback_cmd)
 
 err_console = Console(stderr=True)
 
@@ -109,8 +102,8 @@ def _run_pipeline(question, model, pipeline, auto, seed, max_new_tokens):
     except ModuleNotFoundError as exc:  # pragma: no cover - the organizer ships with kvmas
         raise KvmasError("the organizer is not available in this install") from exc
     if auto:
-        return organizer.run_auto(question, model=model, seed=seed)
-    return organizer.run_pipeline_file(pipeline, question, model=model, seed=seed)
+        return organizer.run_auto(question, model=model, seed=seed, max_new_tokens=max_new_tokens)
+    return organizer.run_pipeline(str(pipeline), question, model=model, seed=seed)
 
 
 @trace_app.command("show")
