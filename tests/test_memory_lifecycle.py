@@ -168,18 +168,20 @@ def test_runtime_selection_is_greedy_in_eval_and_termination_checks(model, tmp_p
     picks = {mem.select(env.task, obs, random.Random(i))[0].id for i in range(3)}
     assert len(picks) == 1  # exploration off: deterministic
     heat = next(s for s in mem.snapshot if s.name == "HeatInMicrowave")
-    assert mem.candidates("put a cold mug in table 1.", "x")[0][0].name == "CoolInFridge"
-    assert all(s.name != "HeatInMicrowave" for s, _ in mem.candidates("put a cold mug in table 1.", "x"))
+    assert [s.name for s, _ in mem.candidates("put a cold mug in table 1.", "x")] == ["FetchObject"]
+    held = mem.candidates("put a cold mug in table 1.", "You pick up the mug.")
+    assert held[0][0].name == "CoolInFridge" and all(s.name != "HeatInMicrowave" for s, _ in held)
     assert mem.stop_reason(heat, "put a hot mug", "You heat the mug. It is hot now.", 1) == "termination"
     assert mem.stop_reason(heat, "put a cold mug", "You arrive.", 1) == "activation_lost"
-    assert mem.stop_reason(heat, "put a hot mug", "You arrive.", 8) == "max_age"
-    assert mem.stop_reason(heat, "put a hot mug", "You arrive.", 1) is None
+    assert mem.stop_reason(heat, "put a hot mug", "You pick up the mug. You arrive.", 8) == "max_age"
+    assert mem.stop_reason(heat, "put a hot mug", "You pick up the mug. You arrive.", 1) is None
+    assert mem.stop_reason(heat, "put a hot mug", "You pick up the mug.", 1, hint=None) == "termination"
 
 
 def test_learning_loop_logs_decisions(model, tmp_path):
     st = SkillStore(tmp_path / "l.sqlite")
     lr = Learner(st, ActionPolicy(model), "house", "h", LearnConfig(episodes_per_iter=2, judge=False))
-    assert lr.install_seeds() == 4 and lr.install_seeds() == 0
+    assert lr.install_seeds() == 5 and lr.install_seeds() == 0
     # evidence from scripted successes so extraction has something to propose
     for seed in range(12):
         tr = scripted_trace("house", seed)

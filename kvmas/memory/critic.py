@@ -129,8 +129,12 @@ class ContrastiveRuleCritic:
             return sum(act in _under(t, parent.id) for t in group) / len(group)
 
         acts = Counter(a for t in succ for a in set(_under(t, parent.id)))
+        first = {}
+        for t in succ:
+            for i, a in enumerate(_under(t, parent.id)):
+                first[a] = min(first.get(a, i), i)
         edits = []
-        for act, _ in acts.most_common():
+        for act in sorted(acts, key=lambda a: (-acts[a], first[a], a)):
             if act not in parent.steps and share(succ, act) >= self.hi and share(fail, act) <= self.lo \
                     and len(parent.steps) < 6:
                 pos = sorted(_under(t, parent.id).index(act) for t in succ if act in _under(t, parent.id))
@@ -142,7 +146,7 @@ class ContrastiveRuleCritic:
                 edits.append(("delete", step, None))
                 break
         words_s = Counter(w for t in succ for w in set(re.findall(r"[a-z]+", t.question.lower())))
-        for w, c in words_s.most_common():
+        for w, c in sorted(words_s.items(), key=lambda wc: (-wc[1], wc[0])):
             in_fail = sum(w in t.question.lower() for t in fail) / len(fail)
             if len(w) > 3 and c / len(succ) >= 0.8 and in_fail <= self.lo and w not in parent.activation_terms:
                 edits.append(("term", w, None))

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING
-
 from kvmas.memory.policy import ActionPolicy, StepInputs, sample
+from kvmas.memory.runtime import SkillMemory, step_hint
 from kvmas.trace import Step, Trace, Usage
 
-if TYPE_CHECKING:
-    from kvmas.memory.runtime import SkillMemory
 
-
-def run_episode(env, policy: ActionPolicy, memory: "SkillMemory | None", rng: random.Random, *,
+def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Random, *,
                 greedy: bool = False, iteration: int = 0) -> Trace:
     """Play one episode; actions are sampled from the policy (or argmax when ``greedy``)."""
     t0 = time.perf_counter()
@@ -34,24 +30,31 @@ def run_episode(env, policy: ActionPolicy, memory: "SkillMemory | None", rng: ra
                   params={"split": env.split, "task_family": env.task_family, "greedy": greedy,
                           "iteration": iteration, "kv_prefix": policy.kv_prefix})
     history: list[list[str]] = []
-    active, age, invocations = None, 0, []
+    active, age, since, invocations, done_ids = None, 0, 0, [], set()
     reward, done = 0.0, False
     while not done:
         selected = False
+        admissible = env.admissible()
+        actions = [a for a, _ in history]
+        transcript = " ".join(o for _, o in history)
+        hint = None
         if memory is not None:
             if active is not None:
-                why = memory.stop_reason(active, env.task, obs, age, env.slots)
+                hint = step_hint(active, actions[since:], admissible, env.slots)
+                why = memory.stop_reason(active, env.task, f"{transcript} {obs}", age, env.slots, hint)
                 if why:
                     invocations[-1]["ended_by"] = why
+                    done_ids.add(active.id)
                     active = None
             if active is None:
-                active, sel = memory.select(env.task, obs, rng)
+                active, sel = memory.select(env.task, f"{transcript} {obs}", rng, exclude=done_ids)
                 selected = True
-                age = 0
+                age, since = 0, len(history)
                 if active is not None:
                     invocations.append({"skill_id": active.id, "source": active.source, "t_start": len(trace.steps),
                                         "ended_by": "env_done", "select": sel})
-        inputs = StepInputs(task=env.task, history=history, obs=obs, admissible=env.admissible())
+                    hint = step_hint(active, [], admissible, env.slots)
+        inputs = StepInputs(task=env.task, history=history, obs=obs, admissible=admissible, hint=hint)
         ts = time.perf_counter()
         scored = policy.score(inputs, active.render() if active else None)
         idx = max(range(len(scored.logp)), key=lambda i: scored.logp[i]) if greedy else sample(scored.logp, rng)
@@ -62,7 +65,7 @@ def run_episode(env, policy: ActionPolicy, memory: "SkillMemory | None", rng: ra
             usage=Usage(prefilled=scored.prefilled, reused=scored.reused), wall_s=time.perf_counter() - ts,
             meta={"inputs": inputs.model_dump(), "choice": idx, "logp": scored.logp[idx],
                   "skill_id": active.id if active else None, "skill_source": active.source if active else None,
-                  "skill_tokens": scored.skill_tokens, "context": scored.context, "selected": selected,
+                  "skill_tokens": scored.skill_tokens, "skill_since": since, "context": scored.context, "selected": selected,
                   "event": res.event, "obs_after": res.obs, "reward": res.reward, "slots": env.slots},
         ))
         history = history + [[action, res.obs]]

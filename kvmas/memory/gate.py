@@ -35,6 +35,16 @@ class Transition:
     advantage: float
     episode_id: str
     behavior_skill_id: str | None
+    since: int = 0  # where the behaviour skill was activated (the candidate is replayed as if activated there)
+    slots: dict | None = None
+
+
+def replay_inputs(t: Transition, candidate: Skill) -> StepInputs:
+    """The prompt inputs the candidate would have produced at this state (its own step hint)."""
+    from kvmas.memory.runtime import step_hint
+
+    actions = [a for a, _ in t.inputs.history][t.since:]
+    return t.inputs.model_copy(update={"hint": step_hint(candidate, actions, t.inputs.admissible, t.slots or {})})
 
 
 class GateConfig(BaseModel):
@@ -102,7 +112,7 @@ def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], 
     text = candidate.render()
     logratios = []
     for t in data:  # the model calls happen here, outside any store transaction
-        new = policy.score(t.inputs, text).logp[t.choice]
+        new = policy.score(replay_inputs(t, candidate), text).logp[t.choice]
         logratios.append(new - t.behavior_logp)
     s = surrogate(logratios, [t.advantage for t in data], cfg.eps_clip)
     report = dict(base, n_transitions=len(data), n_episodes=n_eps, surrogate_new=s["new"], surrogate_old=s["old"],
@@ -132,5 +142,7 @@ def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str 
         for s in steps:
             out.append(Transition(inputs=StepInputs(**s.meta["inputs"]), choice=int(s.meta["choice"]),
                                   behavior_logp=float(s.meta["logp"]), advantage=adv, episode_id=tr.run_id,
-                                  behavior_skill_id=s.meta.get("skill_id")))
+                                  behavior_skill_id=s.meta.get("skill_id"),
+                                  since=int(s.meta.get("skill_since", 0)) if s.meta.get("skill_id") else 0,
+                                  slots=s.meta.get("slots") or {}))
     return out

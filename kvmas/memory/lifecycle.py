@@ -55,14 +55,16 @@ def seed_skills(env: str, scope: str) -> list[Skill]:
     """Hand-written starting skills (generic procedures) for an environment."""
     if env == "house":
         specs = [
-            ("FetchObject", "the object is somewhere else", ["go to <place>", "take <object> from <place>"],
+            ("FetchObject", "you must put an object that is in another place", ["go to <place>", "take <object> from <place>"],
              "You pick up the <object>.", []),
-            ("CleanAtSink", "the task asks for a clean object", ["go to sinkbasin 1", "clean <object> with sinkbasin 1"],
-             "It is clean now.", ["clean"]),
-            ("HeatInMicrowave", "the task asks for a hot object", ["go to microwave 1", "heat <object> with microwave 1"],
-             "It is hot now.", ["hot"]),
-            ("CoolInFridge", "the task asks for a cold object", ["go to fridge 1", "cool <object> with fridge 1"],
-             "It is cold now.", ["cold"]),
+            ("CleanAtSink", "holding an object that must be clean",
+             ["go to sinkbasin 1", "clean <object> with sinkbasin 1"], "It is clean now.", ["clean", "pick up"]),
+            ("HeatInMicrowave", "holding an object that must be hot",
+             ["go to microwave 1", "heat <object> with microwave 1"], "It is hot now.", ["hot", "pick up"]),
+            ("CoolInFridge", "holding an object that must be cold",
+             ["go to fridge 1", "cool <object> with fridge 1"], "It is cold now.", ["cold", "pick up"]),
+            ("DeliverObject", "holding the object the task asks to put in a target place",
+             ["go to <target>", "put <object> in <target>"], "You put the <object> in <target>.", ["pick up"]),
         ]
     elif env == "codebreaker":
         specs = [("ConsistentGuess", "guessing the secret code",

@@ -36,12 +36,14 @@ class StepInputs(BaseModel):
     history: list[list[str]] = Field(default_factory=list)  # [[action, obs], ...] most recent last
     obs: str
     admissible: list[str]
+    hint: str | None = None  # the active skill's current step, grounded (see runtime.step_hint)
     prompt_version: int = PROMPT_VERSION
 
 
 def step_text(inp: StepInputs, max_history: int = 2) -> str:
     hist = "".join(f"> {a}\n{o}\n" for a, o in inp.history[-max_history:])
-    return f"Task: {inp.task}\n{hist}{inp.obs}\nNext action:"
+    hint = f"Skill step: {inp.hint}\n" if inp.hint else ""
+    return f"Task: {inp.task}\n{hist}{inp.obs}\n{hint}Next action:"
 
 
 def skill_block(skill_text: str | None) -> str:

@@ -37,6 +37,21 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP}
 
 
+def step_hint(skill: Skill, actions: list[str], admissible: list[str], slots: dict[str, str]) -> str | None:
+    """The skill's next step, grounded with the episode's slots; None when the procedure is complete.
+
+    A pure function of the actions taken since activation: the pointer advances past each step matched in
+    order; a ``go to`` step that is not admissible (already there) is skipped. Replays recompute it exactly."""
+    p = 0
+    grounded = [ground(s, slots) for s in skill.steps]
+    for a in actions:
+        if p < len(grounded) and a == grounded[p]:
+            p += 1
+    while p < len(grounded) and grounded[p].startswith("go to ") and grounded[p] not in admissible:
+        p += 1
+    return grounded[p] if p < len(grounded) else None
+
+
 @dataclass
 class SkillMemory:
     """Run-time access to one scope of a store.
@@ -93,9 +108,9 @@ class SkillMemory:
         yes, no = pol.model.encode(" Yes")[0], pol.model.encode(" No")[0]
         return float(torch.sigmoid(lp[yes] - lp[no]))
 
-    def select(self, task: str, obs: str, rng: random.Random) -> tuple[Skill | None, dict]:
-        """Pick a skill (or none). Returns (skill, selection info)."""
-        cands = self.candidates(task, obs)
+    def select(self, task: str, obs: str, rng: random.Random, exclude: set[str] = frozenset()) -> tuple[Skill | None, dict]:
+        """Pick a skill (or none), never one in ``exclude`` (completed in this episode). Returns (skill, info)."""
+        cands = [c for c in self.candidates(task, obs) if c[0].id not in exclude]
         if not cands:
             return None, {"n_candidates": 0}
         if self.explore_eps > 0 and rng.random() < self.explore_eps:
@@ -111,8 +126,12 @@ class SkillMemory:
         score, best, p = max(ranked, key=lambda r: r[0])
         return best, {"score": round(score, 4), "p_apply": round(p, 4), "n_candidates": len(cands)}
 
-    def stop_reason(self, skill: Skill, task: str, obs: str, age: int, slots: dict[str, str] | None = None) -> str | None:
-        """Why the active skill ends now, or None: termination holds / activation lost / too old."""
+    def stop_reason(self, skill: Skill, task: str, obs: str, age: int, slots: dict[str, str] | None = None,
+                    hint: str | None = "") -> str | None:
+        """Why the active skill ends now, or None: termination holds (or every step is done: ``hint`` None) /
+        activation lost (``task`` + ``obs`` may be the whole transcript) / too old."""
+        if hint is None:
+            return "termination"
         want = _words(re.sub(r"<\w+>", " ", ground(skill.termination, slots or {})))
         if want and want <= _words(obs):
             return "termination"
