@@ -70,6 +70,7 @@ class SkillMemory:
     k: int = 5
     lam: float = 0.3
     max_age: int = 8
+    embed: bool = False  # also retrieve by cosine over Model.embed_text embeddings (stored per model key)
     snapshot: list[Skill] | None = None  # frozen pool for evaluation
     _lcb: dict[str, float] = field(default_factory=dict)
 
@@ -92,10 +93,18 @@ class SkillMemory:
             hits = [(s, float(len(q & _words(s.activation + " " + " ".join(s.activation_terms + s.steps)))))
                     for s in self.snapshot]
             hits = sorted([h for h in hits if h[1] > 0], key=lambda h: -h[1])[: self.k]
+        elif self.embed:
+            key = self.policy.model.fingerprint.key
+            for s in self.store.all(self.scope, self.statuses):  # lazily embed; model calls outside any write tx
+                if self.store.embedding(s.id, key) is None:
+                    self.store.set_embedding(s.id, self.policy.model.embed_text(s.activation).numpy(), key)
+            qv = self.policy.model.embed_text(query).numpy()
+            hits = self.store.search(self.scope, query, k=self.k, statuses=self.statuses, query_vec=qv,
+                                     embedding_model=key)
         else:
             hits = self.store.search(self.scope, query, k=self.k, statuses=self.statuses)
-            if self.sources is not None:
-                hits = [h for h in hits if h[0].source in self.sources]
+        if self.snapshot is None and self.sources is not None:
+            hits = [h for h in hits if h[0].source in self.sources]
         low = query.lower()
         return [(s, sc) for s, sc in hits if all(t in low for t in s.activation_terms)]
 
