@@ -82,6 +82,9 @@ def _mc(answer="B", labels=("A", "B", "C", "D"), texts=("safety goggles", "breat
     ("A mask is not enough; goggles help.", None),
     ("I think it is 2", "B"),
     ("Blue is not a label", None),
+    ("A. safety goggles\nB. breathing mask\nC. rubber gloves\n\nStep 1: think about it", None),
+    ("A. safety goggles\nB. breathing mask\nSo the answer is (B).", "B"),
+    ("A. safety goggles\nB. breathing mask\nI pick (D)", "D"),
     ("", None),
 ])
 def test_extract_choice(pred, want):

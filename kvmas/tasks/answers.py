@@ -202,10 +202,12 @@ def extract_choice(text: str | None, labels: list[str], texts: list[str] | None 
     got = exact(text)
     if got:
         return got
-    m = re.match(rf"\s*[\(\[]?\s*({alt})\s*(?:[\)\]:.]|$|\s*$|\s+[-–—])", up)
+    starts = {lmap[g] for g in re.findall(rf"(?m)^\s*[\(\[]?\s*({alt})\s*[\)\].:]", up)}
+    listing = len(starts) > 1  # the reply echoes the option list: leading labels and texts are no choice
+    m = None if listing else re.match(rf"\s*[\(\[]?\s*({alt})\s*(?:[\)\]:.]|$|\s*$|\s+[-–—])", up)
     if m:
         return lmap[m.group(1)]
-    if texts:
+    if texts and not listing:
         got = _match_text(text, labels, texts)
         if got:
             return got
