@@ -126,8 +126,11 @@ class Model:
                 return _LOADED[key]
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(directory)
-            hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+            from kvmas.agents.convert import quiet_transformers
+
+            with quiet_transformers():
+                tok = AutoTokenizer.from_pretrained(directory)
+                hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
             model = cls(hf, tok, name=name, source=str(directory))
             _LOADED[key] = _LOADED[name_or_path] = model
             return model
