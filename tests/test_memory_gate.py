@@ -8,7 +8,7 @@ import pytest
 
 from kvmas.memory.episode import run_episode
 from kvmas.memory.envs import StepResult
-from kvmas.memory.gate import GateConfig, Transition, gate, surrogate, transitions_from
+from kvmas.memory.gate import GateConfig, Transition, gate, replay_inputs, surrogate, transitions_from
 from kvmas.memory.policy import ActionPolicy, StepInputs
 from kvmas.memory.skill import Skill
 from kvmas.testing import tiny_model
@@ -59,12 +59,14 @@ def setup(one_thread):
     assert outcomes == {True, False}, "the behaviour policy must produce both outcomes"
     data = transitions_from(traces, baseline={"door": 0.0})
     # Plant: measure with the acting model which skill texts raise / lower the good action's probability.
-    inp = StepInputs(task=DoorEnv.task, obs="A door.", admissible=ACTIONS)
+    # Every episode is the same one-decision state, so one replayed prompt measures the shift exactly.
+    inp = data[0].inputs
+    assert inp == StepInputs(task=DoorEnv.task, obs="A door.", admissible=ACTIONS)
     base = pol.score(inp, None).logp[ACTIONS.index(GOOD)]
     shift = {}
     for w in ["knock", "go north", "push it", "wait wait", "open", "look around", "sit"]:
         sk = skill(w)
-        shift[w] = pol.score(inp, sk.render()).logp[ACTIONS.index(GOOD)] - base
+        shift[w] = pol.score(replay_inputs(data[0], sk), sk.render()).logp[ACTIONS.index(GOOD)] - base
     better = max(shift, key=shift.get)
     worse = min(shift, key=shift.get)
     assert shift[better] > 0.1 and shift[worse] < -0.05
@@ -95,7 +97,8 @@ def test_no_op_candidate_never_passes(setup):
     pol, data, better, _ = setup
     # Replay recorded *under the candidate itself*: every ratio is 1, so the centred surrogate gain is 0.
     text = better.render()
-    same = [Transition(inputs=t.inputs, choice=t.choice, behavior_logp=pol.score(t.inputs, text).logp[t.choice],
+    same = [Transition(inputs=t.inputs, choice=t.choice,
+                       behavior_logp=pol.score(replay_inputs(t, better), text).logp[t.choice],
                        advantage=t.advantage, episode_id=t.episode_id, behavior_skill_id=better.id) for t in data]
     rep = gate(pol, better, same, GateConfig(min_transitions=16))
     assert rep.decision == "reject" and abs(rep.delta) < 1e-9 and rep.mean_abs_logratio < 1e-6
