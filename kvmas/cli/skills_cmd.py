@@ -48,7 +48,8 @@ def _load_model(name: Optional[str], threads: Optional[int]):
 @app.command("list")
 def list_(scope: Optional[str] = typer.Option(None, help="only this scope"),
           status: Optional[str] = typer.Option(None, help="candidate|probation|active|archived|rejected"),
-          page_size: int = typer.Option(20, min=1, max=500), after: int = typer.Option(0, help="cursor of the next page"),
+          page_size: int = typer.Option(20, min=1, max=500),
+          after: int = typer.Option(0, help="cursor of the next page"),
           store: Optional[Path] = StoreOpt) -> None:
     """List skills, one page at a time (the next cursor is printed when there is more)."""
     try:
@@ -198,6 +199,7 @@ def learn(env: str = typer.Argument(..., help="house | codebreaker"),
           scope: Optional[str] = typer.Option(None, help="default: ENV"),
           iterations: int = typer.Option(3, min=1), episodes: int = typer.Option(8, min=1),
           split: str = typer.Option("train"), no_gate: bool = typer.Option(False, "--no-gate"),
+          temperature: float = typer.Option(0.3, min=0.01, help="policy softmax temperature (sampling)"),
           model: Optional[str] = typer.Option(None, "--model", help="model name or path for Model.load"),
           threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
           store: Optional[Path] = StoreOpt) -> None:
@@ -208,11 +210,12 @@ def learn(env: str = typer.Argument(..., help="house | codebreaker"),
 
     try:
         if env not in ENVS or split not in SPLITS:
-            raise BadInputError(f"unknown env/split {env}/{split} (envs: {', '.join(ENVS)}; splits: {', '.join(SPLITS)})")
+            raise BadInputError(f"unknown env/split {env}/{split} "
+                                f"(envs: {', '.join(ENVS)}; splits: {', '.join(SPLITS)})")
         st = _store(store)
         m = _load_model(model, threads)
-        lr = Learner(st, ActionPolicy(m), env, scope or env, LearnConfig(episodes_per_iter=episodes,
-                                                                          use_gate=not no_gate), split=split)
+        cfg = LearnConfig(episodes_per_iter=episodes, use_gate=not no_gate)
+        lr = Learner(st, ActionPolicy(m, temperature=temperature), env, scope or env, cfg, split=split)
         lr.install_seeds()
         with _progress() as prog:
             task = prog.add_task("episodes", total=iterations * episodes)
@@ -233,6 +236,7 @@ def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
           eval_episodes: int = typer.Option(8, min=2),
           conditions: str = typer.Option("none,ours,nogate,seeds"),
           judge: bool = typer.Option(True, "--judge/--no-judge", help="applicability P(Yes) from the model"),
+          temperature: float = typer.Option(0.3, min=0.01, help="policy softmax temperature (build sampling)"),
           model: Optional[str] = typer.Option(None, "--model", help="model name or path for Model.load"),
           threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
@@ -247,11 +251,13 @@ def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
         if bad or not conds:
             raise BadInputError(f"unknown condition(s) {bad} (choose from {', '.join(CONDITIONS)})")
         if env not in ENVS or split not in SPLITS:
-            raise BadInputError(f"unknown env/split {env}/{split} (envs: {', '.join(ENVS)}; splits: {', '.join(SPLITS)})")
+            raise BadInputError(f"unknown env/split {env}/{split} "
+                                f"(envs: {', '.join(ENVS)}; splits: {', '.join(SPLITS)})")
         st = _store(store)
         m = _load_model(model, threads)
         cfg = EvalConfig(env=env, split=split, iterations=iterations, build_episodes=build_episodes,
-                         eval_episodes=eval_episodes, conditions=conds, judge=judge)
+                         eval_episodes=eval_episodes, conditions=conds, judge=judge,
+                         temperature=temperature)
         with _progress() as prog:
             tasks: dict[str, int] = {}
 
@@ -278,7 +284,8 @@ def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
         if act:
             console.print(f"one decision under a skill: KV prefix prefills {act['kv']['prefilled']} tokens "
                           f"(= {act['no_skill_prefilled']} without a skill), text block prefills "
-                          f"{act['text']['prefilled']}; max |Δ log p| between the two = {act['max_abs_logp_diff']:.2e}")
+                          f"{act['text']['prefilled']}; "
+                          f"max |Δ log p| between the two = {act['max_abs_logp_diff']:.2e}")
         console.print("anchor: ProcMEM reports reuse 0.925 with an 816-token memory (Mastermind/ALFWorld).")
         if json_out:
             atomic_write_text(json_out, json.dumps({"config": cfg.model_dump(mode="json"), "model": m.name,

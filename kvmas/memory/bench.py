@@ -56,6 +56,7 @@ class EvalConfig(BaseModel):
     eval_episodes: int = 8
     conditions: tuple[str, ...] = CONDITIONS
     judge: bool = True
+    temperature: float = 0.3  # policy softmax temperature (sampling in the build phase; eval is greedy)
     gate: GateConfig = Field(default_factory=lambda: GateConfig(min_transitions=8, max_transitions=24))
 
 
@@ -89,7 +90,7 @@ def run_eval(model, store: SkillStore, cfg: EvalConfig, *,
     """Build (for ``ours``/``nogate``), freeze, evaluate every condition on the same held-out seeds."""
     import time
 
-    policy = ActionPolicy(model)
+    policy = ActionPolicy(model, temperature=cfg.temperature)
     mems: dict[str, SkillMemory | None] = {}
     gate_rates: dict[str, tuple[float | None, int]] = {}
     for cond in cfg.conditions:
@@ -169,7 +170,8 @@ def activation_prefill(model, store: SkillStore, scope: str, env: str = "house",
         pol.prefix(sk.render())  # the one-off prefix computation is not part of an activation
         t0 = time.perf_counter()
         sc = pol.score(inp, sk.render())
-        out["kv" if mode else "text"] = {"prefilled": sc.prefilled, "reused": sc.reused, "skill_tokens": sc.skill_tokens,
+        out["kv" if mode else "text"] = {"prefilled": sc.prefilled, "reused": sc.reused,
+                                         "skill_tokens": sc.skill_tokens,
                                          "wall_s": round(time.perf_counter() - t0, 3), "logp": sc.logp}
     base = ActionPolicy(model, kv_prefix=True).score(inp, None)
     out["no_skill_prefilled"] = base.prefilled

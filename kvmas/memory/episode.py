@@ -65,7 +65,8 @@ def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: rand
             usage=Usage(prefilled=scored.prefilled, reused=scored.reused), wall_s=time.perf_counter() - ts,
             meta={"inputs": inputs.model_dump(), "choice": idx, "logp": scored.logp[idx],
                   "skill_id": active.id if active else None, "skill_source": active.source if active else None,
-                  "skill_tokens": scored.skill_tokens, "skill_since": since, "context": scored.context, "selected": selected,
+                  "skill_tokens": scored.skill_tokens, "skill_since": since, "context": scored.context,
+                  "selected": selected,
                   "event": res.event, "obs_after": res.obs, "reward": res.reward, "slots": env.slots},
         ))
         history = history + [[action, res.obs]]

@@ -120,7 +120,8 @@ def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], 
                   adv_pos_share=pos / len(data))
     if s["mean_abs_logratio"] > cfg.max_abs_logratio:
         return GateReport(**report, decision="reject",
-                          reason=f"trust region: mean |log ratio| {s['mean_abs_logratio']:.3f} > {cfg.max_abs_logratio}")
+                          reason=f"trust region: mean |log ratio| {s['mean_abs_logratio']:.3f}"
+                                 f" > {cfg.max_abs_logratio}")
     if s["delta"] <= cfg.margin:
         return GateReport(**report, decision="reject", reason=f"delta {s['delta']:.4f} <= margin {cfg.margin}")
     return GateReport(**report, decision="accept", reason=f"delta {s['delta']:.4f} > margin {cfg.margin}")

@@ -55,7 +55,8 @@ def seed_skills(env: str, scope: str) -> list[Skill]:
     """Hand-written starting skills (generic procedures) for an environment."""
     if env == "house":
         specs = [
-            ("FetchObject", "you must put an object that is in another place", ["go to <place>", "take <object> from <place>"],
+            ("FetchObject", "you must put an object that is in another place",
+             ["go to <place>", "take <object> from <place>"],
              "You pick up the <object>.", []),
             ("CleanAtSink", "holding an object that must be clean",
              ["go to sinkbasin 1", "clean <object> with sinkbasin 1"], "It is clean now.", ["clean", "pick up"]),
@@ -210,8 +211,8 @@ class Learner:
             best = max(accepted, key=lambda cr: cr[1].delta) if accepted else None
             for cand, rep in group:
                 if rep.decision == "accept" and best is not None and cand.id != best[0].id:
-                    rep = rep.model_copy(update={"decision": "reject",
-                                                 "reason": f"{rep.reason}; not best of {len(group)} (best {best[0].id})"})
+                    why = f"{rep.reason}; not best of {len(group)} (best {best[0].id})"
+                    rep = rep.model_copy(update={"decision": "reject", "reason": why})
                 ok = rep.decision == "accept"
                 st.add_gate_result(cand.id, cand.parent_id, ok, rep.model_dump())
                 st.set_status(cand.id, "probation" if ok else "rejected", expected="candidate", reason=rep.reason,

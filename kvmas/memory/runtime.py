@@ -117,7 +117,8 @@ class SkillMemory:
         yes, no = pol.model.encode(" Yes")[0], pol.model.encode(" No")[0]
         return float(torch.sigmoid(lp[yes] - lp[no]))
 
-    def select(self, task: str, obs: str, rng: random.Random, exclude: set[str] = frozenset()) -> tuple[Skill | None, dict]:
+    def select(self, task: str, obs: str, rng: random.Random,
+               exclude: set[str] = frozenset()) -> tuple[Skill | None, dict]:
         """Pick a skill (or none), never one in ``exclude`` (completed in this episode). Returns (skill, info)."""
         cands = [c for c in self.candidates(task, obs) if c[0].id not in exclude]
         if not cands:
