@@ -27,3 +27,13 @@ def test_merge_policy_error_is_measured():
     for policy in ("shared", "rerotate"):
         assert err[policy]["max_abs_dlogprob"] > 0  # approximate policies really differ from exact re-prefill
         assert err[policy]["kl_exact_to_policy"] >= -1e-6
+
+
+def test_latent_steps_scores_gold_solution_under_each_setting():
+    from kvmas.bench.latent_steps import gold_solution, run
+
+    tasks = load_tasks("gsm8k-sample", n=1)
+    assert "<<" not in gold_solution(tasks[0]) and "\\boxed{" in gold_solution(tasks[0])
+    res = run(tiny_model("llama"), tasks, methods=("latent:review",), steps=(0, 2))
+    assert set(res) == {"single", "latent:review@0", "latent:review@2"}
+    assert res["latent:review@0"]["mean"] != res["latent:review@2"]["mean"]  # latent steps change the context

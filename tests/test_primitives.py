@@ -193,3 +193,13 @@ def test_bad_input(model):
     with pytest.raises(ContextOverflowError):
         Single(max_new_tokens=4096)("x" * 100, model=model)
     assert parse_method("text:review").comm == "text" and parse_method("single").name == "single"
+
+
+@pytest.mark.parametrize("margin", [-1e9, 1e9])
+def test_non_final_review_leaves_thoughts_for_the_next_primitive(model, margin):
+    from kvmas.agents.agent import RunContext
+    ctx = RunContext(model=model, question=Q)
+    st = Review(max_new_tokens=4, latent_steps=2, stop_margin=margin).forward(ctx, LatentState.empty(model),
+                                                                             final=False)
+    assert st.segments[-1].kind == "latent" and st.segments[-1].agent == "solver"
+    assert st.last_logits is not None and ctx.answer is None

@@ -25,6 +25,7 @@ app.add_typer(trace_app, name="trace")
 # Sub-apps live in their own modules; a few commands are mounted where users look for them.
 from kvmas.bench import decode as _decode  # noqa: E402
 from kvmas.bench import efficiency as _efficiency  # noqa: E402
+from kvmas.bench import latent_steps as _latent_steps  # noqa: E402
 from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd  # noqa: E402
 
 app.add_typer(models_cmd.app, name="models")
@@ -34,6 +35,7 @@ app.add_typer(pool_cmd.app, name="pool")
 app.add_typer(bench_cmd.app, name="bench")
 bench_cmd.app.command("efficiency")(_efficiency.command)
 bench_cmd.app.command("decode")(_decode.command)
+bench_cmd.app.command("latent-steps")(_latent_steps.command)
 app.command("feedback")(pool_cmd.feedback_cmd)
 
 err_console = Console(stderr=True)

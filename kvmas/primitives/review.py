@@ -78,9 +78,9 @@ class Review(Primitive):
                 state = solver.think(ctx, state)
         else:
             ctx.meta.setdefault("review_stopped_at_round", None)
+        if state.segments[-1].role != "solver" or state.segments[-1].kind != "prompt":
+            state = solver.read(ctx, state, self.final_instruction(ctx, FINAL))
         if final:
-            if state.segments[-1].role != "solver" or state.segments[-1].kind != "prompt":
-                state = solver.read(ctx, state, self.final_instruction(ctx, FINAL))
             text, state = solver.speak(ctx, state)
             ctx.answer = text
         else:
