@@ -23,9 +23,9 @@ from kvmas.attribution.attributor import Attribution
 from kvmas.attribution.log import AttributionLog
 
 PUBLISHED = [  # (name, agent %, step %) on Who&When Algorithm-Generated, with ground truth, as published
-    ("GPT-4o All-at-Once (paper)", 54.33, 12.50),
-    ("GPT-4o Step-by-Step (paper)", 35.20, 25.51),
-    ("CDC-MAS (paper, GPT-4o)", 48.5, 36.2),
+    ("GPT-4o all-at-once†", 54.33, 12.50),
+    ("GPT-4o step-by-step†", 35.20, 25.51),
+    ("CDC-MAS†", 48.5, 36.2),
 ]
 
 
@@ -79,19 +79,20 @@ def render_eval(summary: dict[str, Any], console: Console) -> None:
     t = Table(title=f"Who&When attribution — {summary['data']} (n={summary['n']}, "
                     f"{'with' if summary['with_gt'] else 'without'} gold answer, "
                     f"{summary['folds']}-fold CV × {len(summary['seeds'])} seeds, held-out only)")
-    for c in ("method", "agent %", "step %", "step ±1 %", "step ±3 %", "p(step vs step-1)"):
+    for c in ("method", "agent %", "step %", "±1 %", "±3 %", "p vs step1"):
         t.add_column(c, justify="left" if c == "method" else "right")
     for name, m in summary["methods"].items():
         p = m["mcnemar_seed0"]["step_vs_always_step1"]["p_mcnemar"]
-        t.add_row(f"{name} (ours)", f"{m['agent_acc']:.2f} ± {m['agent_acc_sd']:.2f}",
+        t.add_row(f"ours: {name.removeprefix('cdc_')}", f"{m['agent_acc']:.2f} ± {m['agent_acc_sd']:.2f}",
                   f"{m['step_acc']:.2f} ± {m['step_acc_sd']:.2f}", f"{m['step_acc_pm1']:.2f}",
                   f"{m['step_acc_pm3']:.2f}", f"{p:.4f}", style="bold")
     for name, b in summary["baselines"].items():
-        t.add_row(f"baseline: {name}", f"{b['agent_acc']:.2f}", f"{b['step_acc']:.2f}",
+        t.add_row(name.replace("_", " "), f"{b['agent_acc']:.2f}", f"{b['step_acc']:.2f}",
                   f"{b['step_acc_pm1']:.2f}", f"{b['step_acc_pm3']:.2f}", "")
     for name, a, s in PUBLISHED:
         t.add_row(f"[dim]{name}[/dim]", f"[dim]{a:.2f}[/dim]", f"[dim]{s:.2f}[/dim]", "", "", "")
     console.print(t)
+    console.print("[dim]† published, with gold answer, GPT-4o; p vs step1: exact McNemar on step hits (seed 0)[/dim]")
     if summary.get("warnings"):
         console.print(f"[yellow]{len(summary['warnings'])} warning(s)[/yellow]: "
                       + "; ".join(summary["warnings"][:5]) + (" …" if len(summary["warnings"]) > 5 else ""))
