@@ -86,6 +86,20 @@ def test_correctness_is_judged_on_the_answer(model, tmp_path):
     assert s["methods"]["single"]["tokens_per_item"]["generated"] <= 4
 
 
+def test_choice_scoring_by_likelihood_after_the_answer(model, tmp_path):
+    tasks = load_tasks("synthetic-choice", n=2, seed=4)
+    cfg = BenchConfig(max_new_tokens=3, latent_steps=1, choice_scoring="loglik")
+    s = run_accuracy(tasks, "single,latent:vote", model, tmp_path, cfg)
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    for i in items:
+        sc = i["meta"]["label_scores"]
+        assert len(sc) == 4 and i["pred"] == "ABCD"[max(range(4), key=sc.__getitem__)]
+        assert i["correct"] == (i["pred"] == i["gold"]) and "extracted" in i["meta"]
+    assert s["config"]["choice_scoring"] == "loglik"
+    with pytest.raises(BadInputError, match="choice scoring"):
+        run_accuracy(tasks, "single", model, tmp_path, BenchConfig(choice_scoring="vibes"))
+
+
 def test_loglik_refuses_number_tasks(model, tmp_path):
     with pytest.raises(BadInputError, match="multiple-choice"):
         run_accuracy(load_tasks("synthetic-number", n=2), "loglik", model, tmp_path, CFG)

@@ -6,6 +6,9 @@ verified answer: it chooses before seeing the gold answer, then learns); ``auto-
 pool, so always the organizer's fallback); ``random`` (ablation: a seeded random pick among the retrieved
 pipelines); ``loglik`` (multiple choice only: options ranked by the mean per-token log-likelihood of their
 text after ``Question: ...\\nAnswer:``, no decoding).
+With ``choice_scoring="loglik"`` every method's multiple-choice answer is also read by likelihood: after the
+method's final state (its answer included), "Therefore, the answer is (" is prefilled and the option labels
+are ranked; that label is scored (the extracted one stays in the item log).
 
 Outputs in ``out_dir``: ``items.jsonl`` (one line per method and task, written as it goes), ``results.json``,
 ``results.md`` and ``accuracy.png``. Each method gets accuracy with a bootstrap 95% interval and a Wilson
@@ -35,6 +38,7 @@ from kvmas.tasks import (
 )
 from kvmas.trace import Usage
 
+LABEL_LEAD = "\nTherefore, the answer is ("
 SPECIAL = ("auto", "auto-empty", "random", "loglik")
 DEFAULT_METHODS = "single,latent:review,text:review,latent:vote,text:vote,latent:plan,text:plan,auto"
 
@@ -112,6 +116,7 @@ class BenchConfig:
     pool_path: str | None = None
     learn: bool = True
     organizer_k: int = 4
+    choice_scoring: str = "extract"  # extract | loglik (multiple choice: rank the labels after the method's answer)
 
     def prim_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
@@ -162,17 +167,34 @@ class _Runner:
             result = self.org.run(question, model=self.model, seed=self.cfg.seed)
         else:
             result = self.prim(question, model=self.model, seed=self.cfg.seed)
-        wall = time.perf_counter() - t0
         answer = result.answer or ""
+        pred = extract_answer(answer, task)
         ok = is_correct(answer, task)
+        usage = result.trace.usage
         meta: dict[str, Any] = {}
+        if self.cfg.choice_scoring == "loglik" and task.kind == "choice" and result.state is not None:
+            label, scores, extra = self._label_after(result.state, task)
+            meta.update({"extracted": pred, "label_scores": scores})
+            pred, ok, usage = label, label == task.answer, usage + extra
+        wall = time.perf_counter() - t0
         if self.org is not None:
             org = result.meta.get("organizer", {})
             meta = {"chosen": org.get("method"), "entry_id": org.get("entry_id"), "decision": org.get("decision")}
             if self.cfg.learn and self.method.kind == "auto":
                 self.org.feedback(result, ok, model=self.model)
-        return ItemResult(self.method.name, task.id, task.kind, task.answer, extract_answer(answer, task), ok,
-                          answer, result.trace.usage, wall, len(self.model.encode(answer)) if answer else 0, meta)
+        return ItemResult(self.method.name, task.id, task.kind, task.answer, pred, ok, answer, usage, wall,
+                          len(self.model.encode(answer)) if answer else 0, meta)
+
+    def _label_after(self, state, task: Task) -> tuple[str, list[float], Usage]:
+        """The option label the model finds most likely right after its own answer (``--choice-scoring loglik``)."""
+        if state.rows > 1:
+            state = state.select([0])
+        lead = LABEL_LEAD
+        after = state.extend(lead, agent="scorer", role="scorer")
+        scores = after.score(task.labels)
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        extra = Usage(prefilled=after.length - state.length, reused=state.length)
+        return task.labels[best], [round(x, 4) for x in scores], extra
 
     def _loglik(self, task: Task, t0: float) -> ItemResult:
         from kvmas.agents.state import LatentState
@@ -245,6 +267,8 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run every method on every task; write the item log, JSON, markdown and chart; return the results dict."""
     cfg = cfg or BenchConfig()
+    if cfg.choice_scoring not in ("extract", "loglik"):
+        raise BadInputError(f"unknown choice scoring {cfg.choice_scoring!r} (extract|loglik)")
     if isinstance(methods, str):
         methods = parse_methods(methods)
     if not tasks:
@@ -275,7 +299,8 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
     summary = {
         "config": {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
                    "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
-                   "latent_steps": cfg.latent_steps, "learn": cfg.learn, "started": started,
+                   "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
+                   "started": started,
                    "methods": [m.name for m in methods]},
         "methods": {name: _summarise(items, cfg.seed) for name, items in results.items()},
         "paired": _paired(results, cfg.seed),

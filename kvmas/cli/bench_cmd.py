@@ -64,6 +64,9 @@ def accuracy(
     latent_steps: int = typer.Option(None, "--latent-steps", help="latent steps per agent (primitive default)"),
     pool: Path = typer.Option(None, "--pool", help="starting pool for auto/random (copied; default: fresh seeded)"),
     learn: bool = typer.Option(True, "--learn/--no-learn", help="auto learns online from each verified answer"),
+    choice_scoring: str = typer.Option("extract", "--choice-scoring",
+                                       help="multiple choice: extract the letter from the answer text, or loglik: "
+                                            "rank the option labels by likelihood after the method's answer"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
 ) -> None:
     """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
@@ -80,7 +83,7 @@ def accuracy(
             m = Model.load(model, threads=threads)
         out_dir = out or Path("runs") / f"bench-accuracy-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
-                          pool_path=str(pool) if pool else None, learn=learn)
+                          pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
             bars: dict[str, int] = {}
