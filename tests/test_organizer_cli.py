@@ -58,3 +58,21 @@ def test_feedback_from_a_saved_trace(tmp_path):
     assert res.exit_code == 0 and "recorded success" in res.output
     learned = [e for e in KnowledgePool(pool_path).entries() if e.origin == "learned"]
     assert len(learned) == 1 and learned[0].query == "What is 2+2?"
+
+
+def test_run_auto_then_feedback_by_run_id(tmp_path, monkeypatch):
+    from kvmas.organizer import feedback, run_auto
+
+    monkeypatch.setenv("KVMAS_HOME", str(tmp_path / "home"))
+    pool_path = tmp_path / "p.sqlite"
+    pool = KnowledgePool(pool_path, seed=False)
+    pool.add("sums", PipelineSpec.chain("single"))
+    pool.add("choices", PipelineSpec.chain(("vote", {"n": 2})))
+    r = run_auto("What is 2+2?", model=tiny_model(), max_new_tokens=3, latent_steps=1, pool_path=pool_path)
+    assert r.trace.steps[0].action == "organize"
+    assert (tmp_path / "home" / "runs" / f"{r.trace.run_id}.json").is_file()
+    res = runner.invoke(app, ["feedback", r.trace.run_id, "--bad", "--pool", str(pool_path)])
+    assert res.exit_code == 0 and "recorded failure" in res.output
+    assert sum(e.trials for e in KnowledgePool(pool_path).entries()) == 1
+    entry = feedback(r.trace.run_id, True, pool_path=pool_path)
+    assert entry.query == "What is 2+2?" and entry.origin == "learned"
