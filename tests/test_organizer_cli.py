@@ -74,5 +74,6 @@ def test_run_auto_then_feedback_by_run_id(tmp_path, monkeypatch):
     res = runner.invoke(app, ["feedback", r.trace.run_id, "--bad", "--pool", str(pool_path)])
     assert res.exit_code == 0 and "recorded failure" in res.output
     assert sum(e.trials for e in KnowledgePool(pool_path).entries()) == 1
-    entry = feedback(r.trace.run_id, True, pool_path=pool_path)
-    assert entry.query == "What is 2+2?" and entry.origin == "learned"
+    res = runner.invoke(app, ["feedback", r.trace.run_id, "--good", "--pool", str(pool_path)])
+    assert res.exit_code == 2 and "already has a recorded outcome" in res.output
+    assert sum(e.trials for e in KnowledgePool(pool_path).entries()) == 1

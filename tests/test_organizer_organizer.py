@@ -94,7 +94,9 @@ def test_run_counts_the_organizer_and_feedback_learns(pool, model):
     learned = org.feedback(r, True)
     assert len(pool) == n0 + 1 and learned.query == Q and learned.successes == 1
     assert pool.get(used).trials == trials0 + 1
-    assert org.feedback(r, False) is None and pool.get(used).trials == trials0 + 2
+    with pytest.raises(BadInputError, match="already has a recorded outcome"):
+        org.feedback(r, False)
+    assert pool.get(used).trials == trials0 + 1
 
 
 def test_describe_in_words():

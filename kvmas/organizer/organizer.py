@@ -233,7 +233,8 @@ class Organizer:
         question = trace.question
         return self.pool.learn(question, spec, success, entry_id=params.get("entry_id"),
                                tokens=trace.usage.computed, time_s=trace.wall_s,
-                               tags=tags if tags is not None else infer_tags(question), model=model)
+                               tags=tags if tags is not None else infer_tags(question), model=model,
+                               run_id=trace.run_id)
 
 
 def runs_dir():

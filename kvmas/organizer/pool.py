@@ -82,6 +82,11 @@ CREATE TABLE IF NOT EXISTS embeddings (
     dim INTEGER NOT NULL,
     vec BLOB NOT NULL,
     PRIMARY KEY (entry_id, model_key));
+CREATE TABLE IF NOT EXISTS outcomes (
+    run_id TEXT PRIMARY KEY,
+    entry_id INTEGER,
+    success INTEGER NOT NULL,
+    ts TEXT NOT NULL);
 """
 
 
@@ -353,11 +358,20 @@ class KnowledgePool:
         return self._entry(row)
 
     def learn(self, query: str, spec: PipelineSpec, success: bool, *, entry_id: int | None = None,
-              tokens: int = 0, time_s: float = 0.0, tags: Sequence[str] = (), model=None) -> Entry | None:
+              tokens: int = 0, time_s: float = 0.0, tags: Sequence[str] = (), model=None,
+              run_id: str | None = None) -> Entry | None:
         """Learn from one verified run: count it on the entry it came from, and keep a success as a new entry.
 
+        ``run_id`` makes it idempotent per run: a second outcome for the same run is refused.
         Returns the entry that now holds this query's success (None after a failure).
         """
+        if run_id is not None:
+            with self._tx() as c:
+                try:
+                    c.execute("INSERT INTO outcomes (run_id, entry_id, success, ts) VALUES (?, ?, ?, ?)",
+                              (str(run_id), entry_id, int(bool(success)), _now()))
+                except sqlite3.IntegrityError:
+                    raise BadInputError(f"run {run_id} already has a recorded outcome") from None
         if entry_id is not None:
             self.record(entry_id, success, tokens=tokens, time_s=time_s)
         if not success:
