@@ -69,7 +69,7 @@ class GateReport(BaseModel):
     adv_pos_share: float = 0.0
     epsilon: float
     margin: float
-    logprob: str = "softmax over admissible actions of mean token log-likelihood"
+    logprob: str = "softmax over the admissible actions of their log-likelihood (policy reduction)"
     model_key: str = ""
     decision: str  # accept | reject | defer
     reason: str

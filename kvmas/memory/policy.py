@@ -43,11 +43,24 @@ class StepInputs(BaseModel):
 def step_text(inp: StepInputs, max_history: int = 2) -> str:
     hist = "".join(f"> {a}\n{o}\n" for a, o in inp.history[-max_history:])
     hint = f"Skill step: {inp.hint}\n" if inp.hint else ""
-    return f"Task: {inp.task}\n{hist}{inp.obs}\n{hint}Next action:"
+    return f"Task: {inp.task}\n{hist}{inp.obs}\n{hint}Reply with the next action."
 
 
 def skill_block(skill_text: str | None) -> str:
     return f"\n{skill_text}\n\n" if skill_text else "\n"
+
+
+_MARK = "\x00STEP\x00"
+
+
+def chat_parts(model, skill_text: str | None) -> tuple[str, str]:
+    """The user turn of the model's chat template split around the step text: (prefix, suffix).
+
+    The prefix (template head + header + skill block) is identical at every step, so its KV can be cached;
+    the suffix closes the user turn and opens the assistant's, whose first words are the scored action."""
+    full = model.chat_text([{"role": "user", "content": HEADER + skill_block(skill_text) + _MARK}])
+    pre, post = full.split(_MARK)
+    return pre, post
 
 
 @dataclass
@@ -55,7 +68,7 @@ class Scored:
     """Per-action log-probabilities under the policy (log-softmax over the admissible list) and the cost."""
 
     logp: list[float]
-    raw: list[float]  # mean token log-likelihood of each action
+    raw: list[float]  # log-likelihood of each action (sum or mean over its tokens)
     prefilled: int  # prompt tokens computed for this decision
     reused: int  # prompt tokens read from a cached prefix
     context: int  # prompt tokens in context (prefix + step)
@@ -72,17 +85,18 @@ class ActionPolicy:
     model: object
     kv_prefix: bool = True
     temperature: float = 1.0
+    reduction: str = "sum"  # "sum" (sequence log-prob) or "mean" (per token) of each action's tokens
     prefix_prefills: int = field(default=0)
 
     def __post_init__(self) -> None:
         self._cache: dict[str, LatentState] = self.model._aux.setdefault("skill_prefix_state", {})
 
     def prefix_ids(self, skill_text: str | None) -> list[int]:
-        return self.model.encode(HEADER) + self.model.encode(skill_block(skill_text))
+        return self.model.encode(chat_parts(self.model, skill_text)[0])
 
     def prefix(self, skill_text: str | None) -> LatentState:
         """State holding ``header + skill block``: computed once per (skill text, model), kept on the model."""
-        key = hashlib.sha256((HEADER + skill_block(skill_text)).encode()).hexdigest()[:16]
+        key = hashlib.sha256(chat_parts(self.model, skill_text)[0].encode()).hexdigest()[:16]
         hit = self._cache.get(key)
         if hit is None:
             hit = LatentState.empty(self.model).extend(self.prefix_ids(skill_text), agent="memory", role="skill")
@@ -93,7 +107,7 @@ class ActionPolicy:
     @torch.no_grad()
     def score(self, inp: StepInputs, skill_text: str | None) -> Scored:
         """Policy log-probs of every admissible action for one decision."""
-        step_ids = self.model.encode(step_text(inp))
+        step_ids = self.model.encode(step_text(inp) + chat_parts(self.model, None)[1])
         pre_ids = self.prefix_ids(skill_text)
         skill_tokens = len(pre_ids) - len(self.prefix_ids(None))
         context = len(pre_ids) + len(step_ids)
@@ -104,7 +118,7 @@ class ActionPolicy:
         else:
             state = LatentState.empty(self.model).extend(pre_ids + step_ids, agent="actor", role="step")
             prefilled, reused = context, 0
-        raw = state.score([" " + a for a in inp.admissible], mean=True)
+        raw = state.score([" " + a for a in inp.admissible], mean=self.reduction == "mean")
         z = torch.log_softmax(torch.tensor(raw) / max(self.temperature, 1e-6), 0)
         return Scored(logp=[float(x) for x in z], raw=raw, prefilled=prefilled, reused=reused, context=context,
                       skill_tokens=skill_tokens)
