@@ -74,3 +74,24 @@ def test_planted_suite_on_a_real_primitive():
     case = res["cases"][0]
     assert case["agent"] == "solver" and case["step"] == 2 and case["faulted_answer"].startswith(marker)
     assert any("not replayable" in e for e in case["evidence"])  # the think step cannot be ablated alone
+
+
+def test_zero_shapley_takes_agent_from_flipping_step():
+    """Whole-agent ablations never flip (the reader of the fault also needs the faulty agent's prompt), but
+    ablating the faulty agent's single step does: the agent must come from that step, not from a tie."""
+    from types import SimpleNamespace as NS
+
+    from kvmas.trace import Step, Trace
+
+    def run(iv):
+        t = Trace(question="q")
+        a_off = "a" in iv and iv["a"].steps is None
+        b_step = "b" in iv and iv["b"].steps == {2}
+        for i, (agent, action) in enumerate([("a", "speak"), ("b", "read"), ("b", "think"), ("a", "speak")]):
+            t.add(Step(agent=agent, role="r", action=action, reads=list(range(i)), writes=[i], text_out="x"))
+        ok = b_step and not a_off
+        return NS(answer="5" if ok else "7", trace=t)
+
+    res = ReplayAttributor(run, judge=lambda a: float(a == "5")).attribute(run({}).trace)
+    assert all(b.phi == 0 for b in res.blame)
+    assert res.agent == "b" and res.step == 2

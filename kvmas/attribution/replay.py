@@ -4,7 +4,7 @@ contribution ablated (or replaced) through ``RunContext.interventions``, and see
 * Agent blame: exact Shapley over agents (sampled beyond 8) of the game
   ``v(S) = judge(replay with every agent of S ablated) - judge(original run)``:
   an agent whose removal repairs the run gets positive blame; ``delta_j = v({j})`` is its single-agent effect.
-* Who: the agent with the largest Shapley value. When (critical step): the earliest agent step whose ablation alone (``Intervention("ablate", steps={k})``) flips the
+* Who: the agent with the largest Shapley value (when every value is 0, the agent of the flipping step). When (critical step): the earliest agent step whose ablation alone (``Intervention("ablate", steps={k})``) flips the
   outcome to a success; candidates are the steps upstream of the answer in the exact provenance graph.
 
 ``run(interventions) -> result`` re-executes the pipeline (e.g. ``lambda iv: prim(q, model, seed=s,
@@ -162,6 +162,13 @@ class ReplayAttributor:
                 critical = s.index
         ranking.sort(key=lambda r: (-r.score, r.step))
         top = blame[0].agent
+        informative = blame[0].phi > 1e-9
+        if not informative and critical is not None:
+            # no agent-level ablation changes the outcome (every phi is 0): the game cannot tell who, so the
+            # agent is the one whose step-level ablation flipped it
+            top = trace.steps[critical].agent
+            evidence.append(f"every Shapley value is 0 (no whole-agent ablation flips the outcome); the agent is "
+                            f"taken from the flipping step {critical}")
         if critical is None:
             own = [r for r in ranking if r.agent == top]
             critical = own[0].step if own and own[0].score > 0 else next(
