@@ -203,3 +203,24 @@ def test_non_final_review_leaves_thoughts_for_the_next_primitive(model, margin):
                                                                              final=False)
     assert st.segments[-1].kind == "latent" and st.segments[-1].agent == "solver"
     assert st.last_logits is not None and ctx.answer is None
+
+
+def test_agents_take_a_skill_memory(model, tmp_path):
+    from kvmas.memory.policy import ActionPolicy
+    from kvmas.memory.runtime import SkillMemory
+    from kvmas.memory.skill import Skill
+    from kvmas.memory.store import SkillStore
+
+    store = SkillStore(tmp_path / "skills.sqlite")
+    skill, _ = store.add(Skill(scope="math", name="CheckSums", activation="question asks for a sum",
+                               activation_terms=["what is"], steps=["add the numbers", "check the total"],
+                               termination="total checked", status="active"))
+    mem = SkillMemory(store, "math", ActionPolicy(model), judge=False)
+    r = small(Review, rounds=1, early_stop=False)(Q, model=model, skills=mem)
+    reads = [s for s in r.trace.steps if s.action == "read" and s.agent != "user"]
+    assert reads and all(s.meta.get("skill") == skill.id for s in reads)
+    assert all(skill.render() in s.text_in for s in reads)
+    plain = small(Review, rounds=1, early_stop=False)(Q, model=model)
+    assert r.usage.prefilled > plain.usage.prefilled  # the skill text is really in the prompts
+    other = small(Review, rounds=1, early_stop=False)("Name a colour.", model=model, skills=mem)
+    assert not any(s.meta.get("skill") for s in other.trace.steps)  # activation terms do not match

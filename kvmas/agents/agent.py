@@ -49,7 +49,7 @@ class RunContext:
     system: str = "You are a helpful assistant."
     trace: Trace = field(default_factory=Trace)
     interventions: dict[str, Intervention] = field(default_factory=dict)
-    skills: object | None = None  # an optional skill memory agents may consult (kvmas.memory)
+    skills: object | None = None  # a kvmas.memory.runtime.SkillMemory agents consult at each turn, or None
     answer: str | None = None  # the latest final answer spoken
     messages: list[tuple[str, str]] = field(default_factory=list)  # text-mode messages passed between primitives
     meta: dict = field(default_factory=dict)  # per-run facts primitives report (early stops, majority, ...)
@@ -141,13 +141,24 @@ class Agent:
             self._record(ctx, "read", state, state, t0, Usage(), text_in=None, intervention="ablate")
             return state
         fresh = state.length == 0 if fresh is None else fresh
+        skill_meta = {}
+        if ctx.skills is not None:  # a procedural skill that applies opens the turn (rendered text, never run)
+            import random
+
+            first = instruction[0] if isinstance(instruction, list) else instruction
+            skill, info = ctx.skills.select(ctx.question, first, random.Random(ctx.seed))
+            if skill is not None:
+                block = skill.render() + "\n\n"
+                instruction = [block + i for i in instruction] if isinstance(instruction, list) else block + instruction
+                skill_meta = {"skill": skill.id, "skill_name": skill.name, **info}
         text = ([self.turn(ctx, i, fresh=fresh) for i in instruction] if isinstance(instruction, list)
                 else self.turn(ctx, instruction, fresh=fresh))
         reused = ctx.reused_for(self.name, state)
         after = state.extend(text, agent=self.name, role=self.role, kind="prompt")
         prefilled = sum(len(r) for r in after.segments[-1].token_ids)
         shown = text if isinstance(text, str) else "\n---\n".join(text)
-        self._record(ctx, "read", state, after, t0, Usage(prefilled=prefilled, reused=reused), text_in=shown)
+        self._record(ctx, "read", state, after, t0, Usage(prefilled=prefilled, reused=reused), text_in=shown,
+                     **skill_meta)
         return after
 
     def think(self, ctx: RunContext, state: LatentState, steps: int | None = None) -> LatentState:
