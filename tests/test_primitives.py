@@ -224,3 +224,15 @@ def test_agents_take_a_skill_memory(model, tmp_path):
     assert r.usage.prefilled > plain.usage.prefilled  # the skill text is really in the prompts
     other = small(Review, rounds=1, early_stop=False)("Name a colour.", model=model, skills=mem)
     assert not any(s.meta.get("skill") for s in other.trace.steps)  # activation terms do not match
+
+
+def test_interventions_target_steps_and_stack_per_agent(model):
+    base = small(Review, "text", rounds=1, early_stop=False)(Q, model=model)
+    speaks = [s.index for s in base.trace.steps if s.agent == "solver" and s.action == "speak"]
+    ivs = {"solver": [Intervention("replace", "first draft X", steps={speaks[0]}),
+                      Intervention("replace", "final Y", steps={speaks[1]})]}
+    r = small(Review, "text", rounds=1, early_stop=False)(Q, model=model, interventions=ivs)
+    outs = [s.text_out for s in r.trace.steps if s.agent == "solver" and s.action == "speak"]
+    assert outs == ["first draft X", "final Y"] and r.answer == "final Y"
+    critic_in = next(s.text_in for s in r.trace.steps if s.agent == "critic")
+    assert "first draft X" in critic_in  # the replaced text is what the critic re-read

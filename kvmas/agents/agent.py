@@ -48,7 +48,7 @@ class RunContext:
     seed: int = 0
     system: str = "You are a helpful assistant."
     trace: Trace = field(default_factory=Trace)
-    interventions: dict[str, Intervention] = field(default_factory=dict)
+    interventions: dict[str, "Intervention | list[Intervention]"] = field(default_factory=dict)
     skills: object | None = None  # a kvmas.memory.runtime.SkillMemory agents consult at each turn, or None
     answer: str | None = None  # the latest final answer spoken
     messages: list[tuple[str, str]] = field(default_factory=list)  # text-mode messages passed between primitives
@@ -56,8 +56,12 @@ class RunContext:
     _credited: dict[str, set[int]] = field(default_factory=dict)
 
     def intervention(self, agent: str) -> Intervention | None:
-        iv = self.interventions.get(agent)
-        return iv if iv is not None and iv.applies(len(self.trace.steps)) else None
+        """The intervention on ``agent`` that applies to the step about to be recorded (first match)."""
+        ivs = self.interventions.get(agent)
+        for iv in ivs if isinstance(ivs, list) else [ivs] if ivs is not None else []:
+            if iv.applies(len(self.trace.steps)):
+                return iv
+        return None
 
     def reused_for(self, agent: str, state: LatentState) -> int:
         """Positions of ``state`` written by other agents that ``agent`` reads for the first time.
@@ -164,6 +168,8 @@ class Agent:
     def think(self, ctx: RunContext, state: LatentState, steps: int | None = None) -> LatentState:
         """Latent steps on top of ``state``; a ``replace`` intervention prefills its text instead."""
         steps = self.latent_steps if steps is None else steps
+        if steps == 0:  # no thinking step exists, so nothing to intervene on (keeps step indices aligned)
+            return state
         t0 = time.perf_counter()
         iv = ctx.intervention(self.name)
         if iv is not None:
@@ -173,8 +179,6 @@ class Agent:
             self._record(ctx, "think", state, after, t0, Usage(prefilled=pre), text_out=iv.text or None,
                          intervention=iv.kind)
             return after
-        if steps == 0:
-            return state
         reused = ctx.reused_for(self.name, state)
         after = state.think(steps, agent=self.name, role=self.role)
         self._record(ctx, "think", state, after, t0, Usage(latent=steps * state.rows, reused=reused),
