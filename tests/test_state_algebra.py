@@ -280,3 +280,12 @@ def test_merge_keeps_every_branch_even_when_rows_look_alike(model):
         assert m.length == merged.length
         # a dropped forked segment leaves every row's copy
         assert m.drop(m.segments[1].id).length == m.length - 3 * len(model.encode("Row 1 here"))
+
+
+def test_merge_keeps_latent_inputs_of_the_shared_prefix(model):
+    """A prefix with latent steps, merged once, can still be re-prefilled exactly by a later merge."""
+    prefix = LatentState.empty(model).extend("Plan:").think(2)
+    first = prefix.fork(2).extend(["a", "bb"]).merge_rows("shared")
+    assert prefix.segments[1].id in first.latent_inputs
+    again = LatentState.merge([first.extend(" x"), first.extend(" yy")], "reprefill")
+    assert again.length == first.length + len(model.encode(" x")) + len(model.encode(" yy"))

@@ -430,8 +430,7 @@ class LatentState:
         # forked segment share its id but not its content)
         shared = min([_common_prefix_columns(states)] + [s.shared_cols for s in states])
         base = states[0]._keep_columns(torch.arange(shared), dropped=-1)
-        base = base._with(next_pos=base.positions[:, -1] + 1 if shared else torch.zeros(1, dtype=torch.long),
-                          latent_inputs={})
+        base = base._with(next_pos=base.positions[:, -1] + 1 if shared else torch.zeros(1, dtype=torch.long))
         if policy == "reprefill":
             state = base
             for b, s in enumerate(states):
@@ -454,7 +453,7 @@ class LatentState:
         inv = None
         keys = [[k[:, :, :shared]] for k in base.keys]
         values = [[v[:, :, :shared]] for v in base.values]
-        positions, segs, latent = [base.positions], list(base.segments), {}
+        positions, segs, latent = [base.positions], list(base.segments), dict(base.latent_inputs)
         col, offset, next_pos = shared, 0, int(base.next_pos[0])
         for b, s in enumerate(states):
             n = s.length - shared
