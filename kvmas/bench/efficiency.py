@@ -91,7 +91,7 @@ def run_method(method: str, tasks, model, *, seed: int, max_new_tokens: int, lat
     return out
 
 
-def merge_policy_error(model, question: str, n: int = 3, latent_steps: int = 8) -> dict:
+def merge_policy_error(model, question: str, n: int = 3, latent_steps: int = 4) -> dict:
     """Error of the Vote selector's merge policies against exact re-prefill of all candidates.
 
     Builds the latent Vote state up to the selector's prompt under each policy and compares the selector's
@@ -142,7 +142,7 @@ def _worker(spec_path: str) -> None:
     res = run_method(spec["method"], tasks, model, seed=spec["seed"], max_new_tokens=spec["max_new_tokens"],
                      latent_steps=spec["latent_steps"], trace_dir=trace_dir, progress=tick)
     if spec.get("merge_error"):
-        res.meta["merge_error"] = [merge_policy_error(model, q.question, latent_steps=spec["latent_steps"] or 8)
+        res.meta["merge_error"] = [merge_policy_error(model, q.question, latent_steps=spec["latent_steps"] or 4)
                                    for q in tasks[: spec["merge_error"]]]
     atomic_write_text(spec["out"], json.dumps(asdict(res)))
 

@@ -54,7 +54,7 @@ class Primitive:
 
     name = "primitive"
 
-    def __init__(self, comm: Comm = "latent", latent_steps: int = 8, max_new_tokens: int = 512,
+    def __init__(self, comm: Comm = "latent", latent_steps: int = 4, max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0):
         if comm not in ("latent", "text"):
             raise BadInputError(f"unknown comm mode {comm!r} (latent|text)")
