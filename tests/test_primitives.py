@@ -156,9 +156,9 @@ def test_review_drops_old_critiques(model):
 
 
 def test_review_early_stop_is_measured(model):
-    r = Review(max_new_tokens=4, latent_steps=1, stop_margin=-1e9)(Q, model=model)  # always agrees
+    r = Review(max_new_tokens=4, latent_steps=1, early_stop=True, stop_margin=-1e9)(Q, model=model)  # always agrees
     assert r.meta["review_stopped_at_round"] == 0 and len(r.meta["review_verdict_margins"]) == 1
-    r = Review(max_new_tokens=4, latent_steps=1, stop_margin=1e9)(Q, model=model)  # never agrees
+    r = Review(max_new_tokens=4, latent_steps=1, early_stop=True, stop_margin=1e9)(Q, model=model)  # never agrees
     assert r.meta["review_stopped_at_round"] is None and len(r.meta["review_verdict_margins"]) == 2
 
 
@@ -199,7 +199,7 @@ def test_bad_input(model):
 def test_non_final_review_leaves_thoughts_for_the_next_primitive(model, margin):
     from kvmas.agents.agent import RunContext
     ctx = RunContext(model=model, question=Q)
-    st = Review(max_new_tokens=4, latent_steps=2, stop_margin=margin).forward(ctx, LatentState.empty(model),
+    st = Review(max_new_tokens=4, latent_steps=2, early_stop=True, stop_margin=margin).forward(ctx, LatentState.empty(model),
                                                                              final=False)
     assert st.segments[-1].kind == "latent" and st.segments[-1].agent == "solver"
     assert st.last_logits is not None and ctx.answer is None
