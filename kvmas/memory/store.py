@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, ValidationError
 
+from kvmas.db import connect, immediate
 from kvmas.errors import BadInputError, SchemaVersionError
 from kvmas.memory.skill import LIVE, SKILL_SCHEMA_VERSION, TRANSITIONS, Skill, SkillStats
 from kvmas.paths import atomic_write_text, kvmas_home
@@ -113,26 +114,14 @@ class SkillStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_ms / 1000, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
+            conn = self._local.conn = connect(self.path, busy_timeout_s=self.busy_timeout_ms / 1000)
         return conn
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception. Never call a model inside."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._conn()) as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -46,6 +46,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvmas.db import connect, immediate
 from kvmas.errors import BadInputError, CacheCorruptError, SchemaVersionError
 from kvmas.organizer.spec import PipelineSpec
 from kvmas.paths import atomic_write_text, kvmas_home
@@ -229,27 +230,14 @@ class KnowledgePool:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
+            conn = self._local.conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
         return conn
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A short write transaction that takes the write lock up front (no model calls inside)."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self._conn()) as conn:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
 
     def _init_schema(self) -> bool:
         with self._tx() as c:
