@@ -39,9 +39,10 @@ def test_fan_out_and_fan_in_read_both_branches(model):
     steps = r.trace.steps
     merge = [s for s in steps if s.action == "merge"]
     assert len(merge) == 1 and merge[0].meta["branches"] == 2 and merge[0].usage.prefilled == 0
-    plan_writes = {i for s in steps if s.agent.startswith(("planner", "executor")) for i in s.writes}
-    vote_writes = {i for s in steps if s.agent.startswith(("voter", "solver_", "selector")) for i in s.writes}
-    # the merge reads what the plan wrote (shared by both branches) and what each branch added
+    plan_writes = {i for s in steps if s.agent.startswith(("planner", "executor")) and s.action == "think"
+                   for i in s.writes}
+    # the merge reads what the plan thought (shared by both branches; its role prompts are dropped at the
+    # hand-off) and what each branch added
     assert plan_writes and plan_writes <= set(merge[0].reads)
     assert len(set(merge[0].writes)) >= len(plan_writes) + 2
     assert r.trace.method.startswith("dag:") and r.answer is not None

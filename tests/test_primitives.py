@@ -35,14 +35,16 @@ def test_latent_handoff_conditions_on_sender(model):
     prim = small(Review, rounds=1, early_stop=False)
     base = prim(Q, model=model)
     critic_read = next(s for s in base.trace.steps if s.agent == "critic" and s.action == "read")
-    solver_writes = {i for s in base.trace.steps[: critic_read.index] if s.agent == "solver" for i in s.writes}
-    # the critic's prompt was prefilled on top of the solver's state: it read the solver's segments
-    assert solver_writes and solver_writes <= set(critic_read.reads)
+    solver_thoughts = {i for s in base.trace.steps[: critic_read.index] if s.agent == "solver" and s.action == "think"
+                       for i in s.writes}
+    # the critic's prompt was prefilled on top of the solver's state: it read the solver's thoughts
+    assert solver_thoughts and solver_thoughts <= set(critic_read.reads)
     st = base.state
     critic_seg = next(s for s in st.segments if s.agent == "critic")
     solver_seg = next(s for s in st.segments if s.agent == "solver")
     assert critic_seg.start > solver_seg.start  # on top, not beside
-    assert torch.equal(st.positions[0], torch.arange(st.length))  # one continuous stream
+    pos = st.positions[0]
+    assert torch.all(pos[1:] > pos[:-1])  # one stream: dropped role prompts leave gaps, never overlaps
 
     ref = _head_logprobs(base)
     ablated = _head_logprobs(prim(Q, model=model, interventions={"critic": Intervention("ablate")}))
@@ -139,9 +141,10 @@ def test_reuse_counted_once_per_agent_and_segment(model):
     q = seg[("user", "prompt")]
     solver_first, critic, solver_refine = reads[1], reads[2], reads[3]
     assert solver_first.usage.reused == q
-    assert critic.usage.reused == q + seg[("solver", "prompt")] + seg[("solver", "latent")]
-    # the solver was credited for the question already: only the critic's segments are new to it
-    assert solver_refine.usage.reused == seg[("critic", "prompt")] + seg[("critic", "latent")]
+    # the hand-off dropped the solver's role prompt: the critic reuses the question and the solver's thoughts
+    assert critic.usage.reused == q + seg[("solver", "latent")]
+    # the solver was credited for the question already: only the critic's thoughts are new to it
+    assert solver_refine.usage.reused == seg[("critic", "latent")]
     # the solver's own later steps never count its own growing state as reuse
     assert all(s.usage.reused == 0 for s in r.trace.steps if s.action in ("think", "speak") and s.agent == "solver"
                and s.index > solver_refine.index)
@@ -150,9 +153,25 @@ def test_reuse_counted_once_per_agent_and_segment(model):
 def test_review_drops_old_critiques(model):
     r = small(Review, rounds=3, early_stop=False)(Q, model=model)
     critic_segments = [s for s in r.state.segments if s.agent == "critic"]
-    critic_prompts = [s for s in critic_segments if s.kind == "prompt"]
-    assert len(critic_prompts) == 1  # only the latest round's critique remains
+    assert [s.kind for s in critic_segments] == ["latent"]  # only the latest round's critique, prompt handed off
     assert len([s for s in r.trace.steps if s.agent == "critic" and s.action == "read"]) == 3
+    full = small(Review, rounds=3, early_stop=False, handoff="full")(Q, model=model)
+    assert [s.kind for s in full.state.segments if s.agent == "critic"] == ["prompt", "latent"]
+
+
+def test_handoff_keeps_thoughts_and_question_drops_role_prompts(model):
+    for prim in (small(Review, rounds=1), small(Vote, n=2), small(PlanExecute, k=2)):
+        st = prim(Q, model=model).state
+        speaker = st.segments[-2].agent  # the output agent's prompt, then its spoken answer
+        kinds = {(s.agent, s.kind) for s in st.segments}
+        assert ("user", "prompt") in kinds  # the question prefix stays
+        others = {(a, k) for a, k in kinds if a not in ("user", speaker)}
+        assert others and all(k == "latent" for _, k in others), (prim.method, others)
+        full = type(prim)(**{**prim.params(), "handoff": "full"})(Q, model=model).state
+        assert any(s.kind == "prompt" and s.agent not in ("user", speaker) for s in full.segments)
+        assert full.length > st.length
+    with pytest.raises(BadInputError, match="handoff"):
+        Review(handoff="none")
 
 
 def test_review_early_stop_is_measured(model):
@@ -165,7 +184,7 @@ def test_review_early_stop_is_measured(model):
 def test_plan_executors_all_merged(model):
     r = small(PlanExecute, k=3)(Q, model=model)
     ex = [s for s in r.state.segments if s.agent == "executors"]
-    assert len(ex) == 6  # 3 prompts + 3 latent blocks, none thrown away
+    assert [s.kind for s in ex] == ["latent"] * 3  # 3 latent blocks (prompts handed off), none thrown away
     integ = next(s for s in r.trace.steps if s.agent == "integrator" and s.action == "read")
     assert {s.id for s in ex} <= set(integ.reads)
 
@@ -236,3 +255,13 @@ def test_interventions_target_steps_and_stack_per_agent(model):
     assert outs == ["first draft X", "final Y"] and r.answer == "final Y"
     critic_in = next(s.text_in for s in r.trace.steps if s.agent == "critic")
     assert "first draft X" in critic_in  # the replaced text is what the critic re-read
+
+
+def test_echo_detector_flags_copied_role_prompts_only():
+    from kvmas.primitives.echo import echoes_role_prompt
+
+    assert echoes_role_prompt(review_mod.CRITIQUE)
+    assert echoes_role_prompt("Sure. " + plan_mod.EXECUTE.format(i=3, k=3))
+    assert echoes_role_prompt(vote_mod.SELECT.upper())
+    assert not echoes_role_prompt("Let's solve the problem step by step: 16 - 3 - 4 = 9, so \\boxed{18}.")
+    assert not echoes_role_prompt(None)

@@ -38,6 +38,7 @@ class ItemResult:
     generated: int
     wall_s: float
     answer: str
+    echo: bool = False  # the answer copies a role instruction (collapse), see kvmas.primitives.echo
 
 
 @dataclass
@@ -59,6 +60,7 @@ def run_method(method: str, tasks, model, *, seed: int, max_new_tokens: int, lat
                trace_dir: Path | None = None, progress=None) -> MethodResult:
     """Run one method over ``tasks`` in this process (the worker calls this)."""
     from kvmas.primitives import parse_method
+    from kvmas.primitives.echo import echoes_role_prompt
     from kvmas.tasks import extract_answer, format_question, is_correct
 
     params = {"max_new_tokens": max_new_tokens}
@@ -81,7 +83,7 @@ def run_method(method: str, tasks, model, *, seed: int, max_new_tokens: int, lat
         out.items.append(ItemResult(
             id=task.id, correct=bool(r.trace.outcome["correct"]), pred=pred, gold=task.answer,
             answer_tokens=answer_tokens, prefilled=u.prefilled, reused=u.reused, latent=u.latent,
-            generated=u.generated, wall_s=wall, answer=r.answer,
+            generated=u.generated, wall_s=wall, answer=r.answer, echo=echoes_role_prompt(r.answer),
         ))
         for k, v in r.meta.items():
             out.meta.setdefault(k, []).append(v)
@@ -209,6 +211,7 @@ def summarize(results: list[MethodResult], **info) -> dict:
             "wall_s": r.total("wall_s"), "prefilled": r.total("prefilled"), "reused": r.total("reused"),
             "latent": r.total("latent"), "generated": r.total("generated"),
             "answer_tokens_mean": r.total("answer_tokens") / max(1, n), "peak_rss_mb": r.peak_rss_mb,
+            "echoes": sum(i.echo for i in r.items), "no_answer": sum(i.pred is None for i in r.items),
             "samples": [{"id": i.id, "gold": i.gold, "pred": i.pred, "answer": i.answer[:300]} for i in r.items[:3]],
             "items": [asdict(i) for i in r.items], "meta": r.meta,
         }
@@ -230,11 +233,13 @@ def to_markdown(summary: dict) -> str:
              f"n={info['n']}, seed {info['seed']}, max_new_tokens {info['max_new_tokens']}, "
              f"latent_steps {info['latent_steps'] if info['latent_steps'] is not None else 'default'}", "",
              "| method | accuracy | 95% CI | wall s | s/question | prefilled | reused | latent | generated | "
-             "answer tokens (mean) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "answer tokens (mean) | no answer | echoed a role prompt | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in summary["methods"].items():
         lines.append(f"| {m} | {r['correct']}/{r['n']} | {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f} | {r['wall_s']:.1f} | "
                      f"{r['wall_s'] / max(1, r['n']):.2f} | {r['prefilled']} | {r['reused']} | {r['latent']} | "
-                     f"{r['generated']} | {r['answer_tokens_mean']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['generated']} | {r['answer_tokens_mean']:.0f} | {r.get('no_answer', 0)} | "
+                     f"{r.get('echoes', 0)} | {r['peak_rss_mb']:.0f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f}× |" for k, v in summary["ratios"].items()]
     merge = summary["methods"].get("latent:vote", {}).get("meta", {}).get("merge_error")
@@ -288,12 +293,13 @@ def print_summary(summary: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title="kvmas bench efficiency")
-    for col in ("method", "acc", "95% CI", "wall s", "prefilled", "latent", "generated", "ans tok", "peak MB"):
+    for col in ("method", "acc", "95% CI", "wall s", "prefilled", "latent", "generated", "ans tok", "echo",
+                "peak MB"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for m, r in summary["methods"].items():
         table.add_row(m, f"{r['correct']}/{r['n']}", f"{r['ci95'][0]:.2f}–{r['ci95'][1]:.2f}", f"{r['wall_s']:.1f}",
                       str(r["prefilled"]), str(r["latent"]), str(r["generated"]), f"{r['answer_tokens_mean']:.0f}",
-                      f"{r['peak_rss_mb']:.0f}")
+                      str(r.get("echoes", 0)), f"{r['peak_rss_mb']:.0f}")
     console.print(table)
     for k, v in summary["ratios"].items():
         console.print(f"  {k}: [bold]{v:.2f}×[/]")

@@ -25,6 +25,7 @@ from kvmas.trace import Trace, Usage
 
 Comm = Literal["latent", "text"]
 TEAM_SYSTEM = "You are a helpful assistant working in a team of agents on one problem."
+HANDOFFS = ("thoughts", "full")
 LIMITS = {"rounds": (1, 8), "n": (1, 16), "k": (1, 16), "latent_steps": (0, 256), "max_new_tokens": (1, 4096)}
 
 
@@ -55,9 +56,12 @@ class Primitive:
     name = "primitive"
 
     def __init__(self, comm: Comm = "latent", latent_steps: int = 4, max_new_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 1.0):
+                 temperature: float = 0.0, top_p: float = 1.0, handoff: str = "thoughts"):
         if comm not in ("latent", "text"):
             raise BadInputError(f"unknown comm mode {comm!r} (latent|text)")
+        if handoff not in HANDOFFS:
+            raise BadInputError(f"unknown handoff {handoff!r} (one of {', '.join(HANDOFFS)})")
+        self.handoff_mode = handoff
         self.comm = comm
         self.latent_steps = check_param("latent_steps", latent_steps)
         self.max_new_tokens = check_param("max_new_tokens", max_new_tokens)
@@ -74,7 +78,7 @@ class Primitive:
 
     def params(self) -> dict:
         return {"comm": self.comm, "latent_steps": self.latent_steps, "max_new_tokens": self.max_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p}
+                "temperature": self.temperature, "top_p": self.top_p, "handoff": self.handoff_mode}
 
     @property
     def method(self) -> str:
@@ -118,6 +122,23 @@ class Primitive:
         parts = [self.problem_text(ctx)]
         parts += [f"{who}:\n{text.strip()}" for who, text in ctx.messages + messages]
         return "\n\n".join(parts)
+
+    def handoff(self, state: LatentState) -> LatentState:
+        """Latent mode, before another agent reads: keep the earlier agents' thoughts, drop their instructions.
+
+        With ``handoff="thoughts"`` (default) the role prompt of every agent that has thought on top of it is
+        dropped (masked out; its thoughts keep what they absorbed from it). Measured on smollm2: when the role
+        prompts stay, the speaking agent copies the last one ("You are the Critic. ...") instead of answering.
+        The question prefix is never dropped; ``handoff="full"`` keeps everything.
+        """
+        if self.handoff_mode == "full":
+            return state
+        thinkers = {s.agent for s in state.segments if s.kind != "prompt"}
+        for seg in list(state.segments):
+            if seg.kind == "prompt" and seg.agent != "user" and seg.agent in thinkers \
+                    and seg.id in state.segment_ids():
+                state = state.drop(seg.id)
+        return state
 
     def shared_prefix(self, ctx: RunContext, state: LatentState) -> LatentState:
         """Latent mode: the problem prefilled once as the start of the shared conversation."""

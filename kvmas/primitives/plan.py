@@ -44,11 +44,11 @@ class PlanExecute(Primitive):
             Agent("integrator", **kw)
         tasks = [EXECUTE.format(i=i + 1, k=self.k) for i in range(self.k)]
         if self.comm == "latent":
-            state = self.shared_prefix(ctx, state)
+            state = self.handoff(self.shared_prefix(ctx, state))
             state = planner.think(ctx, planner.read(ctx, state, PLAN))
-            rows = executors.think(ctx, executors.read(ctx, state.fork(self.k), tasks, fresh=False))
-            state = integrator.read(ctx, rows.merge_rows(self.merge_policy), self.final_instruction(ctx, INTEGRATE),
-                                    fresh=False)
+            rows = executors.think(ctx, executors.read(ctx, self.handoff(state).fork(self.k), tasks, fresh=False))
+            state = integrator.read(ctx, self.handoff(rows.merge_rows(self.merge_policy)),
+                                    self.final_instruction(ctx, INTEGRATE), fresh=False)
             if final:
                 text, state = integrator.speak(ctx, state)
                 ctx.answer = text

@@ -61,27 +61,28 @@ class Review(Primitive):
         if self.comm == "text":
             return self._text(ctx, final)
         solver, critic = self._agents()
-        state = self.shared_prefix(ctx, state)
+        state = self.handoff(self.shared_prefix(ctx, state))
         state = solver.think(ctx, solver.read(ctx, state, SOLVE))
         critique_ids: list[int] = []
         for r in range(self.rounds):
             for sid in critique_ids:  # the old critique is absorbed by the refinement: drop it
-                state = state.drop(sid)
+                if sid in state.segment_ids():  # (its prompt may be gone already: handoff)
+                    state = state.drop(sid)
             before = set(state.segment_ids())
-            state = critic.read(ctx, state, CRITIQUE)
+            state = critic.read(ctx, self.handoff(state), CRITIQUE)
             if self._critic_agrees(ctx, state):
                 ctx.meta["review_stopped_at_round"] = r
                 state = state.drop(state.segments[-1].id)
                 break
             state = critic.think(ctx, state)
             critique_ids = [i for i in state.segment_ids() if i not in before]
-            state = solver.read(ctx, state, self.final_instruction(ctx, REFINE))
+            state = solver.read(ctx, self.handoff(state), self.final_instruction(ctx, REFINE))
             if r < self.rounds - 1:
                 state = solver.think(ctx, state)
         else:
             ctx.meta.setdefault("review_stopped_at_round", None)
         if state.segments[-1].role != "solver" or state.segments[-1].kind != "prompt":
-            state = solver.read(ctx, state, self.final_instruction(ctx, FINAL))
+            state = solver.read(ctx, self.handoff(state), self.final_instruction(ctx, FINAL))
         if final:
             text, state = solver.speak(ctx, state)
             ctx.answer = text

@@ -27,7 +27,7 @@ class Single(Primitive):
             # the plain single-agent prompt: the question alone, as a user would ask it
             state = solver.read(ctx, state, ctx.question)
         else:
-            state = solver.read(ctx, state, "Solve the problem." if state.length else
+            state = solver.read(ctx, self.handoff(state), "Solve the problem." if state.length else
                                 self.text_context(ctx, []) + "\n\nSolve the problem.")
         state = solver.think(ctx, state)
         if final or self.comm == "text":

@@ -73,9 +73,9 @@ class Vote(Primitive):
         selector = Agent("selector", **kw)
         personas = [f"{p} {SOLVE}" for p in self._personas()]
         if self.comm == "latent":
-            state = self.shared_prefix(ctx, state)
+            state = self.handoff(self.shared_prefix(ctx, state))
             rows = solvers.think(ctx, solvers.read(ctx, state.fork(self.n), personas, fresh=False))
-            merged = rows.merge_rows(self.merge_policy)
+            merged = self.handoff(rows.merge_rows(self.merge_policy))
             state = selector.read(ctx, merged, self.final_instruction(ctx, SELECT), fresh=False)
             if final:
                 text, state = selector.speak(ctx, state)
