@@ -39,8 +39,31 @@ def test_planted_fault_is_found(planted_agent, planted_step):
     att = ReplayAttributor(run, judge)
     res = att.attribute(failed.trace, players=["drafter", "checker"] if planted_agent == "checker" else ["drafter"])
     assert res.agent == planted_agent and res.step == planted_step
-    assert any("flips the outcome" in e for r in res.ranking for e in r.evidence)
+    # the fault is in the answer step itself: nothing upstream repairs the run
+    assert any("answer step" in e and "is where it fails" in e for e in res.evidence)
     assert len(att.replays) <= 2 ** 2 + 4  # memoised: coalitions + single-step ablations
+
+
+def test_upstream_fault_found_by_a_flipping_replay():
+    """The drafter's wrong draft is copied by the checker (the answering agent): ablating the drafter repairs
+    the run, so the drafter gets the blame and its step is the earliest flipping one."""
+    from types import SimpleNamespace as NS
+
+    from kvmas.trace import Step, Trace
+
+    def run(iv):
+        t = Trace(question="q")
+        draft = "" if "drafter" in iv else "13"
+        script = [("drafter", "read", None), ("drafter", "speak", draft), ("checker", "read", None),
+                  ("checker", "speak", draft or "5")]
+        for i, (agent, action, out) in enumerate(script):
+            t.add(Step(agent=agent, role="r", action=action, reads=list(range(i)), writes=[i], text_out=out))
+        return NS(answer=draft or "5", trace=t)
+
+    res = ReplayAttributor(run, judge=lambda a: float(a == "5")).attribute(run({}).trace)
+    assert res.agent == "drafter" and res.step == 1
+    assert res.blame[0].agent == "drafter" and res.blame[0].phi == 1.0
+    assert any("flips the outcome" in e for r in res.ranking for e in r.evidence)
 
 
 def test_compose_refuses_unrepresentable():
@@ -52,11 +75,11 @@ def test_compose_refuses_unrepresentable():
 
 def test_replay_budget():
     run = lambda iv: pipeline("2+3?", 0, compose({"checker": Intervention("replace", WRONG, {3})}, iv))  # noqa: E731
-    with pytest.raises(BadInputError, match="budget"):
-        ReplayAttributor(run, judge, max_replays=2).attribute(run({}).trace)
-    att = ReplayAttributor(run, judge, max_replays=5)  # 4 coalitions + 1 single-step replay
+    with pytest.raises(BadInputError, match="budget"):  # the original + the drafter's coalition do not fit
+        ReplayAttributor(run, judge, max_replays=1).attribute(run({}).trace)
+    att = ReplayAttributor(run, judge, max_replays=2)  # 2 coalitions; no replay left for the step ablation
     res = att.attribute(run({}).trace)
-    assert len(att.replays) == 5 and any("budget" in e for e in res.evidence)
+    assert len(att.replays) == 2 and any("budget" in e for e in res.evidence)
 
 
 def test_planted_suite_on_a_real_primitive():
@@ -70,8 +93,8 @@ def test_planted_suite_on_a_real_primitive():
                     judge_for=lambda gold: (lambda a: float(marker not in (a or ""))),
                     fault_for=lambda gold: f"{marker} is the answer", plant="last")
     assert res["effective"] == 1 and res["agent_acc"] == 100.0 and res["step_acc"] == 100.0
-    assert res["decided_by_flip"] == 1
     case = res["cases"][0]
+    assert case["decided_by"] == "answer step"  # nothing upstream repairs it: the speech itself fails
     assert case["agent"] == "solver" and case["step"] == 2 and case["faulted_answer"].startswith(marker)
     assert any("not replayable" in e for e in case["evidence"])  # the think step cannot be ablated alone
 

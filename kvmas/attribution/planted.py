@@ -69,7 +69,8 @@ class PlantedCase:
     agent_ok: bool = False
     step_ok: bool = False
     replays: int = 0
-    decided_by: str = ""  # "flip": an ablation flipped the outcome; "fallback": no replay flipped it
+    decided_by: str = ""  # "flip": a step ablation flipped the outcome; "answer step": nothing upstream repairs
+    # the run (the answer step is blamed); "agent only": an agent's ablation repairs it, no single step does
     wall_s: float = 0.0
     evidence: list[str] = field(default_factory=list)
 
@@ -131,7 +132,9 @@ def run_suite(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, s
                     case.pred_agent, case.pred_step = res.agent, res.step
                     case.agent_ok, case.step_ok = res.agent == agent, res.step == k
                     case.evidence = res.evidence
-                    case.decided_by = "flip" if any("flips the outcome" in e for e in res.evidence) else "fallback"
+                    case.decided_by = ("flip" if any("flips the outcome" in e for e in res.evidence) else
+                                       "answer step" if any("is where it fails" in e for e in res.evidence) else
+                                       "agent only")
                 except BadInputError as exc:
                     case.evidence = [f"attribution failed: {exc}"]
                 case.replays = len(att.replays)

@@ -101,25 +101,27 @@ def _replay(path: Path, gold: Optional[str], max_replays: int, model=None):
 def planted_cmd(
     n: int = typer.Option(4, help="how many arithmetic tasks"),
     plant: str = typer.Option("first", help="plant the fault on each agent's first or last content step"),
+    model: Optional[str] = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    methods: str = typer.Option("latent:review,latent:plan", help="comma-separated primitives to plant faults in"),
+    max_new_tokens: int = typer.Option(16, help="decode budget per speaking agent"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write every case here"),
 ) -> None:
-    """Planted-fault suite on real primitives (default model): how often replays name the planted agent/step."""
+    """Planted-fault suite on real primitives: how often replays name the planted agent/step."""
     from kvmas.agents.model import Model
     from kvmas.attribution.planted import TASKS, run_suite
     from kvmas.errors import BadInputError
-    from kvmas.primitives import build
+    from kvmas.primitives import parse_method
 
     console = Console()
+    small = {"review": {"rounds": 1}, "plan": {"k": 2}, "vote": {"n": 2}}  # few agents: exact Shapley stays cheap
     try:
         if not 1 <= n <= len(TASKS):
             raise BadInputError(f"--n must be in 1..{len(TASKS)}")
-        prims = {
-            "latent:review": build("review", comm="latent", rounds=1, early_stop=False, max_new_tokens=16,
-                                   latent_steps=4),
-            "latent:plan": build("plan", comm="latent", k=2, max_new_tokens=16, latent_steps=4),
-        }
-        res = run_suite(prims, TASKS[:n], Model.load(), plant=plant, progress=lambda c: console.print(
-            f"{c.primitive} planted {c.agent}@{c.step} effective={c.effective} -> {c.pred_agent}@{c.pred_step}"))
+        prims = {m: parse_method(m, max_new_tokens=max_new_tokens, **small.get(m.rpartition(":")[2], {}))
+                 for m in [x.strip() for x in methods.split(",") if x.strip()]}
+        res = run_suite(prims, TASKS[:n], Model.load(model), plant=plant, progress=lambda c: console.print(
+            f"{c.primitive} planted {c.agent}@{c.step} effective={c.effective} -> {c.pred_agent}@{c.pred_step} "
+            f"({c.decided_by or 'not attributed'}, {c.replays} replays, {c.wall_s:.0f} s)"))
         console.print({k: v for k, v in res.items() if k != "cases"})
         if json_out:
             atomic_write_text(json_out, json.dumps(res, indent=1))
