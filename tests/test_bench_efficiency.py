@@ -37,3 +37,13 @@ def test_latent_steps_scores_gold_solution_under_each_setting():
     res = run(tiny_model("llama"), tasks, methods=("latent:review",), steps=(0, 2))
     assert set(res) == {"single", "latent:review@0", "latent:review@2"}
     assert res["latent:review@0"]["mean"] != res["latent:review@2"]["mean"]  # latent steps change the context
+
+
+def test_latent_steps_compares_handoffs():
+    from kvmas.bench.latent_steps import run
+
+    tasks = load_tasks("gsm8k-sample", n=1)
+    res = run(tiny_model("llama"), tasks, methods=("latent:plan",), steps=(2,), handoffs=("thoughts", "full"))
+    assert set(res) == {"single", "latent:plan@2/thoughts", "latent:plan@2/full"}
+    # dropping the role prompts changes what the integrator reads
+    assert res["latent:plan@2/thoughts"]["mean"] != res["latent:plan@2/full"]["mean"]

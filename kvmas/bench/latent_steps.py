@@ -43,7 +43,7 @@ def answer_state(prim, question: str, model, seed: int = 0):
 
 
 def run(model, tasks, methods=("latent:review", "latent:vote", "latent:plan"), steps=(0, 2, 4, 8, 16),
-        progress=None) -> dict:
+        progress=None, handoffs=("thoughts",)) -> dict:
     from kvmas.agents.state import LatentState
     from kvmas.primitives import parse_method
     from kvmas.tasks import format_question
@@ -58,12 +58,13 @@ def run(model, tasks, methods=("latent:review", "latent:vote", "latent:plan"), s
         out["single"]["s"] += time.perf_counter() - t0
         for method in methods:
             for m in steps:
-                key = f"{method}@{m}"
-                t0 = time.perf_counter()
-                st = answer_state(parse_method(method, latent_steps=m), q, model)
-                row = out.setdefault(key, {"scores": [], "s": 0.0})
-                row["scores"].append(st.score([gold], mean=True)[0])
-                row["s"] += time.perf_counter() - t0
+                for h in handoffs:
+                    key = f"{method}@{m}" + (f"/{h}" if len(handoffs) > 1 else "")
+                    t0 = time.perf_counter()
+                    st = answer_state(parse_method(method, latent_steps=m, handoff=h), q, model)
+                    row = out.setdefault(key, {"scores": [], "s": 0.0})
+                    row["scores"].append(st.score([gold], mean=True)[0])
+                    row["s"] += time.perf_counter() - t0
         if progress:
             progress()
     for row in out.values():
@@ -73,7 +74,7 @@ def run(model, tasks, methods=("latent:review", "latent:vote", "latent:plan"), s
 
 def command(data: str = "../shared/data/gsm8k/train.jsonl", n: int = 20, model: str = None,
             methods: str = "latent:review,latent:vote,latent:plan", steps: str = "0,2,4,8,16",
-            out: Path = Path("bench_out/latent_steps.json")) -> None:
+            out: Path = Path("bench_out/latent_steps.json"), handoff: str = "thoughts") -> None:
     """Mean log-prob per token of the gold solution under each latent primitive, per latent_steps value."""
     from rich.console import Console
     from rich.progress import Progress
@@ -88,7 +89,7 @@ def command(data: str = "../shared/data/gsm8k/train.jsonl", n: int = 20, model: 
     with Progress() as p:
         bar = p.add_task("latent-steps", total=len(tasks))
         res = run(m, tasks, [x for x in methods.split(",") if x], [int(x) for x in steps.split(",")],
-                  progress=lambda: p.advance(bar))
+                  progress=lambda: p.advance(bar), handoffs=[h for h in handoff.split(",") if h])
     atomic_write_text(out, json.dumps({"model": m.name, "n": len(tasks), "results": res}, indent=2))
     table = Table(title=f"gold-solution log-prob per token ({m.name}, n={len(tasks)})")
     for col in ("method@steps", "mean logprob/token", "Δ vs single", "s"):
