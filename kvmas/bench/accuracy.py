@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 from kvmas.errors import BadInputError, KvmasError
 from kvmas.paths import atomic_write_text
+from kvmas.tasks.prompts import STYLES
 from kvmas.tasks import (
     Task, bootstrap_ci, extract_answer, format_question, is_correct, loglik_continuations, loglik_prefix,
     mcnemar_exact, paired_bootstrap, wilson,
@@ -117,6 +118,7 @@ class BenchConfig:
     learn: bool = True
     organizer_k: int = 4
     choice_scoring: str = "extract"  # extract | loglik (multiple choice: rank the labels after the method's answer)
+    prompt: str = "cot"  # cot (reason step by step) | direct (the answer alone)
 
     def prim_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
@@ -162,7 +164,7 @@ class _Runner:
         t0 = time.perf_counter()
         if self.method.kind == "loglik":
             return self._loglik(task, t0)
-        question = format_question(task)
+        question = format_question(task, style=self.cfg.prompt)
         if self.org is not None:
             result = self.org.run(question, model=self.model, seed=self.cfg.seed)
         else:
@@ -269,6 +271,8 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
     cfg = cfg or BenchConfig()
     if cfg.choice_scoring not in ("extract", "loglik"):
         raise BadInputError(f"unknown choice scoring {cfg.choice_scoring!r} (extract|loglik)")
+    if cfg.prompt not in STYLES:
+        raise BadInputError(f"unknown prompt style {cfg.prompt!r} (one of {', '.join(STYLES)})")
     if isinstance(methods, str):
         methods = parse_methods(methods)
     if not tasks:
@@ -300,7 +304,7 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
         "config": {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
                    "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
                    "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
-                   "started": started,
+                   "prompt": cfg.prompt, "started": started,
                    "methods": [m.name for m in methods]},
         "methods": {name: _summarise(items, cfg.seed) for name, items in results.items()},
         "paired": _paired(results, cfg.seed),
@@ -317,7 +321,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
     """The results as markdown: one row per method, then the paired comparisons."""
     cfg = summary["config"]
     lines = [f"# Accuracy: {cfg['data'] or 'tasks'} (n={cfg['n']}, model {cfg['model']}, seed {cfg['seed']}, "
-             f"max_new_tokens {cfg['max_new_tokens']})", "",
+             f"max_new_tokens {cfg['max_new_tokens']}, prompt {cfg.get('prompt', 'cot')})", "",
              "| method | accuracy | 95% CI (bootstrap) | computed tokens/item | generated/item | latent/item | "
              "s/item | answer tokens | no answer | errors |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -67,6 +67,8 @@ def accuracy(
     choice_scoring: str = typer.Option("extract", "--choice-scoring",
                                        help="multiple choice: extract the letter from the answer text, or loglik: "
                                             "rank the option labels by likelihood after the method's answer"),
+    prompt: str = typer.Option("cot", "--prompt", help="answer instruction: cot (reason step by step, then "
+                                                       "\\boxed{}) or direct (the answer alone)"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
 ) -> None:
     """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
@@ -83,7 +85,8 @@ def accuracy(
             m = Model.load(model, threads=threads)
         out_dir = out or Path("runs") / f"bench-accuracy-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
-                          pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring)
+                          pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring,
+                          prompt=prompt)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
             bars: dict[str, int] = {}

@@ -1,6 +1,7 @@
 r"""Prompt text for tasks: the same instruction for every method, so methods differ only in how agents talk.
 
->>> from kvmas.tasks.task import Task
+>>> from kvmas.errors import BadInputError
+from kvmas.tasks.task import Task
 >>> from kvmas.tasks.prompts import format_question
 >>> print(format_question(Task(id="t", question="What is 2+3?", answer="5")))
 What is 2+3?
@@ -9,10 +10,15 @@ Reason step by step, then give the final answer as \boxed{N}.
 
 from __future__ import annotations
 
+from kvmas.errors import BadInputError
 from kvmas.tasks.task import Task
 
 NUMBER_INSTRUCTION = "Reason step by step, then give the final answer as \\boxed{N}."
 CHOICE_INSTRUCTION = "Reason step by step, then give the letter of the correct option as \\boxed{X}."
+# "direct": the answer alone, no reasoning (a generated-letter evaluation costs a few tokens, not hundreds)
+DIRECT_NUMBER_INSTRUCTION = "Give only the final answer as \\boxed{N}, without explanation."
+DIRECT_CHOICE_INSTRUCTION = "Give only the letter of the correct option as \\boxed{X}, without explanation."
+STYLES = ("cot", "direct")
 
 
 def format_choices(task: Task) -> str:
@@ -20,13 +26,18 @@ def format_choices(task: Task) -> str:
     return "\n".join(f"{c.label}. {c.text}" for c in task.choices or ())
 
 
-def format_question(task: Task, instruction: bool = True) -> str:
-    """The question as every method sees it: stem, options if any, and the answer-format instruction."""
+def format_question(task: Task, instruction: bool = True, style: str = "cot") -> str:
+    """The question as every method sees it: stem, options if any, and the answer-format instruction
+    (``style``: ``cot`` reason step by step, or ``direct`` the answer alone)."""
+    if style not in STYLES:
+        raise BadInputError(f"unknown prompt style {style!r} (one of {', '.join(STYLES)})")
     parts = [task.question.strip()]
     if task.kind == "choice":
         parts.append(format_choices(task))
     if instruction:
-        parts.append(CHOICE_INSTRUCTION if task.kind == "choice" else NUMBER_INSTRUCTION)
+        choice, number = ((CHOICE_INSTRUCTION, NUMBER_INSTRUCTION) if style == "cot" else
+                          (DIRECT_CHOICE_INSTRUCTION, DIRECT_NUMBER_INSTRUCTION))
+        parts.append(choice if task.kind == "choice" else number)
     return "\n".join(parts)
 
 
