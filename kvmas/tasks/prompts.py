@@ -16,8 +16,10 @@ from kvmas.tasks.task import Task
 NUMBER_INSTRUCTION = "Reason step by step, then give the final answer as \\boxed{N}."
 CHOICE_INSTRUCTION = "Reason step by step, then give the letter of the correct option as \\boxed{X}."
 # "direct": the answer alone, no reasoning (a generated-letter evaluation costs a few tokens, not hundreds)
-DIRECT_NUMBER_INSTRUCTION = "Give only the final answer as \\boxed{N}, without explanation."
-DIRECT_CHOICE_INSTRUCTION = "Give only the letter of the correct option as \\boxed{X}, without explanation."
+# (measured on qwen2.5-coder-0.5b: "Give only the letter ... as \\boxed{X}" made it answer a literal "X" or start
+# reasoning on 100/200 ARC-Easy items; the plain wording below is what it follows)
+DIRECT_NUMBER_INSTRUCTION = "Answer with the final number only."
+DIRECT_CHOICE_INSTRUCTION = "Answer with the letter of the correct option only."
 STYLES = ("cot", "direct")
 
 
