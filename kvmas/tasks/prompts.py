@@ -1,7 +1,6 @@
 r"""Prompt text for tasks: the same instruction for every method, so methods differ only in how agents talk.
 
->>> from kvmas.errors import BadInputError
-from kvmas.tasks.task import Task
+>>> from kvmas.tasks.task import Task
 >>> from kvmas.tasks.prompts import format_question
 >>> print(format_question(Task(id="t", question="What is 2+3?", answer="5")))
 What is 2+3?
