@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from kvmas.errors import BadInputError, KvmasError
 from kvmas.paths import atomic_write_text
-from kvmas.tasks.prompts import STYLES
+from kvmas.tasks.prompts import check_style
 from kvmas.tasks import (
     Task, bootstrap_ci, extract_answer, format_question, is_correct, loglik_continuations, loglik_prefix,
     mcnemar_exact, paired_bootstrap, wilson,
@@ -271,8 +271,7 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
     cfg = cfg or BenchConfig()
     if cfg.choice_scoring not in ("extract", "loglik"):
         raise BadInputError(f"unknown choice scoring {cfg.choice_scoring!r} (extract|loglik)")
-    if cfg.prompt not in STYLES:
-        raise BadInputError(f"unknown prompt style {cfg.prompt!r} (one of {', '.join(STYLES)})")
+    check_style(cfg.prompt)  # up front: a bad style fails before any method runs
     if isinstance(methods, str):
         methods = parse_methods(methods)
     if not tasks:

@@ -27,11 +27,17 @@ def format_choices(task: Task) -> str:
     return "\n".join(f"{c.label}. {c.text}" for c in task.choices or ())
 
 
+def check_style(style: str) -> str:
+    """``style`` when it is a known prompt style, else a :class:`BadInputError` naming the known ones."""
+    if style not in STYLES:
+        raise BadInputError(f"unknown prompt style {style!r} (one of {', '.join(STYLES)})")
+    return style
+
+
 def format_question(task: Task, instruction: bool = True, style: str = "cot") -> str:
     """The question as every method sees it: stem, options if any, and the answer-format instruction
     (``style``: ``cot`` reason step by step, or ``direct`` the answer alone)."""
-    if style not in STYLES:
-        raise BadInputError(f"unknown prompt style {style!r} (one of {', '.join(STYLES)})")
+    check_style(style)
     parts = [task.question.strip()]
     if task.kind == "choice":
         parts.append(format_choices(task))
