@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kvmas.agents.state import LatentState
-from kvmas.bench.accuracy import BenchConfig, parse_methods, run_accuracy
+from kvmas.bench.accuracy import BenchConfig, merge_runs, parse_methods, run_accuracy
 from kvmas.cli.bench_cmd import app
 from kvmas.errors import BadInputError
 from kvmas.organizer import PipelineSpec
@@ -98,6 +98,34 @@ def test_choice_scoring_by_likelihood_after_the_answer(model, tmp_path):
     assert s["config"]["choice_scoring"] == "loglik"
     with pytest.raises(BadInputError, match="choice scoring"):
         run_accuracy(tasks, "single", model, tmp_path, BenchConfig(choice_scoring="vibes"))
+
+
+def test_merged_runs_equal_one_run(model, tmp_path):
+    """Methods split across processes and merged give the report of one run with all of them (bar wall time)."""
+    tasks = load_tasks("synthetic-choice", n=3, seed=5)
+    whole = run_accuracy(tasks, "single,latent:vote,text:review", model, tmp_path / "whole", CFG)
+    run_accuracy(tasks, "single,latent:vote", model, tmp_path / "a", CFG)
+    run_accuracy(tasks, "text:review", model, tmp_path / "b", CFG)
+    merged = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert list(merged["methods"]) == list(whole["methods"])
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("wall_s")}  # noqa: E731
+    for name in whole["methods"]:
+        assert strip(merged["methods"][name]) == strip(whole["methods"][name])
+    assert merged["paired"] == whole["paired"]
+    assert merged["config"]["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert len((tmp_path / "ab" / "items.jsonl").read_text().splitlines()) == 9
+    # runs that cannot be paired are refused, naming the reason
+    run_accuracy(tasks, "single", model, tmp_path / "c", CFG)
+    with pytest.raises(BadInputError, match="method single is also in"):
+        merge_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    run_accuracy(tasks, "text:vote", model, tmp_path / "d", BenchConfig(max_new_tokens=5, latent_steps=1))
+    with pytest.raises(BadInputError, match="max_new_tokens"):
+        merge_runs([tmp_path / "a", tmp_path / "d"], tmp_path / "x")
+    run_accuracy(tasks[:2], "text:vote", model, tmp_path / "e", CFG)
+    with pytest.raises(BadInputError, match="config.n"):
+        merge_runs([tmp_path / "a", tmp_path / "e"], tmp_path / "x")
+    with pytest.raises(BadInputError, match="not a finished accuracy run"):
+        merge_runs([tmp_path / "a", tmp_path / "nope"], tmp_path / "x")
 
 
 def test_loglik_refuses_number_tasks(model, tmp_path):

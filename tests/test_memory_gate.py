@@ -74,11 +74,11 @@ def setup(one_thread):
     better = max(shift, key=shift.get)
     worse = min(shift, key=shift.get)
     assert shift[better] > 0.1 and shift[worse] < -0.05
-    return pol, data, skill(better), skill(worse)
+    return pol, data, skill(better), skill(worse), traces
 
 
 def test_gate_accepts_planted_better_and_rejects_planted_worse(setup):
-    pol, data, better, worse = setup
+    pol, data, better, worse, _ = setup
     cfg = GateConfig(min_transitions=16, max_abs_logratio=3.0)
     good = gate(pol, better, data, cfg)
     bad = gate(pol, worse, data, cfg)
@@ -88,7 +88,7 @@ def test_gate_accepts_planted_better_and_rejects_planted_worse(setup):
 
 
 def test_trust_region_guard_and_deferral(setup):
-    pol, data, better, _ = setup
+    pol, data, better, _, _ = setup
     tight = gate(pol, better, data, GateConfig(min_transitions=16, max_abs_logratio=1e-3))
     assert tight.decision == "reject" and tight.reason.startswith("trust region")
     few = gate(pol, better, data[:4], GateConfig(min_transitions=16))
@@ -97,8 +97,20 @@ def test_trust_region_guard_and_deferral(setup):
     assert gate(pol, too_big, data, GateConfig(max_tokens=3)).decision == "reject"
 
 
+def test_replay_set_keeps_only_comparable_decisions(setup):
+    """Decisions made under another prompt version or by another model would make rho measure that change."""
+    pol, data, _, _, traces = setup
+    key = pol.model.fingerprint.key
+    assert len(transitions_from(traces, baseline={"door": 0.0}, model_key=key)) == len(data)
+    assert transitions_from(traces, baseline={"door": 0.0}, model_key="another-model") == []
+    old = traces[0].model_copy(deep=True)
+    for st in old.steps:
+        st.meta["inputs"]["prompt_version"] = 1
+    assert len(transitions_from([old] + traces[1:], baseline={"door": 0.0})) == len(data) - len(old.steps)
+
+
 def test_no_op_candidate_never_passes(setup):
-    pol, data, better, _ = setup
+    pol, data, better, _, _ = setup
     # Replay recorded *under the candidate itself*: every ratio is 1, so the centred surrogate gain is 0.
     text = better.render()
     same = [Transition(inputs=t.inputs, choice=t.choice,

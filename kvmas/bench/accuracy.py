@@ -181,7 +181,7 @@ class _Runner:
         wall = time.perf_counter() - t0
         if self.org is not None:
             org = result.meta.get("organizer", {})
-            meta = {"chosen": org.get("method"), "entry_id": org.get("entry_id"), "decision": org.get("decision")}
+            meta.update({"chosen": org.get("method"), "entry_id": org.get("entry_id"), "decision": org.get("decision")})
             if self.cfg.learn and self.method.kind == "auto":
                 self.org.feedback(result, ok, model=self.model)
         return ItemResult(self.method.name, task.id, task.kind, task.answer, pred, ok, answer, usage, wall,
@@ -299,15 +299,73 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
                 log.flush()
             if progress:
                 progress(m.name, len(tasks), len(tasks))
-    summary = {
-        "config": {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
-                   "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
-                   "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
-                   "prompt": cfg.prompt, "started": started,
-                   "methods": [m.name for m in methods]},
-        "methods": {name: _summarise(items, cfg.seed) for name, items in results.items()},
-        "paired": _paired(results, cfg.seed),
-    }
+    config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
+              "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
+              "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
+              "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods]}
+    return _write_summary(out, config, results)
+
+
+# Settings that must agree before runs can be merged into one report (methods and start time may differ).
+MERGE_KEYS = ("data", "n", "seed", "model_key", "max_new_tokens", "latent_steps", "choice_scoring", "prompt")
+
+
+def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """One report from runs of different methods on the same tasks and settings (e.g. methods split across
+    processes so that each core runs one); the item logs are concatenated, the statistics recomputed.
+
+    Raises BadInputError when the runs disagree on a setting in ``MERGE_KEYS``, repeat a method, or cover
+    different tasks.
+    """
+    if len(run_dirs) < 2:
+        raise BadInputError("merge needs at least two run directories")
+    configs: list[dict[str, Any]] = []
+    results: dict[str, list[ItemResult]] = {}
+    source: dict[str, Path] = {}
+    for d in map(Path, run_dirs):
+        try:
+            cfg = json.loads((d / "results.json").read_text(encoding="utf-8"))["config"]
+            lines = (d / "items.jsonl").read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError, KeyError) as exc:
+            raise BadInputError(f"{d}: not a finished accuracy run ({exc})") from exc
+        for key in MERGE_KEYS:
+            if configs and cfg.get(key) != configs[0].get(key):
+                raise BadInputError(f"{d}: config.{key} = {cfg.get(key)!r} differs from "
+                                    f"{configs[0].get(key)!r} in {run_dirs[0]}")
+        configs.append(cfg)
+        for line in lines:
+            item = _item_from_json(json.loads(line))
+            if source.setdefault(item.method, d) != d:
+                raise BadInputError(f"{d}: method {item.method} is also in {source[item.method]}")
+            results.setdefault(item.method, []).append(item)
+    ids = {name: [r.task_id for r in items] for name, items in results.items()}
+    first = next(iter(ids.values()))
+    for name, got in ids.items():
+        if got != first:
+            raise BadInputError(f"method {name} ran on other tasks than the rest; cannot pair them")
+    config = dict(configs[0])
+    config["methods"] = list(results)
+    config["merged_from"] = [str(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".items.jsonl.tmp", "w", encoding="utf-8") as f:
+        for items in results.values():
+            for r in items:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    (out / ".items.jsonl.tmp").replace(out / "items.jsonl")
+    return _write_summary(out, config, results)
+
+
+def _item_from_json(d: dict[str, Any]) -> ItemResult:
+    return ItemResult(d["method"], d["task_id"], d["kind"], d["gold"], d["pred"], d["correct"], d["answer"],
+                      Usage(**d["usage"]), d["wall_s"], d.get("answer_tokens", 0), d.get("meta") or {},
+                      d.get("error"))
+
+
+def _write_summary(out: Path, config: dict[str, Any], results: dict[str, list[ItemResult]]) -> dict[str, Any]:
+    seed = config["seed"]
+    summary = {"config": config, "methods": {name: _summarise(items, seed) for name, items in results.items()},
+               "paired": _paired(results, seed)}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     atomic_write_text(out / "results.md", to_markdown(summary))
     if write_chart(summary, out / "accuracy.png") is None:

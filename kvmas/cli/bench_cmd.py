@@ -2,6 +2,7 @@
 
     kvmas bench accuracy --data ../shared/data/gsm8k/test_dev.jsonl --methods single,latent:vote,auto --n 100
     kvmas bench accuracy                       # no data needed: the seeded synthetic tasks
+    kvmas bench merge runs/a runs/b -o runs/ab  # methods run in separate processes, one report
 """
 
 from __future__ import annotations
@@ -99,6 +100,25 @@ def accuracy(
             summary = run_accuracy(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"), progress=update)
     except KvmasError as exc:
         _fail(exc)
+    _print_summary(console, summary, out_dir)
+
+
+@app.command("merge")
+def merge(
+    runs: list[Path] = typer.Argument(..., help="accuracy run directories (same tasks and settings, other methods)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output dir of the merged report"),
+) -> None:
+    """Merge accuracy runs of different methods on the same tasks into one report (paired tests across all)."""
+    from kvmas.bench.accuracy import merge_runs
+
+    try:
+        summary = merge_runs(runs, out)
+    except KvmasError as exc:
+        _fail(exc)
+    _print_summary(Console(), summary, out)
+
+
+def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
     console.print(accuracy_table(summary))
     for p in summary["paired"]:
         if p["a"] == summary["config"]["methods"][0] or "auto" in (p["a"], p["b"]):

@@ -128,15 +128,24 @@ def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], 
 
 
 def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str | None | bool = False,
-                     families: set[str] | None = None) -> list[Transition]:
+                     families: set[str] | None = None, model_key: str | None = None) -> list[Transition]:
     """Replay set from episode traces: steps (optionally only those under ``behavior_skill``; ``False`` = any)
-    with the episode advantage R − b(family) spread uniformly over the selected steps."""
+    with the episode advantage R − b(family) spread uniformly over the selected steps.
+
+    Only decisions whose recorded log-prob is comparable with a replay now are used: made with the current
+    prompt version and (when ``model_key`` is given) by the same model; otherwise the ratio ρ would measure
+    the prompt or model change, not the candidate skill."""
+    from kvmas.memory.policy import PROMPT_VERSION
+
     out = []
     for tr in traces:
         fam = tr.outcome.get("task_family", "")
         if families is not None and fam not in families:
             continue
-        steps = [s for s in tr.steps if behavior_skill is False or s.meta.get("skill_id") == behavior_skill]
+        if model_key is not None and (tr.model or {}).get("key") != model_key:
+            continue
+        steps = [s for s in tr.steps if (behavior_skill is False or s.meta.get("skill_id") == behavior_skill)
+                 and s.meta["inputs"].get("prompt_version") == PROMPT_VERSION]
         if not steps:
             continue
         adv = (float(tr.outcome.get("reward", 0.0)) - baseline.get(fam, 0.0)) / len(steps)

@@ -188,13 +188,14 @@ class Learner:
                 continue
         # gate every pending candidate (including ones deferred earlier); best of N per parent
         base = self.baselines()
+        key = self.policy.model.fingerprint.key
         results: dict[str | None, list[tuple[Skill, GateReport]]] = defaultdict(list)
         for cand in st.all(self.scope, "candidate"):
             if cand.parent_id:
-                tr = transitions_from(ev, baseline=base, behavior_skill=cand.parent_id)
+                tr = transitions_from(ev, baseline=base, behavior_skill=cand.parent_id, model_key=key)
             else:
                 fam = cand.provenance.get("family")
-                tr = transitions_from(ev, baseline=base, families={fam} if fam else None)
+                tr = transitions_from(ev, baseline=base, families={fam} if fam else None, model_key=key)
             if cfg.use_gate:
                 rep = gate(self.policy, cand, tr, cfg.gate, parent_id=cand.parent_id)
             else:

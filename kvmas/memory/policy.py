@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from kvmas.agents.state import LatentState
 
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2  # 2: the current observation is not repeated after the history; the hint reads as a next step
 HEADER = "Text game. Choose the next action.\n"
 
 
@@ -41,9 +41,15 @@ class StepInputs(BaseModel):
 
 
 def step_text(inp: StepInputs, max_history: int = 2) -> str:
+    """The per-decision part of the prompt.
+
+    Measured on house (qwen2.5-coder-0.5b, seed skills, 4 held-out seeds, greedy): with version 1 ("Skill
+    step: X" after the observation, which the history had just shown) the model repeated its last action and
+    followed 4 of 36 hints (0/4 episodes solved); with this wording it followed 22 of 22 (4/4 solved)."""
     hist = "".join(f"> {a}\n{o}\n" for a, o in inp.history[-max_history:])
-    hint = f"Skill step: {inp.hint}\n" if inp.hint else ""
-    return f"Task: {inp.task}\n{hist}{inp.obs}\n{hint}Reply with the next action."
+    cur = "" if inp.history and inp.history[-1][1] == inp.obs else f"{inp.obs}\n"
+    hint = f"The skill's next step is: {inp.hint}\n" if inp.hint else ""
+    return f"Task: {inp.task}\n{hist}{cur}{hint}Reply with the next action."
 
 
 def skill_block(skill_text: str | None) -> str:

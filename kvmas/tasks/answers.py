@@ -168,6 +168,8 @@ def extract_choice(text: str | None, labels: list[str], texts: list[str] | None 
     'B'
     >>> extract_choice("breathing mask", ["A", "B"], ["safety goggles", "breathing mask"])
     'B'
+    >>> extract_choice("A. goggles\nB. mask\nC. gloves\nD", ["A", "B", "C", "D"]) is None
+    True
     """
     if not text or not labels:
         return None
@@ -211,6 +213,8 @@ def extract_choice(text: str | None, labels: list[str], texts: list[str] | None 
         got = _match_text(text, labels, texts)
         if got:
             return got
+    if listing:  # an echoed option list (often cut mid-way: "...C. gloves\nD") names no choice of its own
+        return None
     found = list(re.finditer(rf"[\(\[]\s*({alt})\s*[\)\]]|(?<![A-Z0-9'])({alt})(?=\s*[.:)]?\s*$)", up))
     if found:
         g = found[-1].group(1) or found[-1].group(2)
