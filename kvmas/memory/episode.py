@@ -20,6 +20,22 @@ from kvmas.memory.runtime import SkillMemory, step_hint
 from kvmas.trace import Step, Trace, Usage
 
 
+STEP_COST = 0.02  # per action: among successes, the shorter procedure is the better one
+
+
+def episode_return(outcome: dict, step_cost: float = STEP_COST) -> float:
+    """What learning credits an episode with: the environment's reward minus a small cost per step.
+
+    With the reward alone, a family the policy always solves gives every transition the same advantage, so
+    the gate has no contrast to judge a candidate by (it defers forever); the step cost ranks those episodes
+    by how directly they got there — what a procedure is for.
+
+    >>> episode_return({"reward": 1.0, "n_steps": 6}), episode_return({"reward": 0.0, "n_steps": 10})
+    (0.88, -0.2)
+    """
+    return round(float(outcome.get("reward", 0.0)) - step_cost * int(outcome.get("n_steps", 0)), 10)
+
+
 def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Random, *,
                 greedy: bool = False, iteration: int = 0) -> Trace:
     """Play one episode; actions are sampled from the policy (or argmax when ``greedy``)."""

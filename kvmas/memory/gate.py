@@ -128,13 +128,16 @@ def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], 
 
 
 def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str | None | bool = False,
-                     families: set[str] | None = None, model_key: str | None = None) -> list[Transition]:
+                     families: set[str] | None = None, model_key: str | None = None,
+                     step_cost: float | None = None) -> list[Transition]:
     """Replay set from episode traces: steps (optionally only those under ``behavior_skill``; ``False`` = any)
-    with the episode advantage R − b(family) spread uniformly over the selected steps.
+    with the episode advantage G − b(family) spread uniformly over the selected steps, where G is
+    :func:`~kvmas.memory.episode.episode_return` (reward minus ``step_cost`` per step).
 
     Only decisions whose recorded log-prob is comparable with a replay now are used: made with the current
     prompt version and (when ``model_key`` is given) by the same model; otherwise the ratio ρ would measure
     the prompt or model change, not the candidate skill."""
+    from kvmas.memory.episode import STEP_COST, episode_return
     from kvmas.memory.policy import PROMPT_VERSION
 
     out = []
@@ -148,7 +151,8 @@ def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str 
                  and s.meta["inputs"].get("prompt_version") == PROMPT_VERSION]
         if not steps:
             continue
-        adv = (float(tr.outcome.get("reward", 0.0)) - baseline.get(fam, 0.0)) / len(steps)
+        adv = (episode_return(tr.outcome, STEP_COST if step_cost is None else step_cost)
+               - baseline.get(fam, 0.0)) / len(steps)
         for s in steps:
             out.append(Transition(inputs=StepInputs(**s.meta["inputs"]), choice=int(s.meta["choice"]),
                                   behavior_logp=float(s.meta["logp"]), advantage=adv, episode_id=tr.run_id,

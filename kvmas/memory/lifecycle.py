@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from kvmas.memory.critic import ContrastiveRuleCritic, Critic, extract
 from kvmas.memory.envs import make_env
-from kvmas.memory.episode import run_episode
+from kvmas.memory.episode import STEP_COST, episode_return, run_episode
 from kvmas.memory.gate import GateConfig, GateReport, gate, transitions_from
 from kvmas.memory.maintain import MaintainConfig, jaccard, maintain
 from kvmas.memory.policy import ActionPolicy
@@ -46,6 +46,7 @@ class LearnConfig(BaseModel):
     use_gate: bool = True
     judge: bool = True
     evidence_window: int = 64  # most recent episodes used for extraction and replay
+    step_cost: float = STEP_COST  # learning credits reward − step_cost × steps (see episode.episode_return)
     seed_base: int = 0
     gate: GateConfig = Field(default_factory=GateConfig)
     maintain: MaintainConfig = Field(default_factory=MaintainConfig)
@@ -128,15 +129,16 @@ class Learner:
                 "promoted": promoted, "gated": gated, "archived": archived}
 
     def _credit(self, traces: list[Trace]) -> None:
-        """Advantage A = R − b(family); each skill used gets c_k·A/m; then the EMA baselines move."""
+        """Advantage A = G − b(family) (G: reward − step cost); each skill used gets c_k·A/m; then the EMA
+        baselines move."""
         base = self.baselines()
         by_fam: dict[str, list[float]] = defaultdict(list)
         for tr in traces:
-            by_fam[tr.outcome["task_family"]].append(tr.outcome["reward"])
+            by_fam[tr.outcome["task_family"]].append(episode_return(tr.outcome, self.cfg.step_cost))
         first = {f: statistics.fmean(v) for f, v in by_fam.items() if f not in base}
         for tr in traces:
             fam = tr.outcome["task_family"]
-            adv = tr.outcome["reward"] - base.get(fam, first.get(fam, 0.0))
+            adv = episode_return(tr.outcome, self.cfg.step_cost) - base.get(fam, first.get(fam, 0.0))
             counts: dict[str, int] = defaultdict(int)
             for inv in tr.outcome["invocations"]:
                 counts[inv["skill_id"]] += 1
@@ -192,10 +194,12 @@ class Learner:
         results: dict[str | None, list[tuple[Skill, GateReport]]] = defaultdict(list)
         for cand in st.all(self.scope, "candidate"):
             if cand.parent_id:
-                tr = transitions_from(ev, baseline=base, behavior_skill=cand.parent_id, model_key=key)
+                tr = transitions_from(ev, baseline=base, behavior_skill=cand.parent_id, model_key=key,
+                                      step_cost=cfg.step_cost)
             else:
                 fam = cand.provenance.get("family")
-                tr = transitions_from(ev, baseline=base, families={fam} if fam else None, model_key=key)
+                tr = transitions_from(ev, baseline=base, families={fam} if fam else None, model_key=key,
+                                      step_cost=cfg.step_cost)
             if cfg.use_gate:
                 rep = gate(self.policy, cand, tr, cfg.gate, parent_id=cand.parent_id)
             else:
