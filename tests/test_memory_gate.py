@@ -127,3 +127,31 @@ def test_surrogate_clips_large_ratios():
     assert s["clip_fraction"] == 1.0
     # min(ρÂ, clip(ρ)Â): ρ=e^5 with Â=+1 -> 1.2; ρ=e^-5 with Â=-1 -> max penalty is -0.8 (min picks -0.8)
     assert s["new"] == pytest.approx((1.2 - 0.8) / 2, abs=1e-6)
+
+
+def _solved(n_steps: int):
+    """A trace of a solved one-family episode of ``n_steps`` decisions (no model needed)."""
+    from kvmas.trace import Step, Trace
+
+    tr = Trace(method="skills:house", question="put a mug in table 1.")
+    inp = StepInputs(task="put a mug in table 1.", obs="You are in a room.", admissible=["look", "go to table 1"])
+    for _ in range(n_steps):
+        tr.add(Step(agent="actor", role="actor", action="score", text_out="look",
+                    meta={"inputs": inp.model_dump(), "choice": 0, "logp": -0.7, "skill_id": None}))
+    tr.outcome = {"reward": 1.0, "success": True, "n_steps": n_steps, "task_family": "place"}
+    return tr
+
+
+def test_always_solved_family_still_gives_the_gate_a_contrast():
+    """Reward alone: every transition of an always-solved family has advantage 0 (the gate would defer
+    forever); with the step cost, the shorter solutions are the better ones."""
+    from kvmas.memory.episode import episode_return
+
+    traces = [_solved(n) for n in (4, 6, 8)]
+    base = {"place": sum(episode_return(t.outcome) for t in traces) / 3}
+    adv = [t.advantage for t in transitions_from(traces, baseline=base)]
+    assert any(a > 0 for a in adv) and any(a < 0 for a in adv)
+    short = transitions_from(traces[:1], baseline=base)
+    assert all(t.advantage > 0 for t in short)  # the 4-step solution beats the family's mean
+    flat = transitions_from(traces, baseline={"place": 1.0}, step_cost=0.0)
+    assert all(t.advantage == 0 for t in flat)
