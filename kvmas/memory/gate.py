@@ -135,14 +135,18 @@ def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], 
 
 def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str | None | bool = False,
                      families: set[str] | None = None, model_key: str | None = None,
-                     step_cost: float | None = None) -> list[Transition]:
+                     step_cost: float | None = None, from_start: bool = False) -> list[Transition]:
     """Replay set from episode traces: steps (optionally only those under ``behavior_skill``; ``False`` = any)
     with the episode advantage G − b(family) spread uniformly over the selected steps, where G is
     :func:`~kvmas.memory.episode.episode_return` (reward minus ``step_cost`` per step).
 
     Only decisions whose recorded log-prob is comparable with a replay now are used: made with the current
     prompt version and (when ``model_key`` is given) by the same model; otherwise the ratio ρ would measure
-    the prompt or model change, not the candidate skill."""
+    the prompt or model change, not the candidate skill.
+
+    A candidate is replayed as if activated where the behaviour skill was (an edit of it), or with
+    ``from_start`` at the episode's start (a new skill: its steps are matched against the whole episode, not
+    against the part after some other skill's activation, which would hand it a wrong step)."""
     from kvmas.memory.episode import STEP_COST, episode_return
     from kvmas.memory.policy import PROMPT_VERSION
 
@@ -163,6 +167,7 @@ def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str 
             out.append(Transition(inputs=StepInputs(**s.meta["inputs"]), choice=int(s.meta["choice"]),
                                   behavior_logp=float(s.meta["logp"]), advantage=adv, episode_id=tr.run_id,
                                   behavior_skill_id=s.meta.get("skill_id"),
-                                  since=int(s.meta.get("skill_since", 0)) if s.meta.get("skill_id") else 0,
+                                  since=0 if from_start or not s.meta.get("skill_id")
+                                  else int(s.meta.get("skill_since", 0)),
                                   slots=s.meta.get("slots") or {}))
     return out

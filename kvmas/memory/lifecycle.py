@@ -199,7 +199,7 @@ class Learner:
             else:
                 fam = cand.provenance.get("family")
                 tr = transitions_from(ev, baseline=base, families={fam} if fam else None, model_key=key,
-                                      step_cost=cfg.step_cost)
+                                      step_cost=cfg.step_cost, from_start=True)
             if cfg.use_gate:
                 rep = gate(self.policy, cand, tr, cfg.gate, parent_id=cand.parent_id)
             else:
