@@ -155,3 +155,25 @@ def test_always_solved_family_still_gives_the_gate_a_contrast():
     assert all(t.advantage > 0 for t in short)  # the 4-step solution beats the family's mean
     flat = transitions_from(traces, baseline={"place": 1.0}, step_cost=0.0)
     assert all(t.advantage == 0 for t in flat)
+
+
+def test_new_skill_is_replayed_from_the_episode_start():
+    """A step taken under a skill activated at step 2: an edit of that skill replays from there; a new skill
+    matches its steps against the whole episode (else it would be handed its first step again)."""
+    from kvmas.trace import Step, Trace
+
+    acts = ["go to shelf 1", "take mug from shelf 1", "go to table 1"]
+    inp = StepInputs(task="put a mug in table 1.", obs="You arrive at table 1.",
+                     history=[[a, "ok"] for a in acts], admissible=["go to shelf 1", "put mug in table 1", "look"])
+    tr = Trace(method="skills:house", question=inp.task)
+    tr.add(Step(agent="actor", role="actor", action="score", text_out="put mug in table 1",
+                meta={"inputs": inp.model_dump(), "choice": 1, "logp": -0.5, "skill_id": "deliver",
+                      "skill_since": 2, "slots": {"object": "mug", "place": "shelf 1", "target": "table 1"}}))
+    tr.outcome = {"reward": 1.0, "success": True, "n_steps": 4, "task_family": "place"}
+    whole = Skill(scope="house", name="PlaceMug", activation="put", termination="done",
+                  steps=["go to <place>", "take <object> from <place>", "go to <target>", "put <object> in <target>"])
+    edit, = transitions_from([tr], baseline={})
+    new, = transitions_from([tr], baseline={}, from_start=True)
+    assert (edit.since, new.since) == (2, 0)
+    assert replay_inputs(new, whole).hint == "put mug in table 1"
+    assert replay_inputs(edit, whole).hint == "go to shelf 1"  # the wrong step a new skill used to get
