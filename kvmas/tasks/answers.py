@@ -170,6 +170,8 @@ def extract_choice(text: str | None, labels: list[str], texts: list[str] | None 
     'B'
     >>> extract_choice("A. goggles\nB. mask\nC. gloves\nD", ["A", "B", "C", "D"]) is None
     True
+    >>> extract_choice("D. burning trash\n\nStep 1:", ["A", "B", "C", "D"])
+    'D'
     """
     if not text or not labels:
         return None
@@ -213,9 +215,11 @@ def extract_choice(text: str | None, labels: list[str], texts: list[str] | None 
         got = _match_text(text, labels, texts)
         if got:
             return got
-    if listing:  # an echoed option list (often cut mid-way: "...C. gloves\nD") names no choice of its own
-        return None
-    found = list(re.finditer(rf"[\(\[]\s*({alt})\s*[\)\]]|(?<![A-Z0-9'])({alt})(?=\s*[.:)]?\s*$)", up))
+    if listing:  # the echoed option list (often cut mid-way: "...C. gloves\nD") names no choice of its own
+        up = "\n".join(line for line in up.splitlines()
+                       if not re.match(rf"\s*[\(\[]?\s*({alt})\s*(?:[\)\].:].*)?$", line))
+    found = [m for m in re.finditer(rf"[\(\[]\s*({alt})\s*[\)\]]|(?<![A-Z0-9'])({alt})(?=\s*[.:)]?\s*$)", up)
+             if not re.search(r"\bSTEP\s*[\(\[]?\s*$", up[:m.start()])]  # "Step 1:" opens reasoning, names no option
     if found:
         g = found[-1].group(1) or found[-1].group(2)
         return lmap[g]
