@@ -126,6 +126,12 @@ def test_merged_runs_equal_one_run(model, tmp_path):
         merge_runs([tmp_path / "a", tmp_path / "e"], tmp_path / "x")
     with pytest.raises(BadInputError, match="not a finished accuracy run"):
         merge_runs([tmp_path / "a", tmp_path / "nope"], tmp_path / "x")
+    with pytest.raises(BadInputError, match="overwrite one of its inputs"):
+        merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "a")
+    with open(tmp_path / "b" / "items.jsonl", "a") as f:
+        f.write('{"method": "text:review"}\n')
+    with pytest.raises(BadInputError, match="line 4: not an item record"):
+        merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
 
 
 def test_loglik_refuses_number_tasks(model, tmp_path):

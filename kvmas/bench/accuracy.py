@@ -181,7 +181,7 @@ class _Runner:
         wall = time.perf_counter() - t0
         if self.org is not None:
             org = result.meta.get("organizer", {})
-            meta.update({"chosen": org.get("method"), "entry_id": org.get("entry_id"), "decision": org.get("decision")})
+            meta.update(chosen=org.get("method"), entry_id=org.get("entry_id"), decision=org.get("decision"))
             if self.cfg.learn and self.method.kind == "auto":
                 self.org.feedback(result, ok, model=self.model)
         return ItemResult(self.method.name, task.id, task.kind, task.answer, pred, ok, answer, usage, wall,
@@ -319,6 +319,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     """
     if len(run_dirs) < 2:
         raise BadInputError("merge needs at least two run directories")
+    if Path(out_dir).resolve() in {Path(d).resolve() for d in run_dirs}:
+        raise BadInputError(f"the merged report would overwrite one of its inputs ({out_dir})")
     configs: list[dict[str, Any]] = []
     results: dict[str, list[ItemResult]] = {}
     source: dict[str, Path] = {}
@@ -333,8 +335,11 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
                 raise BadInputError(f"{d}: config.{key} = {cfg.get(key)!r} differs from "
                                     f"{configs[0].get(key)!r} in {run_dirs[0]}")
         configs.append(cfg)
-        for line in lines:
-            item = _item_from_json(json.loads(line))
+        for n, line in enumerate(lines, 1):
+            try:
+                item = _item_from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BadInputError(f"{d}/items.jsonl line {n}: not an item record ({exc})") from exc
             if source.setdefault(item.method, d) != d:
                 raise BadInputError(f"{d}: method {item.method} is also in {source[item.method]}")
             results.setdefault(item.method, []).append(item)
