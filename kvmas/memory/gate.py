@@ -2,7 +2,8 @@
 
 For replayed transitions (s_t, a_t) recorded under a behaviour skill ω_t (the parent, a seed skill, or none):
 ρ_t = π(a_t | s_t, ω′) / π(a_t | s_t, ω_t), where π is the policy's softmax over the admissible actions;
-Â_t = the episode's advantage (R − baseline) spread over its steps, then centred and scaled within the set;
+Â_t = the episode's advantage (G − baseline, G = reward − a step cost) spread over its steps, then centred and
+scaled within the set;
 L(ω′) = mean_t min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε) Â_t), L(ω) = mean Â = 0.
 Accept iff Δ = L(ω′) − L(ω) > margin and the trust-region guard holds: mean|log ρ| × T ≤ max_abs_logratio
 (T: the policy's softmax temperature, so the guard is measured at the model's own temperature 1).
