@@ -53,9 +53,9 @@ class GateConfig(BaseModel):
     eps_clip: float = 0.2
     margin: float = 0.0
     # Trust region on mean |log ρ| at the model's own temperature (log ρ × the policy's softmax temperature, so
-    # the guard does not depend on how sharply the policy samples). 1.0 (the reference spec's value) rejected
-    # every extracted house skill on qwen2.5-coder-0.5b (1.39): a model that follows a procedure's next step
-    # moves that action's probability by ~4x, which is what a skill is for (docs/DECISIONS.md, skills).
+    # the guard does not depend on how sharply the policy samples). 1.0 (the reference spec's value) would
+    # reject the one house skill that passed on qwen2.5-coder-0.5b (1.62, Δ +0.060): a model that follows a
+    # procedure's next step moves that action's probability ~5x, which is what a skill is for (DECISIONS.md).
     max_abs_logratio: float = 2.0
     min_transitions: int = 16
     max_transitions: int = 64
