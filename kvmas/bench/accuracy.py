@@ -353,11 +353,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     config["merged_from"] = [str(d) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".items.jsonl.tmp", "w", encoding="utf-8") as f:
-        for items in results.values():
-            for r in items:
-                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    (out / ".items.jsonl.tmp").replace(out / "items.jsonl")
+    atomic_write_text(out / "items.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
+                                                   for items in results.values() for r in items))
     return _write_summary(out, config, results)
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from kvmas.memory.policy import ActionPolicy, StepInputs
+from kvmas.memory.episode import STEP_COST, episode_return
+from kvmas.memory.policy import PROMPT_VERSION, ActionPolicy, StepInputs
 from kvmas.memory.skill import Skill
 
 
@@ -136,7 +137,7 @@ def gate(policy: ActionPolicy, candidate: Skill, transitions: list[Transition], 
 
 def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str | None | bool = False,
                      families: set[str] | None = None, model_key: str | None = None,
-                     step_cost: float | None = None, from_start: bool = False) -> list[Transition]:
+                     step_cost: float = STEP_COST, from_start: bool = False) -> list[Transition]:
     """Replay set from episode traces: steps (optionally only those under ``behavior_skill``; ``False`` = any)
     with the episode advantage G − b(family) spread uniformly over the selected steps, where G is
     :func:`~kvmas.memory.episode.episode_return` (reward minus ``step_cost`` per step).
@@ -148,9 +149,6 @@ def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str 
     A candidate is replayed as if activated where the behaviour skill was (an edit of it), or with
     ``from_start`` at the episode's start (a new skill: its steps are matched against the whole episode, not
     against the part after some other skill's activation, which would hand it a wrong step)."""
-    from kvmas.memory.episode import STEP_COST, episode_return
-    from kvmas.memory.policy import PROMPT_VERSION
-
     out = []
     for tr in traces:
         fam = tr.outcome.get("task_family", "")
@@ -162,8 +160,7 @@ def transitions_from(traces, *, baseline: dict[str, float], behavior_skill: str 
                  and s.meta["inputs"].get("prompt_version") == PROMPT_VERSION]
         if not steps:
             continue
-        adv = (episode_return(tr.outcome, STEP_COST if step_cost is None else step_cost)
-               - baseline.get(fam, 0.0)) / len(steps)
+        adv = (episode_return(tr.outcome, step_cost) - baseline.get(fam, 0.0)) / len(steps)
         for s in steps:
             out.append(Transition(inputs=StepInputs(**s.meta["inputs"]), choice=int(s.meta["choice"]),
                                   behavior_logp=float(s.meta["logp"]), advantage=adv, episode_id=tr.run_id,
