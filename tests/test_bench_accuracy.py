@@ -77,13 +77,88 @@ def test_run_accuracy_writes_everything(model, tmp_path):
     assert by[("loglik", t.id)]["meta"]["scores"] == [round(x, 4) for x in scores]
 
 
+def _planted_runner(model, tmp_path, replies):
+    """The bench's runner for ``single`` whose solver's spoken text is planted (one reply per call, in order)."""
+    from kvmas.agents.agent import Intervention
+    from kvmas.bench.accuracy import Method, _Runner
+
+    runner = _Runner(Method("single", "primitive", "single"), model, CFG, tmp_path)
+    single, queue = runner.prim, list(replies)
+    runner.prim = lambda q, **kw: single(q, interventions={"solver": Intervention("replace", queue.pop(0))}, **kw)
+    return runner
+
+
 def test_correctness_is_judged_on_the_answer(model, tmp_path):
-    # a number task whose gold answer is what the tiny model emits is scored right, others wrong
+    """Right, wrong, flexible-only and no-answer replies, each judged on what the answer says."""
+    from kvmas.tasks import Task
+
+    task = Task(id="t", question="Tom has 10 apples and eats 4. How many are left?", answer="6")
+    replies = [r"10 - 4 = 6, so \boxed{6}.", "The answer is 6.", r"\boxed{4}", "…now we need to check whether 6",
+               "Tom has 10 apples and eats 4. How many are left?"]
+    runner = _planted_runner(model, tmp_path, replies)
+    got = [runner.run(task) for _ in replies]
+    assert [r.answer for r in got] == replies  # the planted reply is what the bench read
+    assert [(r.pred, r.rule, r.correct, r.correct_strict) for r in got] == [
+        ("6", "boxed", True, True), ("6", "answer-is", True, False), ("4", "boxed", False, False),
+        (None, None, False, False), (None, None, False, False)]
+    # and through the whole harness, on the tiny model: correct exactly where the extracted answer is gold
     tasks = load_tasks("synthetic-number", n=2)
-    s = run_accuracy(tasks, "single", model, tmp_path, CFG)
-    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    s = run_accuracy(tasks, "single", model, tmp_path / "run", CFG)
+    items = [json.loads(line) for line in (tmp_path / "run" / "items.jsonl").read_text().splitlines()]
     assert all(i["correct"] == (i["pred"] is not None and float(i["pred"]) == float(i["gold"])) for i in items)
     assert s["methods"]["single"]["tokens_per_item"]["generated"] <= 4
+
+
+def test_report_has_strict_and_flexible_figures_with_rule_counts(model, tmp_path):
+    from kvmas.bench.accuracy import _summarise
+
+    from kvmas.tasks import Task
+
+    task = Task(id="t", question="Tom has 10 apples and eats 4. How many are left?", answer="6")
+    replies = [r"\boxed{6}", "#### 6", "The answer is 6.", "So 6 are left.", "no idea", r"\boxed{5}"]
+    runner = _planted_runner(model, tmp_path, replies)
+    s = _summarise([runner.run(task) for _ in replies], seed=0)
+    assert (s["correct"], s["correct_strict"], s["accuracy_strict"]) == (4, 2, round(2 / 6, 4))
+    assert s["rules"] == {"boxed": {"n": 2, "correct": 1}, "####": {"n": 1, "correct": 1},
+                          "answer-is": {"n": 1, "correct": 1}, "last-number": {"n": 1, "correct": 1},
+                          "none": {"n": 1, "correct": 0}}
+    lo, hi = s["ci95_wilson_strict"]
+    assert 0 < lo < 2 / 6 < hi < 1
+    run = run_accuracy(load_tasks("gsm8k-sample", n=2), "single", model, tmp_path / "r", CFG)
+    assert run["config"]["prompt_echo_floor"] == 0
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "strict (boxed/####)" in md and "Prompt-echo floor" in md and "none 0/2" in md
+
+
+def test_rescore_reads_stored_answers_again(model, tmp_path):
+    from kvmas.bench.accuracy import rescore_run
+
+    tasks = load_tasks("synthetic-number", n=3)
+    run_accuracy(tasks, "single", model, tmp_path / "run", CFG)
+    lines = (tmp_path / "run" / "items.jsonl").read_text().splitlines()
+    # as if an older scorer had credited a rambling number, and had stored no rule
+    item = json.loads(lines[0])
+    item.update(answer=f"…so now we need to check whether {item['gold']}", pred=item["gold"], correct=True)
+    item.pop("rule")
+    lines[0] = json.dumps(item)
+    item = json.loads(lines[1])
+    item.update(answer=f"\\boxed{{{item['gold']}}}", pred=None, correct=False)
+    lines[1] = json.dumps(item)
+    (tmp_path / "run" / "items.jsonl").write_text("\n".join(lines) + "\n")
+    s = rescore_run(tmp_path / "run", tasks, tmp_path / "new")
+    items = [json.loads(line) for line in (tmp_path / "new" / "items.jsonl").read_text().splitlines()]
+    assert [i["correct"] for i in items] == [False, True, False] and items[1]["rule"] == "boxed"
+    assert s["methods"]["single"]["correct"] == 1 and s["methods"]["single"]["correct_strict"] == 1
+    assert s["config"]["rescored_from"]["run"] == str(tmp_path / "run")
+    with pytest.raises(BadInputError, match="overwrite its input"):
+        rescore_run(tmp_path / "run", tasks, tmp_path / "run")
+    with pytest.raises(BadInputError, match="not in the data"):
+        rescore_run(tmp_path / "run", tasks[:1], tmp_path / "x")
+    res = CliRunner().invoke(app, ["rescore", str(tmp_path / "run"), "--data", "synthetic-number",
+                                   "-o", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "correct before" in res.output and "answers by rule" in res.output
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["methods"] == s["methods"]
 
 
 def test_choice_scoring_by_likelihood_after_the_answer(model, tmp_path):

@@ -34,12 +34,15 @@ from kvmas.errors import BadInputError, KvmasError
 from kvmas.paths import atomic_write_text
 from kvmas.tasks.prompts import check_style
 from kvmas.tasks import (
-    Task, bootstrap_ci, extract_answer, format_question, is_correct, loglik_continuations, loglik_prefix,
-    mcnemar_exact, paired_bootstrap, wilson,
+    Task, bootstrap_ci, format_question, loglik_continuations, loglik_prefix, mcnemar_exact, paired_bootstrap,
+    wilson,
 )
+from kvmas.tasks.answers import STRICT_RULES, matches_gold, prompt_echo_floor, read_answer
 from kvmas.trace import Usage
 
 LABEL_LEAD = "\nTherefore, the answer is ("
+# strict figures count explicit answer formats, and labels ranked by likelihood (no text is parsed for those)
+STRICT_SCORED = STRICT_RULES | {"loglik"}
 SPECIAL = ("auto", "auto-empty", "random", "loglik")
 DEFAULT_METHODS = "single,latent:review,text:review,latent:vote,text:vote,latent:plan,text:plan,auto"
 
@@ -99,10 +102,16 @@ class ItemResult:
     answer_tokens: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    rule: str | None = None  # the scoring rule that read ``pred`` (kvmas.tasks.answers.RULES, or "loglik")
+
+    @property
+    def correct_strict(self) -> bool:
+        """Correct with the answer in an explicit format (boxed / ####), or ranked by likelihood."""
+        return self.correct and self.rule in STRICT_SCORED
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "task_id": self.task_id, "kind": self.kind, "gold": self.gold,
-                "pred": self.pred, "correct": self.correct, "answer": self.answer,
+                "pred": self.pred, "correct": self.correct, "rule": self.rule, "answer": self.answer,
                 "usage": self.usage.model_dump(), "wall_s": round(self.wall_s, 4),
                 "answer_tokens": self.answer_tokens, "meta": self.meta, "error": self.error}
 
@@ -170,14 +179,15 @@ class _Runner:
         else:
             result = self.prim(question, model=self.model, seed=self.cfg.seed)
         answer = result.answer or ""
-        pred = extract_answer(answer, task)
-        ok = is_correct(answer, task)
+        reading = read_answer(answer, task)
+        pred, rule = reading.answer, reading.rule
+        ok = matches_gold(pred, task)
         usage = result.trace.usage
         meta: dict[str, Any] = {}
         if self.cfg.choice_scoring == "loglik" and task.kind == "choice" and result.state is not None:
             label, scores, extra = self._label_after(result.state, task)
-            meta.update({"extracted": pred, "label_scores": scores})
-            pred, ok, usage = label, label == task.answer, usage + extra
+            meta.update({"extracted": pred, "extracted_rule": rule, "label_scores": scores})
+            pred, ok, usage, rule = label, label == task.answer, usage + extra, "loglik"
         wall = time.perf_counter() - t0
         if self.org is not None:
             org = result.meta.get("organizer", {})
@@ -185,7 +195,7 @@ class _Runner:
             if self.cfg.learn and self.method.kind == "auto":
                 self.org.feedback(result, ok, model=self.model)
         return ItemResult(self.method.name, task.id, task.kind, task.answer, pred, ok, answer, usage, wall,
-                          len(self.model.encode(answer)) if answer else 0, meta)
+                          len(self.model.encode(answer)) if answer else 0, meta, rule=rule)
 
     def _label_after(self, state, task: Task) -> tuple[str, list[float], Usage]:
         """The option label the model finds most likely right after its own answer (``--choice-scoring loglik``)."""
@@ -212,7 +222,7 @@ class _Runner:
         n_cont = sum(max(0, len(self.model.encode(c)) - 1) for c in conts)
         usage = Usage(prefilled=state.length + n_cont, reused=state.length * (len(conts) - 1))
         return ItemResult(self.method.name, task.id, task.kind, task.answer, label, label == task.answer, label,
-                          usage, time.perf_counter() - t0, 0, {"scores": [round(s, 4) for s in scores]})
+                          usage, time.perf_counter() - t0, 0, {"scores": [round(s, 4) for s in scores]}, rule="loglik")
 
 
 def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
@@ -221,6 +231,12 @@ def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
     acc = [1.0 if r.correct else 0.0 for r in items]
     lo, hi = bootstrap_ci(acc, seed=seed) if n else (0.0, 1.0)
     wlo, whi = wilson(k, n)
+    k_strict = sum(r.correct_strict for r in items)
+    rules: dict[str, dict[str, int]] = {}
+    for r in items:
+        row = rules.setdefault(r.rule or "none", {"n": 0, "correct": 0})
+        row["n"] += 1
+        row["correct"] += int(r.correct)
     tot = Usage()
     for r in items:
         tot = tot + r.usage
@@ -228,6 +244,8 @@ def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "n": n, "correct": k, "accuracy": round(k / n, 4) if n else 0.0,
         "ci95_bootstrap": [round(lo, 4), round(hi, 4)], "ci95_wilson": [round(wlo, 4), round(whi, 4)],
+        "correct_strict": k_strict, "accuracy_strict": round(k_strict / n, 4) if n else 0.0,
+        "ci95_wilson_strict": [round(x, 4) for x in wilson(k_strict, n)], "rules": rules,
         "tokens_per_item": {"prefilled": per(tot.prefilled), "reused": per(tot.reused), "latent": per(tot.latent),
                             "generated": per(tot.generated), "computed": per(tot.computed)},
         "wall_s_total": round(sum(r.wall_s for r in items), 3), "wall_s_per_item": per(sum(r.wall_s for r in items)),
@@ -236,7 +254,7 @@ def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
         "empty_answers": sum(1 for r in items if not r.answer.strip()),
         "no_extractable_answer": sum(1 for r in items if r.pred is None),
         "errors": sum(1 for r in items if r.error),
-        "samples": [{"task_id": r.task_id, "gold": r.gold, "pred": r.pred, "answer": r.answer[:300]}
+        "samples": [{"task_id": r.task_id, "gold": r.gold, "pred": r.pred, "rule": r.rule, "answer": r.answer[:300]}
                     for r in items[:3]],
     }
     chosen = [r.meta.get("chosen") for r in items if r.meta.get("chosen")]
@@ -302,7 +320,8 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
     config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
               "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
-              "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods]}
+              "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
+              "prompt_echo_floor": prompt_echo_floor(tasks, cfg.prompt)}
     return _write_summary(out, config, results)
 
 
@@ -358,10 +377,56 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     return _write_summary(out, config, results)
 
 
+def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path) -> dict[str, Any]:
+    """The report of a finished run with every stored answer read again by the current scorer (after a scorer
+    change: no model needed). ``tasks`` must hold every task of the run (looked up by id). Items ranked by
+    likelihood keep their label; their extracted text answer is re-read into ``meta``.
+
+    The rescored report records the previous figures under ``config.rescored_from``.
+    """
+    src = Path(run_dir)
+    if Path(out_dir).resolve() == src.resolve():
+        raise BadInputError(f"the rescored report would overwrite its input ({out_dir})")
+    try:
+        before = json.loads((src / "results.json").read_text(encoding="utf-8"))
+        lines = (src / "items.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{src}: not a finished accuracy run ({exc})") from exc
+    by_id = {t.id: t for t in tasks}
+    results: dict[str, list[ItemResult]] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            item = _item_from_json(json.loads(line))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BadInputError(f"{src}/items.jsonl line {n}: not an item record ({exc})") from exc
+        task = by_id.get(item.task_id)
+        if task is None:
+            raise BadInputError(f"{src}: task {item.task_id} is not in the data given")
+        if item.error is None:
+            reading = read_answer(item.answer, task)
+            if item.rule == "loglik" or "label_scores" in item.meta or "scores" in item.meta:
+                item.rule = "loglik"
+                if "label_scores" in item.meta:
+                    item.meta.update(extracted=reading.answer, extracted_rule=reading.rule)
+            else:
+                item.pred, item.rule = reading.answer, reading.rule
+                item.correct = matches_gold(item.pred, task)
+        results.setdefault(item.method, []).append(item)
+    config = dict(before["config"])
+    config["prompt_echo_floor"] = prompt_echo_floor([by_id[r.task_id] for r in next(iter(results.values()))],
+                                                    config.get("prompt", "cot"))
+    config["rescored_from"] = {"run": str(src), "correct": {m: s["correct"] for m, s in before["methods"].items()}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "items.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
+                                                   for items in results.values() for r in items))
+    return _write_summary(out, config, results)
+
+
 def _item_from_json(d: dict[str, Any]) -> ItemResult:
     return ItemResult(d["method"], d["task_id"], d["kind"], d["gold"], d["pred"], d["correct"], d["answer"],
                       Usage(**d["usage"]), d["wall_s"], d.get("answer_tokens", 0), d.get("meta") or {},
-                      d.get("error"))
+                      d.get("error"), d.get("rule"))
 
 
 def _write_summary(out: Path, config: dict[str, Any], results: dict[str, list[ItemResult]]) -> dict[str, Any]:
@@ -381,15 +446,21 @@ def to_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
     lines = [f"# Accuracy: {cfg['data'] or 'tasks'} (n={cfg['n']}, model {cfg['model']}, seed {cfg['seed']}, "
              f"max_new_tokens {cfg['max_new_tokens']}, prompt {cfg.get('prompt', 'cot')})", "",
-             "| method | accuracy | 95% CI (bootstrap) | computed tokens/item | generated/item | latent/item | "
-             "s/item | answer tokens | no answer | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | accuracy (flexible) | 95% CI (bootstrap) | strict (boxed/####) | computed tokens/item | "
+             "generated/item | latent/item | s/item | answer tokens | no answer | errors | answers by rule "
+             "(correct/read) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["methods"].items():
         t = s["tokens_per_item"]
         lines.append(f"| {name} | {s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%) | "
-                     f"{100 * s['ci95_bootstrap'][0]:.1f}–{100 * s['ci95_bootstrap'][1]:.1f}% | {t['computed']:.0f} | "
+                     f"{100 * s['ci95_bootstrap'][0]:.1f}–{100 * s['ci95_bootstrap'][1]:.1f}% | "
+                     f"{_strict_cell(s)} | {t['computed']:.0f} | "
                      f"{t['generated']:.0f} | {t['latent']:.0f} | {s['wall_s_per_item']:.2f} | "
-                     f"{s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | {s['errors']} |")
+                     f"{s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | {s['errors']} | "
+                     f"{rule_counts(s)} |")
+    if "prompt_echo_floor" in cfg:
+        lines += ["", f"Prompt-echo floor: a reply that only repeats its prompt would be credited on "
+                      f"{cfg['prompt_echo_floor']} of {cfg['n']} items."]
     first = cfg["methods"][0] if cfg.get("methods") else None
     shown = [p for p in summary["paired"] if first in (p["a"], p["b"]) or "auto" in (p["a"], p["b"])]
     if shown:
@@ -409,6 +480,18 @@ def to_markdown(summary: dict[str, Any]) -> str:
             ans = " ".join(smp["answer"].split())[:160]
             lines.append(f"- {name} / {smp['task_id']} (gold {smp['gold']}, got {smp['pred']}): {ans}")
     return "\n".join(lines) + "\n"
+
+
+def _strict_cell(s: dict[str, Any]) -> str:
+    if "correct_strict" not in s:
+        return "–"  # a report written before strict figures existed
+    return f"{s['correct_strict']}/{s['n']} ({100 * s['accuracy_strict']:.1f}%)"
+
+
+def rule_counts(s: dict[str, Any]) -> str:
+    """``boxed 12/14, answer-is 3/5, none 0/2``: per scoring rule, correct of the answers it read."""
+    return ", ".join(f"{rule} {c['correct']}/{c['n']}" for rule, c in sorted(
+        s.get("rules", {}).items(), key=lambda kv: -kv[1]["n"])) or "–"
 
 
 def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:

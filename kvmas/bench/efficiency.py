@@ -61,7 +61,8 @@ def run_method(method: str, tasks, model, *, seed: int, max_new_tokens: int, lat
     """Run one method over ``tasks`` in this process (the worker calls this)."""
     from kvmas.primitives import parse_method
     from kvmas.primitives.echo import echoes_role_prompt
-    from kvmas.tasks import extract_answer, format_question, is_correct
+    from kvmas.tasks import format_question
+    from kvmas.tasks.answers import matches_gold, read_answer
 
     params = {"max_new_tokens": max_new_tokens}
     if latent_steps is not None and method != "single":
@@ -74,9 +75,10 @@ def run_method(method: str, tasks, model, *, seed: int, max_new_tokens: int, lat
         wall = time.perf_counter() - t0
         final = [s for s in r.trace.steps if s.action == "speak"]
         answer_tokens = sum(final[-1].meta.get("tokens", [0])) if final else 0
-        pred = extract_answer(r.answer, task)
-        r.trace.outcome = {"correct": is_correct(r.answer, task), "gold": task.answer, "pred": pred,
-                           "task_id": task.id}
+        reading = read_answer(r.answer, task)
+        pred = reading.answer
+        r.trace.outcome = {"correct": matches_gold(pred, task), "gold": task.answer, "pred": pred,
+                           "rule": reading.rule, "task_id": task.id}
         if trace_dir is not None:
             r.trace.save(trace_dir / f"{method.replace(':', '_')}__{task.id}.json")
         u = r.usage

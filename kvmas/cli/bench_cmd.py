@@ -35,13 +35,14 @@ def accuracy_table(summary: dict) -> Table:
     """A rich table of a results dict from :func:`kvmas.bench.accuracy.run_accuracy`."""
     table = Table(title=f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
                         f"{summary['config']['model']}")
-    for col in ("method", "accuracy", "95% CI", "tokens/item", "generated", "latent", "s/item", "answer tok",
-                "no answer"):
+    for col in ("method", "accuracy", "95% CI", "strict", "tokens/item", "generated", "latent", "s/item",
+                "answer tok", "no answer"):
         table.add_column(col, no_wrap=True)
     for name, s in summary["methods"].items():
         t = s["tokens_per_item"]
         table.add_row(name, f"{s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%)",
                       f"{100 * s['ci95_bootstrap'][0]:.0f}–{100 * s['ci95_bootstrap'][1]:.0f}%",
+                      f"{s.get('correct_strict', 0)}/{s['n']}",
                       f"{t['computed']:.0f}", f"{t['generated']:.0f}", f"{t['latent']:.0f}",
                       f"{s['wall_s_per_item']:.2f}", f"{s['answer_tokens_mean']:.0f}", str(s["no_extractable_answer"]))
     return table
@@ -118,6 +119,35 @@ def merge(
     _print_summary(Console(), summary, out)
 
 
+@app.command("rescore")
+def rescore(
+    run: Path = typer.Argument(..., help="a finished accuracy run directory"),
+    data: str = typer.Option(None, "--data", "-d", help="the data the run used (default: as recorded in the run)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output dir of the rescored report"),
+) -> None:
+    """Read every stored answer of a run again with the current scorer (old vs new figures; no model needed)."""
+    import json
+
+    from kvmas.bench.accuracy import rescore_run
+    from kvmas.tasks import load_tasks
+
+    try:
+        if data is None:
+            try:
+                data = json.loads((run / "results.json").read_text(encoding="utf-8"))["config"]["data"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise KvmasError(f"{run}: not a finished accuracy run ({exc})") from exc
+        summary = rescore_run(run, load_tasks(data, n=None), out)
+    except KvmasError as exc:
+        _fail(exc)
+    console = Console()
+    _print_summary(console, summary, out)
+    before = summary["config"]["rescored_from"]["correct"]
+    for name, s in summary["methods"].items():
+        console.print(f"  {name}: {before.get(name, '?')} correct before, {s['correct']} now (strict "
+                      f"{s['correct_strict']})", highlight=False)
+
+
 def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
     console.print(accuracy_table(summary))
     for p in summary["paired"]:
@@ -125,4 +155,11 @@ def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
             console.print(f"  {p['a']} vs {p['b']}: {100 * p['diff']:+.1f} pts "
                           f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}], McNemar p={p['mcnemar_p']:.3g}",
                           highlight=False)
+    from kvmas.bench.accuracy import rule_counts
+
+    for name, s in summary["methods"].items():
+        console.print(f"  {name} answers by rule (correct/read): {rule_counts(s)}", highlight=False, markup=False)
+    if "prompt_echo_floor" in summary["config"]:
+        console.print(f"  prompt-echo floor: {summary['config']['prompt_echo_floor']} of {summary['config']['n']} "
+                      "items credited to a reply that only repeats its prompt", highlight=False)
     console.print(f"[dim]wrote {out_dir}/results.json, results.md, accuracy.png, items.jsonl[/]")
