@@ -22,7 +22,7 @@ run: install
 	$(VENV)/bin/kvmas trace show runs/demo-trace.json
 
 test: install
-	$(VENV)/bin/python -m pytest tests kvmas --doctest-modules
+	$(VENV)/bin/python -m pytest tests kvmas --doctest-modules -rsx  # -rsx: every skip and xfail says why
 
 # Stronger model for accuracy work (about 0.5 GB download, 2 GB disk); not part of `make test`.
 models: install

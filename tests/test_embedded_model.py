@@ -31,4 +31,5 @@ def test_embedded_model_end_to_end():
     assert (a.last_logits[0] - ref).abs().max() < 1e-3
     assert "Paris" in a.speak(3).text
     lat = Review(rounds=1, latent_steps=2, max_new_tokens=8)("What is 2+3?", model=m)
-    assert lat.usage.latent >= 2 and lat.answer is not None
+    speak = [s for s in lat.trace.steps if s.action == "speak"]
+    assert lat.usage.latent >= 2 and lat.answer.strip() and lat.answer == speak[-1].text_out

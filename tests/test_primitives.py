@@ -124,12 +124,32 @@ def test_sampling_seed_changes_text_vote(model):
 @pytest.mark.parametrize("prim", [lambda: small(Review, early_stop=False), lambda: small(Vote),
                                   lambda: small(PlanExecute), lambda: small(Review, "text", early_stop=False),
                                   lambda: Sequence(small(PlanExecute), small(Review, early_stop=False))])
-def test_usage_adds_up_and_reuse_counted_once(model, prim):
-    r = prim()(Q, model=model)
-    t = r.trace
-    total = t.usage
-    for field in ("prefilled", "reused", "latent", "generated"):
-        assert getattr(total, field) == sum(getattr(s.usage, field) for s in t.steps)
+def test_usage_equals_the_positions_the_model_computed(model, prim):
+    """The trace's computed tokens (prefilled + latent + generated) equal the real (unmasked) positions that
+    actually went through the model, counted by a hook on its decoder, independently of the accounting."""
+    seen = {"positions": 0, "calls": 0}
+
+    def count(_module, _args, kwargs):
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        seen["positions"] += int(mask[:, -x.shape[1]:].sum()) if mask is not None else x.shape[0] * x.shape[1]
+        seen["calls"] += 1
+
+    decoder = getattr(model.hf, model.hf.base_model_prefix)
+    handle = decoder.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        r = prim()(Q, model=model)
+    finally:
+        handle.remove()
+    u = r.trace.usage
+    assert seen["calls"] > 0 and u.generated > 0
+    assert u.prefilled + u.latent + u.generated == seen["positions"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: Review's verdict scoring (state.score) records no Step, so its "
+                                       "forward passes are missing from Trace.usage; remove this mark when fixed")
+def test_usage_counts_review_verdict_scoring(model):
+    test_usage_equals_the_positions_the_model_computed(model, lambda: small(Review, rounds=2, early_stop=True))
 
 
 def test_reuse_counted_once_per_agent_and_segment(model):
