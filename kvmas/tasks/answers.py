@@ -343,21 +343,19 @@ class _ChoiceReader:
                 return got
         return None
 
-    def answer_is(self, text: str) -> tuple[bool, str | None]:
-        """(a statement was found, the option it names); the last statement that names one wins."""
-        found = False
+    def answer_is(self, text: str) -> str | None:
+        """The option the last "answer is ..." statement names (a negated or hedged last one names none)."""
         for m in reversed(list(_ANSWER_RE.finditer(text))):
-            found = True
             tail = re.split(r"(?<=[^A-Z0-9])[.!?](?=\s|$)|\n", text[m.end():])[0]
             if _NEGATION_RE.match(tail) or self.hedge_re.search(tail):
-                return True, None
+                return None
             got = self.text_prefix(tail)
             if got is None:
                 lead = self.start_re.match(tail)
                 got = self.lmap[lead.group(1)] if lead else None
             if got:
-                return True, got
-        return found, None
+                return got
+        return None
 
     def without_listing(self, text: str) -> tuple[str, bool]:
         """The reply without an echoed option list, and whether it held one."""
@@ -406,15 +404,13 @@ class _ChoiceReader:
             got = self.text_exact(tail) or (self.lmap[m.group(1)] if m else None)
             if got:
                 return Reading(got, "####")
-        stated, got = self.answer_is(text)
+        got = self.answer_is(text)
         if got:
             return Reading(got, "answer-is")
         got = self.text_exact(text)
         if got:
             return Reading(got, "option-text")
         rest, listing = self.without_listing(text)
-        if stated and not listing:
-            rest = text
         if not listing:
             m = self.lead_re.match(rest)
             if m:
