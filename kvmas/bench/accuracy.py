@@ -344,21 +344,14 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     results: dict[str, list[ItemResult]] = {}
     source: dict[str, Path] = {}
     for d in map(Path, run_dirs):
-        try:
-            cfg = json.loads((d / "results.json").read_text(encoding="utf-8"))["config"]
-            lines = (d / "items.jsonl").read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError, KeyError) as exc:
-            raise BadInputError(f"{d}: not a finished accuracy run ({exc})") from exc
+        summary, items = _load_run(d)
+        cfg = summary["config"]
         for key in MERGE_KEYS:
             if configs and cfg.get(key) != configs[0].get(key):
                 raise BadInputError(f"{d}: config.{key} = {cfg.get(key)!r} differs from "
                                     f"{configs[0].get(key)!r} in {run_dirs[0]}")
         configs.append(cfg)
-        for n, line in enumerate(lines, 1):
-            try:
-                item = _item_from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BadInputError(f"{d}/items.jsonl line {n}: not an item record ({exc})") from exc
+        for item in items:
             if source.setdefault(item.method, d) != d:
                 raise BadInputError(f"{d}: method {item.method} is also in {source[item.method]}")
             results.setdefault(item.method, []).append(item)
@@ -370,11 +363,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     config = dict(configs[0])
     config["methods"] = list(results)
     config["merged_from"] = [str(d) for d in run_dirs]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "items.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
-                                                   for items in results.values() for r in items))
-    return _write_summary(out, config, results)
+    return _write_report(Path(out_dir), config, results)
 
 
 def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path) -> dict[str, Any]:
@@ -387,18 +376,10 @@ def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path)
     src = Path(run_dir)
     if Path(out_dir).resolve() == src.resolve():
         raise BadInputError(f"the rescored report would overwrite its input ({out_dir})")
-    try:
-        before = json.loads((src / "results.json").read_text(encoding="utf-8"))
-        lines = (src / "items.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{src}: not a finished accuracy run ({exc})") from exc
+    before, items = _load_run(src)
     by_id = {t.id: t for t in tasks}
     results: dict[str, list[ItemResult]] = {}
-    for n, line in enumerate(lines, 1):
-        try:
-            item = _item_from_json(json.loads(line))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BadInputError(f"{src}/items.jsonl line {n}: not an item record ({exc})") from exc
+    for item in items:
         task = by_id.get(item.task_id)
         if task is None:
             raise BadInputError(f"{src}: task {item.task_id} is not in the data given")
@@ -416,7 +397,29 @@ def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path)
     config["prompt_echo_floor"] = prompt_echo_floor([by_id[r.task_id] for r in next(iter(results.values()))],
                                                     config.get("prompt", "cot"))
     config["rescored_from"] = {"run": str(src), "correct": {m: s["correct"] for m, s in before["methods"].items()}}
-    out = Path(out_dir)
+    return _write_report(Path(out_dir), config, results)
+
+
+def _load_run(d: Path) -> tuple[dict[str, Any], list[ItemResult]]:
+    """A finished run's results dict and item records; BadInputError naming what is wrong."""
+    try:
+        summary = json.loads((d / "results.json").read_text(encoding="utf-8"))
+        lines = (d / "items.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{d}: not a finished accuracy run ({exc})") from exc
+    if not isinstance(summary, dict) or not {"config", "methods"} <= set(summary):
+        raise BadInputError(f"{d}: not a finished accuracy run (results.json has no config and methods)")
+    items = []
+    for n, line in enumerate(lines, 1):
+        try:
+            items.append(_item_from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BadInputError(f"{d}/items.jsonl line {n}: not an item record ({exc})") from exc
+    return summary, items
+
+
+def _write_report(out: Path, config: dict[str, Any], results: dict[str, list[ItemResult]]) -> dict[str, Any]:
+    """The item log (atomically) and the summary of a report built from stored items."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "items.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
                                                    for items in results.values() for r in items))

@@ -102,12 +102,12 @@ def boxed_contents(text: str) -> list[str]:
     >>> boxed_contents(r"\boxed{\frac{1}{2}} and \boxed{7}")
     ['\\frac{1}{2}', '7']
     """
-    return [content for _, content in _boxes(text)]
+    return _boxes(text)
 
 
-def _boxes(text: str, answers_only: bool = False) -> list[tuple[int, str]]:
-    """(start, content) of every box; ``answers_only`` leaves out boxes introduced as format examples."""
-    out: list[tuple[int, str]] = []
+def _boxes(text: str, answers_only: bool = False) -> list[str]:
+    """Contents of every box; ``answers_only`` leaves out boxes introduced as format examples."""
+    out: list[str] = []
     for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
         depth, i = 1, m.end()
         while i < len(text) and depth:
@@ -117,7 +117,7 @@ def _boxes(text: str, answers_only: bool = False) -> list[tuple[int, str]]:
             continue
         if answers_only and _EXAMPLE_RE.search(text[max(0, m.start() - 60): m.start()]):
             continue
-        out.append((m.start(), text[m.end(): i - 1].strip()))
+        out.append(text[m.end(): i - 1].strip())
     return out
 
 
@@ -240,7 +240,7 @@ def read_number(text: str | None) -> Reading:
     """The numeric answer a model gave (canonical text) and the rule that found it."""
     if not text:
         return NONE
-    for _, content in reversed(_boxes(text, answers_only=True)):
+    for content in reversed(_boxes(text, answers_only=True)):
         nums = _numbers(content)
         if nums:
             return Reading(format_number(nums[-1][2]), "boxed")
@@ -334,7 +334,7 @@ class _ChoiceReader:
 
     # -- the rules
     def boxed(self, text: str) -> str | None:
-        for _, content in reversed(_boxes(text, answers_only=True)):
+        for content in reversed(_boxes(text, answers_only=True)):
             got = self.text_exact(content)
             if got is None:
                 m = self.box_re.fullmatch(content)
