@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
-from kvmas.agents.state import LatentState
+from kvmas.agents.state import LatentState, MergePolicy
 from kvmas.errors import BadInputError
 from kvmas.trace import Step, Trace, Usage
 
@@ -39,20 +39,29 @@ class Intervention:
         return self.steps is None or step_index in self.steps
 
 
+class SkillSource(Protocol):
+    """What an agent consults at each turn for a procedural skill (``kvmas.memory.runtime.SkillMemory``)."""
+
+    def select(self, question: str, instruction: str, rng) -> tuple[Any, dict]:
+        """(a skill with ``id``, ``name`` and ``render()``, or None; facts about the choice)."""
+
+
 @dataclass
 class RunContext:
-    """Everything a run shares: the model, the trace being written, the seed and any interventions."""
+    """A run's inputs and the trace being written; outputs flow as values (``kvmas.primitives.run.Output``).
 
-    model: object
+    Open one with ``kvmas.primitives.run.open_run`` (it checks the question and the context size).
+    """
+
+    model: Any
     question: str = ""
     seed: int = 0
     system: str = "You are a helpful assistant."
     trace: Trace = field(default_factory=Trace)
     interventions: dict[str, "Intervention | list[Intervention]"] = field(default_factory=dict)
-    skills: object | None = None  # a kvmas.memory.runtime.SkillMemory agents consult at each turn, or None
-    answer: str | None = None  # the latest final answer spoken
-    messages: list[tuple[str, str]] = field(default_factory=list)  # text-mode messages passed between primitives
-    meta: dict = field(default_factory=dict)  # per-run facts primitives report (early stops, majority, ...)
+    skills: SkillSource | None = None
+    started: float = field(default_factory=time.perf_counter)
+    trace_path: Any = None  # where close_run writes the trace, if anywhere
     _credited: dict[str, set[int]] = field(default_factory=dict)
 
     def intervention(self, agent: str) -> Intervention | None:
@@ -184,6 +193,36 @@ class Agent:
         self._record(ctx, "think", state, after, t0, Usage(latent=steps * state.rows, reused=reused),
                      steps=steps)
         return after
+
+    def score(self, ctx: RunContext, state: LatentState, continuations: list[str]) -> list[float]:
+        """Log-probability of each continuation after ``state`` (a constrained choice), recorded as a step."""
+        t0 = time.perf_counter()
+        reused = ctx.reused_for(self.name, state)
+        scores = state.score(continuations)
+        # score() reads each continuation's first token from the state's head; the rest go through the model
+        fed = sum(max(0, len(ctx.model.encode(c)) - 1) for c in continuations)
+        self._record(ctx, "score", state, state, t0, Usage(prefilled=fed, reused=reused),
+                     text_in="\n".join(continuations), scores=[round(x, 4) for x in scores])
+        return scores
+
+    def merge(self, ctx: RunContext, branches: LatentState | list[LatentState],
+              policy: MergePolicy) -> LatentState:
+        """Rows of one state (or single-row branches) merged into one row by ``policy``, recorded as a step.
+
+        ``reprefill`` recomputes every branch's positions on top of the shared prefix: those count as prefilled.
+        """
+        t0 = time.perf_counter()
+        parts = [branches.select([i]) for i in range(branches.rows)] if isinstance(branches, LatentState) \
+            else list(branches)
+        merged = LatentState.merge(parts, policy=policy)
+        # the merge writes the reader's whole context (it laid out, and for reprefill recomputed, every column)
+        ctx.trace.add(Step(agent=self.name, role=self.role, action="merge",
+                           reads=sorted({i for b in parts for i in b.segment_ids()}), writes=merged.segment_ids(),
+                           rows=len(parts),
+                           usage=Usage(prefilled=LatentState.merge_cost(parts, policy)),
+                           wall_s=time.perf_counter() - t0,
+                           meta={"policy": policy, "branches": len(parts), "columns": merged.length}))
+        return merged
 
     def speak(self, ctx: RunContext, state: LatentState, *, max_new_tokens: int | None = None,
               seed: int | None = None) -> tuple[list[str] | str, LatentState]:

@@ -426,9 +426,7 @@ class LatentState:
             if s.rows != 1:
                 raise BadInputError("merge takes single-row states; use merge_rows() for a multi-row state")
         states = [s._strip_padding() for s in states]
-        # the shared prefix: leading segments every branch holds, and never past a fork point (rows of one
-        # forked segment share its id but not its content)
-        shared = min([_common_prefix_columns(states)] + [s.shared_cols for s in states])
+        shared = _merge_prefix(states)
         base = states[0]._keep_columns(torch.arange(shared), dropped=-1)
         base = base._with(next_pos=base.positions[:, -1] + 1 if shared else torch.zeros(1, dtype=torch.long))
         if policy == "reprefill":
@@ -489,6 +487,16 @@ class LatentState:
             mask=torch.ones_like(pos), positions=pos, next_pos=torch.tensor([next_pos]),
             segments=tuple(segs), last_hidden=None, last_logits=None, shared_cols=col, latent_inputs=latent,
         )
+
+    @classmethod
+    def merge_cost(cls, states: Sequence["LatentState"], policy: MergePolicy) -> int:
+        """Positions :meth:`merge` runs through the model: every branch position past the shared prefix for
+        ``reprefill``, none for the other policies."""
+        if policy != "reprefill":
+            return 0
+        states = [s._strip_padding() for s in states]
+        shared = _merge_prefix(states)
+        return sum(max(0, s.length - shared) for s in states)
 
     def _strip_padding(self) -> "LatentState":
         keep = self.mask[0].nonzero().flatten()
@@ -622,6 +630,12 @@ def _seg_rows_select(seg: Segment, rows: list[int]) -> dict:
     if seg.text is not None:
         upd["text"] = [seg.text[i] for i in rows]
     return upd
+
+
+def _merge_prefix(states: Sequence[LatentState]) -> int:
+    """Columns single-row branches share: leading segments every branch holds, and never past a fork point
+    (rows of one forked segment share its id but not its content)."""
+    return min([_common_prefix_columns(states)] + [s.shared_cols for s in states])
 
 
 def _common_prefix_columns(states: Sequence[LatentState]) -> int:

@@ -98,28 +98,25 @@ def run_method(method: str, tasks, model, *, seed: int, max_new_tokens: int, lat
 def merge_policy_error(model, question: str, n: int = 3, latent_steps: int = 4) -> dict:
     """Error of the Vote selector's merge policies against exact re-prefill of all candidates.
 
-    Builds the latent Vote state up to the selector's prompt under each policy and compares the selector's
-    next-token distribution with the ``reprefill`` (exact joint) one: max |Δ logprob|, KL and top-1 agreement.
+    Builds the latent Vote state up to the selector's prompt with Vote's own code (``Vote.selector_state``,
+    hand-offs included) under each policy and compares the selector's next-token distribution with the
+    ``reprefill`` (exact joint) one: max |Δ logprob|, KL and top-1 agreement.
     """
     import torch
 
-    from kvmas.agents.agent import Agent, RunContext
-    from kvmas.agents.state import LatentState
     from kvmas.primitives import Vote
-    from kvmas.primitives.base import TEAM_SYSTEM
-    from kvmas.primitives.vote import SELECT, SOLVE
+    from kvmas.primitives.run import Output, open_run
 
     vote = Vote(n=n, latent_steps=latent_steps)
-    ctx = RunContext(model=model, question=question, system=TEAM_SYSTEM)
-    state = vote.shared_prefix(ctx, LatentState.empty(model))
-    solvers, selector = Agent("solvers", latent_steps=latent_steps), Agent("selector")
-    rows = solvers.think(ctx, solvers.read(ctx, state.fork(n), [f"{p} {SOLVE}" for p in vote._personas()],
-                                           fresh=False))
-    select = vote.final_instruction(ctx, SELECT)
-    ref = selector.read(ctx, rows.merge_rows("reprefill"), select, fresh=False).next_logprobs()[0]
+
+    def selector_logprobs(policy: str):
+        ctx = open_run(model, question, method=vote.method, params=vote.params())
+        return vote.selector_state(ctx, Output.start(model), policy).next_logprobs()[0]
+
+    ref = selector_logprobs("reprefill")
     out = {}
     for policy in ("shared", "rerotate"):
-        lp = selector.read(ctx, rows.merge_rows(policy), select, fresh=False).next_logprobs()[0]
+        lp = selector_logprobs(policy)
         out[policy] = {
             "max_abs_dlogprob": float((lp - ref).abs().max()),
             "kl_exact_to_policy": float(torch.sum(ref.exp() * (ref - lp))),

@@ -29,12 +29,10 @@ def gold_solution(task) -> str:
 
 def answer_state(prim, question: str, model, seed: int = 0):
     """The state right before ``prim``'s output agent decodes (head recomputed after dropping final thoughts)."""
-    from kvmas.agents.agent import RunContext
-    from kvmas.agents.state import LatentState
-    from kvmas.primitives.base import TEAM_SYSTEM
+    from kvmas.primitives.run import Output, open_run
 
-    ctx = RunContext(model=model, question=question, seed=seed, system=TEAM_SYSTEM)
-    state = prim.forward(ctx, LatentState.empty(model), final=False)
+    ctx = open_run(model, question, method=prim.method, params=prim.params(), seed=seed)
+    state = prim.forward(ctx, Output.start(model), final=False).state
     last = state.segments[-1]
     if last.kind == "latent":  # non-final output agents leave thoughts for a next primitive: not here
         state = state.crop(last.start)

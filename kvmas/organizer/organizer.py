@@ -189,34 +189,22 @@ class Organizer:
 
         ``result.meta["organizer"]`` holds the decision (entry id, spec) for :meth:`feedback`.
         """
-        from kvmas.agents.agent import RunContext
-        from kvmas.agents.model import Model
-        from kvmas.agents.state import LatentState
         from kvmas.organizer.pipeline import Pipeline
-        from kvmas.primitives.base import TEAM_SYSTEM, RunResult
-        from kvmas.trace import Trace
+        from kvmas.primitives.run import Output, close_run, open_run, resolve_model
 
-        if model is None or isinstance(model, str):
-            model = Model.load(model)
+        model = resolve_model(model)
         t0 = time.perf_counter()
         decision = self.choose(question, model, seed=seed)
         pipe = Pipeline(decision.spec)
-        model.check_fits(pipe.positions_needed(len(model.encode(question))), "the chosen pipeline on this question")
-        trace = Trace(method="auto", question=question, seed=seed, model=model.fingerprint.model_dump(),
-                      params={"pipeline": decision.spec.model_dump(mode="json"), "entry_id": decision.entry_id,
-                              "decision": decision.how, "chosen_method": pipe.method})
-        trace.add(decision.step())
-        ctx = RunContext(model=model, question=question, seed=seed, trace=trace, system=TEAM_SYSTEM,
-                         interventions=interventions or {})
-        state = pipe.forward(ctx, LatentState.empty(model), final=True)
-        trace.wall_s = time.perf_counter() - t0
-        trace.answer = ctx.answer
-        if trace_path:
-            trace.save(trace_path)
-        meta = dict(ctx.meta)
-        meta["organizer"] = {"entry_id": decision.entry_id, "spec": decision.spec.model_dump(mode="json"),
-                             "decision": decision.how, "method": pipe.method}
-        return RunResult(answer=ctx.answer or "", trace=trace, state=state, meta=meta)
+        ctx = open_run(model, question, method="auto", seed=seed, interventions=interventions,
+                       params={"pipeline": decision.spec.model_dump(mode="json"), "entry_id": decision.entry_id,
+                               "decision": decision.how, "chosen_method": pipe.method},
+                       positions=pipe.positions_needed(len(model.encode(question))), prelude=[decision.step()],
+                       trace_path=trace_path, started=t0)
+        out = pipe.forward(ctx, Output.start(model), final=True)
+        return close_run(ctx, out, organizer={"entry_id": decision.entry_id,
+                                              "spec": decision.spec.model_dump(mode="json"),
+                                              "decision": decision.how, "method": pipe.method})
 
     def feedback(self, result, success: bool, *, model=None, tags: list[str] | None = None):
         """Teach the pool a verified outcome of a :meth:`run` (its ``RunResult`` or its saved ``Trace``).

@@ -16,13 +16,11 @@ history once). Only the sink speaks the final answer; every other node leaves it
 
 from __future__ import annotations
 
-import time
-
-from kvmas.agents.agent import RunContext
+from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
 from kvmas.organizer.spec import PipelineSpec
 from kvmas.primitives.base import Primitive
-from kvmas.trace import Step, Usage
+from kvmas.primitives.run import Message, Output, merge_facts
 
 
 def build_node(node) -> Primitive:
@@ -32,7 +30,7 @@ def build_node(node) -> Primitive:
     return build(node.type, **node.params)
 
 
-def _join_messages(lists: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
+def _join_messages(lists: list[tuple[Message, ...]]) -> tuple[Message, ...]:
     """Concatenate branch histories, keeping their shared prefix once."""
     out = list(lists[0])
     for other in lists[1:]:
@@ -40,7 +38,7 @@ def _join_messages(lists: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
         while common < min(len(out), len(other)) and out[common] is other[common]:
             common += 1
         out.extend(other[common:])
-    return out
+    return tuple(out)
 
 
 class Pipeline(Primitive):
@@ -70,51 +68,30 @@ class Pipeline(Primitive):
     def positions_needed(self, question_tokens: int) -> int:
         return question_tokens + sum(p.positions_needed(0) for p in self.prims.values())
 
-    def _merge(self, ctx: RunContext, nid: str, branches: list[LatentState], policy: str) -> LatentState:
-        """Fan-in: merge single-row branch outputs (multi-row outputs are first merged row-wise)."""
-        t0 = time.perf_counter()
-        branches = [b.merge_rows(policy) if b.rows > 1 else b for b in branches]
-        merged = LatentState.merge(branches, policy=policy)
-        _merge_step(ctx, nid, branches, merged, policy, time.perf_counter() - t0)
-        return merged
-
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
-        out_state: dict[str, LatentState] = {}
-        out_msgs: dict[str, list[tuple[str, str]]] = {}
-        start_msgs = list(ctx.messages)
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
+        outs: dict[str, Output] = {}
         sink = self.spec.sink
         for nid in self.order:
             prim, node = self.prims[nid], self.nodes[nid]
             preds = list(self.graph.predecessors(nid))
             if not preds:
-                inp, msgs = state, start_msgs
+                x = inp
             elif len(preds) == 1:
-                inp, msgs = out_state[preds[0]], out_msgs[preds[0]]
-            else:
-                branches = [out_state[p] for p in preds]
-                if any(b.length for b in branches) and prim.comm == "latent":
-                    inp = self._merge(ctx, nid, branches, node.merge)
-                else:
-                    inp = LatentState.empty(ctx.model)
-                msgs = _join_messages([out_msgs[p] for p in preds])
-            if prim.comm == "text" and inp.length:
-                inp = LatentState.empty(ctx.model)  # text mode re-reads messages, never KV
-            ctx.messages = list(msgs)
-            out_state[nid] = prim.forward(ctx, inp, final=final and nid == sink)
-            out_msgs[nid] = list(ctx.messages)
-        ctx.messages = out_msgs[sink]
-        return out_state[sink]
-
-
-def _merge_step(ctx: RunContext, nid: str, branches: list[LatentState], merged: LatentState, policy: str,
-                wall_s: float) -> None:
-    common = set.intersection(*(set(b.segment_ids()) for b in branches))
-    prefix = sum(seg.length for seg in merged.segments if seg.id in common)
-    recomputed = merged.length - prefix if policy == "reprefill" else 0
-    ctx.trace.add(Step(agent=f"pipeline:{nid}", role="merge", action="merge",
-                       reads=sorted({i for b in branches for i in b.segment_ids()}), writes=merged.segment_ids(),
-                       usage=Usage(prefilled=recomputed), wall_s=wall_s,
-                       meta={"policy": policy, "branches": len(branches), "columns": merged.length}))
+                x = outs[preds[0]]
+            else:  # fan-in: branch states merged for a latent reader, branch messages joined for a text one
+                branches = [outs[p] for p in preds]
+                state = LatentState.empty(ctx.model)
+                if any(b.state.length for b in branches) and prim.comm == "latent":
+                    merger = Agent(f"pipeline:{nid}", role="merge")
+                    rows = [merger.merge(ctx, b.state, node.merge) if b.state.rows > 1 else b.state
+                            for b in branches]
+                    state = merger.merge(ctx, rows, node.merge)
+                x = Output(state=state, messages=_join_messages([b.messages for b in branches]),
+                           answer=branches[-1].answer, facts=merge_facts(*(b.facts for b in branches)))
+            if prim.comm == "text" and x.state.length:
+                x = x.then(LatentState.empty(ctx.model))  # text mode re-reads messages, never KV
+            outs[nid] = prim.forward(ctx, x, final=final and nid == sink)
+        return outs[sink]
 
 
 def run_pipeline(spec: PipelineSpec | str, question: str, model=None, *, seed: int = 0, **kwargs):

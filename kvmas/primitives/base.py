@@ -1,8 +1,9 @@
-"""Primitive: a composable ``state -> state`` step with a latent and a text mode, and its run record.
+"""Primitive: a composable step with a latent and a text mode, run through one lifecycle.
 
-A primitive's ``forward(ctx, state, final)`` reads the shared context (latent) or the text messages so far
-(text), lets its agents work, and returns the state. When ``final`` its output agent speaks the answer;
-otherwise, in latent mode, it leaves latent thoughts for the next primitive (text mode always speaks).
+A primitive's ``forward(ctx, inp, final)`` reads its input :class:`~kvmas.primitives.run.Output` (the shared
+latent state, and the decoded messages for text mode), lets its agents work, and returns a new ``Output``.
+When ``final`` its output agent speaks the answer; otherwise, in latent mode, it leaves latent thoughts for
+the next primitive (text mode always speaks). Calling a primitive opens a run, forwards and closes it.
 
 >>> from kvmas.testing import tiny_model
 >>> from kvmas.primitives import Single
@@ -14,19 +15,19 @@ otherwise, in latent mode, it leaves latent thoughts for the next primitive (tex
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from kvmas.agents.agent import Intervention, RunContext
+from kvmas.agents.agent import Agent, Intervention, RunContext
 from kvmas.agents.state import LatentState
 from kvmas.errors import BadInputError
-from kvmas.trace import Trace, Usage
+from kvmas.primitives.run import TEAM_SYSTEM, Message, Output, RunResult, close_run, open_run, resolve_model
+from kvmas.trace import Step, Usage
 
 Comm = Literal["latent", "text"]
-TEAM_SYSTEM = "You are a helpful assistant working in a team of agents on one problem."
 HANDOFFS = ("thoughts", "full")
 LIMITS = {"rounds": (1, 8), "n": (1, 16), "k": (1, 16), "latent_steps": (0, 256), "max_new_tokens": (1, 4096)}
+__all__ = ["Primitive", "Sequence", "RunResult", "Output", "TEAM_SYSTEM", "check_param"]
 
 
 def check_param(name: str, value: int) -> int:
@@ -34,20 +35,6 @@ def check_param(name: str, value: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise BadInputError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
     return value
-
-
-@dataclass
-class RunResult:
-    """What a primitive call returns: the final text, the trace, total usage and the final state."""
-
-    answer: str
-    trace: Trace
-    state: LatentState | None = None
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def usage(self) -> Usage:
-        return self.trace.usage
 
 
 class Primitive:
@@ -69,7 +56,7 @@ class Primitive:
         self.top_p = top_p
 
     # -- to override ---------------------------------------------------------------------------------
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         raise NotImplementedError
 
     def positions_needed(self, question_tokens: int) -> int:
@@ -89,24 +76,13 @@ class Primitive:
                  interventions: dict[str, Intervention] | None = None, trace_path: str | Path | None = None,
                  skills=None) -> RunResult:
         """Run on one question. ``model``: a Model, a registry name/path, or None for the default."""
-        from kvmas.agents.model import Model
-
         if not isinstance(question, str) or not question.strip():
             raise BadInputError("empty question")
-        if model is None or isinstance(model, str):
-            model = Model.load(model)
-        model.check_fits(self.positions_needed(len(model.encode(question))), f"{self.method} on this question")
-        trace = Trace(method=self.method, question=question, seed=seed,
-                      model=model.fingerprint.model_dump(), params=self.params())
-        ctx = RunContext(model=model, question=question, seed=seed, trace=trace, system=TEAM_SYSTEM,
-                         interventions=interventions or {}, skills=skills)
-        t0 = time.perf_counter()
-        state = self.forward(ctx, LatentState.empty(model), final=True)
-        trace.wall_s = time.perf_counter() - t0
-        trace.answer = ctx.answer
-        if trace_path:
-            trace.save(trace_path)
-        return RunResult(answer=ctx.answer or "", trace=trace, state=state, meta=dict(ctx.meta))
+        model = resolve_model(model)
+        ctx = open_run(model, question, method=self.method, params=self.params(), seed=seed,
+                       interventions=interventions, skills=skills, trace_path=trace_path,
+                       positions=self.positions_needed(len(model.encode(question))))
+        return close_run(ctx, self.forward(ctx, Output.start(model), final=True))
 
     # -- helpers shared by the primitives ----------------------------------------------------------------
     def problem_text(self, ctx: RunContext) -> str:
@@ -117,10 +93,10 @@ class Primitive:
         """The output agent's instruction, with the problem restated right before it answers (both modes)."""
         return f"{instruction}\n\nProblem:\n{ctx.question}"
 
-    def text_context(self, ctx: RunContext, messages: list[tuple[str, str]]) -> str:
-        """Problem + decoded messages so far, for a text-mode agent's fresh prompt."""
+    def text_context(self, ctx: RunContext, inp: Output, messages: list[Message] = ()) -> str:
+        """Problem + decoded messages so far (the input's, then ``messages``), for a text-mode fresh prompt."""
         parts = [self.problem_text(ctx)]
-        parts += [f"{who}:\n{text.strip()}" for who, text in ctx.messages + messages]
+        parts += [f"{who}:\n{text.strip()}" for who, text in [*inp.messages, *messages]]
         return "\n\n".join(parts)
 
     def handoff(self, state: LatentState) -> LatentState:
@@ -140,20 +116,35 @@ class Primitive:
                 state = state.drop(seg.id)
         return state
 
-    def shared_prefix(self, ctx: RunContext, state: LatentState) -> LatentState:
-        """Latent mode: the problem prefilled once as the start of the shared conversation."""
+    def shared_prefix(self, ctx: RunContext, inp: Output) -> LatentState:
+        """Latent mode: the input state, or when it is empty the problem (and any messages so far) prefilled
+        once as the start of the shared conversation, already handed off."""
+        state = inp.state
         if state.length:
-            return state
+            return self.handoff(state)
         text = ctx.model.chat_text([{"role": "system", "content": ctx.system},
-                                    {"role": "user", "content": self.text_context(ctx, [])}],
+                                    {"role": "user", "content": self.text_context(ctx, inp)}],
                                    add_generation_prompt=False)
         t0 = time.perf_counter()
         after = state.extend(text, agent="user", role="question")
-        from kvmas.trace import Step
-
         ctx.trace.add(Step(agent="user", role="question", action="read", writes=after.segment_ids(),
                            text_in=text, usage=Usage(prefilled=after.length), wall_s=time.perf_counter() - t0))
         return after
+
+    def fan_out(self, ctx: RunContext, state: LatentState, agent: Agent, instructions: list[str],
+                merge_policy: str) -> LatentState:
+        """Latent fan-out: fork one row per instruction, each reads its own and thinks, rows merge, hand-off."""
+        rows = agent.think(ctx, agent.read(ctx, state.fork(len(instructions)), instructions, fresh=False))
+        return self.handoff(agent.merge(ctx, rows, merge_policy))
+
+    def conclude(self, ctx: RunContext, agent: Agent, inp: Output, state: LatentState, *, speak: bool,
+                 label: str | None = None, **facts) -> Output:
+        """The output agent's last move: speak the answer (a ``label``ed message too, for text readers) or,
+        when a later primitive answers, leave latent thoughts."""
+        if speak:
+            text, state = agent.speak(ctx, state)
+            return inp.then(state, answer=text, message=(label, text) if label else None, **facts)
+        return inp.then(agent.think(ctx, state), **facts)
 
 
 class Sequence(Primitive):
@@ -185,10 +176,11 @@ class Sequence(Primitive):
     def positions_needed(self, question_tokens: int) -> int:
         return question_tokens + sum(s.positions_needed(0) for s in self.steps)
 
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
+        out = inp
         for i, step in enumerate(self.steps):
             last = final and i == len(self.steps) - 1
-            if step.comm == "text" and state.length:
-                state = LatentState.empty(ctx.model)  # text mode re-reads messages, never KV
-            state = step.forward(ctx, state, final=last)
-        return state
+            if step.comm == "text" and out.state.length:
+                out = out.then(LatentState.empty(ctx.model))  # text mode re-reads messages, never KV
+            out = step.forward(ctx, out, final=last)
+        return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import MERGE_POLICIES, LatentState
 from kvmas.errors import BadInputError
-from kvmas.primitives.base import Primitive, check_param
+from kvmas.primitives.base import Output, Primitive, check_param
 
 PLAN = "You are the Planner. Break the problem into a short numbered list of steps. Do not solve it yet."
 EXECUTE = ("You are Executor {i} of {k}. Follow the plan and carry out the work, paying special attention to "
@@ -37,33 +37,25 @@ class PlanExecute(Primitive):
         per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
         return question_tokens + 256 + (self.k + 1) * per + self.max_new_tokens
 
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   latent_steps=self.latent_steps)
         planner, executors, integrator = Agent("planner", **kw), Agent("executors", role="executor", **kw), \
             Agent("integrator", **kw)
         tasks = [EXECUTE.format(i=i + 1, k=self.k) for i in range(self.k)]
         if self.comm == "latent":
-            state = self.handoff(self.shared_prefix(ctx, state))
+            state = self.shared_prefix(ctx, inp)
             state = planner.think(ctx, planner.read(ctx, state, PLAN))
-            rows = executors.think(ctx, executors.read(ctx, self.handoff(state).fork(self.k), tasks, fresh=False))
-            state = integrator.read(ctx, self.handoff(rows.merge_rows(self.merge_policy)),
-                                    self.final_instruction(ctx, INTEGRATE), fresh=False)
-            if final:
-                text, state = integrator.speak(ctx, state)
-                ctx.answer = text
-            else:
-                state = integrator.think(ctx, state)
-            return state
+            merged = self.fan_out(ctx, self.handoff(state), executors, tasks, self.merge_policy)
+            state = integrator.read(ctx, merged, self.final_instruction(ctx, INTEGRATE), fresh=False)
+            return self.conclude(ctx, integrator, inp, state, speak=final)
         base = LatentState.empty(ctx.model)
-        plan, _ = planner.speak(ctx, planner.read(ctx, base, self.text_context(ctx, []) + "\n\n" + PLAN))
+        plan, _ = planner.speak(ctx, planner.read(ctx, base, self.text_context(ctx, inp) + "\n\n" + PLAN))
         shown = [("Planner's plan", plan)]
-        prompts = [self.text_context(ctx, shown) + "\n\n" + t for t in tasks]
+        prompts = [self.text_context(ctx, inp, shown) + "\n\n" + t for t in tasks]
         results, _ = executors.speak(ctx, executors.read(ctx, base.fork(self.k), prompts))
         results = results if isinstance(results, list) else [results]
         shown += [(f"Executor {i + 1}'s work", r) for i, r in enumerate(results)]
-        text, state = integrator.speak(ctx, integrator.read(
-            ctx, base, self.text_context(ctx, shown) + "\n\n" + self.final_instruction(ctx, INTEGRATE)))
-        ctx.answer = text
-        ctx.messages = ctx.messages + [("Integrated solution", text)]
-        return state
+        state = integrator.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
+                                + self.final_instruction(ctx, INTEGRATE))
+        return self.conclude(ctx, integrator, inp, state, speak=True, label="Integrated solution")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
-from kvmas.primitives.base import Primitive, check_param
+from kvmas.primitives.base import Output, Primitive, check_param
 
 SOLVE = "You are the Solver. Work out the solution to the problem step by step."
 CRITIQUE = ("You are the Critic. Check the Solver's solution above for mistakes in reasoning or arithmetic. "
@@ -49,29 +49,31 @@ class Review(Primitive):
                   latent_steps=self.latent_steps)
         return Agent("solver", **kw), Agent("critic", **kw)
 
-    def _critic_agrees(self, ctx: RunContext, state: LatentState) -> bool:
+    def _critic_agrees(self, ctx: RunContext, critic: Agent, state: LatentState, margins: list[float]) -> bool:
+        """Early stop: before the critic writes, its state scores the two verdicts (a recorded step)."""
         if not self.early_stop:
             return False
-        good, bad = state.score(list(VERDICTS))
-        agrees = good - bad > self.stop_margin
-        ctx.meta.setdefault("review_verdict_margins", []).append(round(good - bad, 3))
-        return agrees
+        good, bad = critic.score(ctx, state, list(VERDICTS))
+        margins.append(round(good - bad, 3))
+        return good - bad > self.stop_margin
 
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         if self.comm == "text":
-            return self._text(ctx, final)
+            return self._text(ctx, inp)
         solver, critic = self._agents()
-        state = self.handoff(self.shared_prefix(ctx, state))
+        state = self.shared_prefix(ctx, inp)
         state = solver.think(ctx, solver.read(ctx, state, SOLVE))
         critique_ids: list[int] = []
+        margins: list[float] = []
+        stopped = None
         for r in range(self.rounds):
             for sid in critique_ids:  # the old critique is absorbed by the refinement: drop it
                 if sid in state.segment_ids():  # (its prompt may be gone already: handoff)
                     state = state.drop(sid)
             before = set(state.segment_ids())
             state = critic.read(ctx, self.handoff(state), CRITIQUE)
-            if self._critic_agrees(ctx, state):
-                ctx.meta["review_stopped_at_round"] = r
+            if self._critic_agrees(ctx, critic, state, margins):
+                stopped = r
                 state = state.drop(state.segments[-1].id)
                 break
             state = critic.think(ctx, state)
@@ -79,33 +81,30 @@ class Review(Primitive):
             state = solver.read(ctx, self.handoff(state), self.final_instruction(ctx, REFINE))
             if r < self.rounds - 1:
                 state = solver.think(ctx, state)
-        else:
-            ctx.meta.setdefault("review_stopped_at_round", None)
         if state.segments[-1].role != "solver" or state.segments[-1].kind != "prompt":
             state = solver.read(ctx, self.handoff(state), self.final_instruction(ctx, FINAL))
-        if final:
-            text, state = solver.speak(ctx, state)
-            ctx.answer = text
-        else:
-            state = solver.think(ctx, state)
-        return state
+        return self.conclude(ctx, solver, inp, state, speak=final, **self._facts(margins, stopped))
 
-    def _text(self, ctx: RunContext, final: bool) -> LatentState:
+    def _facts(self, margins: list[float], stopped: int | None) -> dict:
+        facts: dict = {"review_stopped_at_round": stopped}
+        if margins:
+            facts["review_verdict_margins"] = margins
+        return facts
+
+    def _text(self, ctx: RunContext, inp: Output) -> Output:
         solver, critic = self._agents()
         empty = LatentState.empty(ctx.model)
-        draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, []) + "\n\n" + SOLVE))
+        margins: list[float] = []
+        stopped = None
+        draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, inp) + "\n\n" + SOLVE))
         for r in range(self.rounds):
             shown = [("Solver's solution", draft)]
-            cstate = critic.read(ctx, empty, self.text_context(ctx, shown) + "\n\n" + CRITIQUE)
-            if self._critic_agrees(ctx, cstate):
-                ctx.meta["review_stopped_at_round"] = r
+            cstate = critic.read(ctx, empty, self.text_context(ctx, inp, shown) + "\n\n" + CRITIQUE)
+            if self._critic_agrees(ctx, critic, cstate, margins):
+                stopped = r
                 break
             critique, _ = critic.speak(ctx, cstate)
             shown.append(("Critic's feedback", critique))
             draft, state = solver.speak(ctx, solver.read(
-                ctx, empty, self.text_context(ctx, shown) + "\n\n" + self.final_instruction(ctx, REFINE)))
-        else:
-            ctx.meta.setdefault("review_stopped_at_round", None)
-        ctx.answer = draft
-        ctx.messages = ctx.messages + [("Reviewed solution", draft)]
-        return state
+                ctx, empty, self.text_context(ctx, inp, shown) + "\n\n" + self.final_instruction(ctx, REFINE)))
+        return inp.then(state, answer=draft, message=("Reviewed solution", draft), **self._facts(margins, stopped))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from kvmas.agents.agent import Agent, RunContext
-from kvmas.agents.state import LatentState
-from kvmas.primitives.base import Primitive
+from kvmas.primitives.base import Output, Primitive
 
 
 class Single(Primitive):
@@ -20,18 +19,17 @@ class Single(Primitive):
     def __init__(self, comm="latent", latent_steps: int = 0, max_new_tokens: int = 512, **kw):
         super().__init__(comm=comm, latent_steps=latent_steps, max_new_tokens=max_new_tokens, **kw)
 
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver = Agent("solver", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                        top_p=self.top_p, latent_steps=self.latent_steps)
-        if state.length == 0 and not ctx.messages:
+        state = inp.state
+        if state.length == 0 and not inp.messages:
             # the plain single-agent prompt: the question alone, as a user would ask it
             state = solver.read(ctx, state, ctx.question)
         else:
             state = solver.read(ctx, self.handoff(state), "Solve the problem." if state.length else
-                                self.text_context(ctx, []) + "\n\nSolve the problem.")
+                                self.text_context(ctx, inp) + "\n\nSolve the problem.")
         state = solver.think(ctx, state)
         if final or self.comm == "text":
-            text, state = solver.speak(ctx, state)
-            ctx.answer = text
-            ctx.messages = ctx.messages + [("Solver", text)]
-        return state
+            return self.conclude(ctx, solver, inp, state, speak=True, label="Solver")
+        return inp.then(state)

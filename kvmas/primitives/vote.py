@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import MERGE_POLICIES, LatentState
 from kvmas.errors import BadInputError
-from kvmas.primitives.base import Primitive, check_param
+from kvmas.primitives.base import Output, Primitive, check_param
 
 PERSONAS = (
     "You are Solver {i}, a careful mathematician who checks every calculation.",
@@ -41,13 +42,16 @@ class Vote(Primitive):
     re-prefill in ``kvmas bench efficiency``); the selector reads the question and all candidates. Text:
     solvers decode their solutions (still one batched forward), the selector re-reads them as text.
     ``aggregate="majority"`` answers with the majority answer when candidate answers are extractable and a
-    strict majority exists (text candidates), else falls back to the selector.
+    strict majority exists (text candidates), else falls back to the selector. ``answer_key`` maps a
+    candidate's text to a comparable answer (default :func:`answer_key`: last box, else last number).
     """
 
     name = "vote"
 
-    def __init__(self, comm="latent", n: int = 3, merge_policy: str = "shared", aggregate: str = "selector", **kw):
+    def __init__(self, comm="latent", n: int = 3, merge_policy: str = "shared", aggregate: str = "selector",
+                 answer_key: Callable[[str], str | None] = answer_key, **kw):
         super().__init__(comm=comm, **kw)
+        self.answer_key = answer_key
         self.n = check_param("n", n)
         if merge_policy not in MERGE_POLICIES:
             raise BadInputError(f"unknown merge policy {merge_policy!r} (one of {', '.join(MERGE_POLICIES)})")
@@ -66,40 +70,37 @@ class Vote(Primitive):
     def _personas(self) -> list[str]:
         return [PERSONAS[i % len(PERSONAS)].format(i=i + 1) for i in range(self.n)]
 
-    def forward(self, ctx: RunContext, state: LatentState, final: bool = True) -> LatentState:
+    def _agents(self) -> tuple[Agent, Agent]:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   latent_steps=self.latent_steps)
-        solvers = Agent("solvers", role="solver", **kw)
-        selector = Agent("selector", **kw)
+        return Agent("solvers", role="solver", **kw), Agent("selector", **kw)
+
+    def selector_state(self, ctx: RunContext, inp: Output, merge_policy: str | None = None) -> LatentState:
+        """Latent: the state right before the selector answers, with the solvers' rows merged by
+        ``merge_policy`` (default: this Vote's own). The merge-error check of ``kvmas bench efficiency``
+        builds its states here, so it measures the state Vote really builds."""
+        solvers, selector = self._agents()
         personas = [f"{p} {SOLVE}" for p in self._personas()]
+        merged = self.fan_out(ctx, self.shared_prefix(ctx, inp), solvers, personas, merge_policy or self.merge_policy)
+        return selector.read(ctx, merged, self.final_instruction(ctx, SELECT), fresh=False)
+
+    def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
+        solvers, selector = self._agents()
         if self.comm == "latent":
-            state = self.handoff(self.shared_prefix(ctx, state))
-            rows = solvers.think(ctx, solvers.read(ctx, state.fork(self.n), personas, fresh=False))
-            merged = self.handoff(rows.merge_rows(self.merge_policy))
-            state = selector.read(ctx, merged, self.final_instruction(ctx, SELECT), fresh=False)
-            if final:
-                text, state = selector.speak(ctx, state)
-                ctx.answer = text
-            else:
-                state = selector.think(ctx, state)
-            return state
+            return self.conclude(ctx, selector, inp, self.selector_state(ctx, inp), speak=final)
         # text mode: the shared problem prompt is prefilled once, candidates decoded as batch rows
         base = LatentState.empty(ctx.model)
-        prompts = [self.text_context(ctx, []) + "\n\n" + p for p in personas]
+        prompts = [self.text_context(ctx, inp) + "\n\n" + f"{p} {SOLVE}" for p in self._personas()]
         rows = solvers.read(ctx, base.fork(self.n), prompts, fresh=True)
         cands, _ = solvers.speak(ctx, rows)
         cands = list(cands) if isinstance(cands, list) else [cands]
-        keys = [answer_key(c) for c in cands]
-        ctx.meta["vote_candidates"] = keys
+        keys = [self.answer_key(c) for c in cands]
         shown = [(f"Solver {i + 1}'s solution", c) for i, c in enumerate(cands)]
         top, count = Counter(k for k in keys if k).most_common(1)[0] if any(keys) else (None, 0)
         if self.aggregate == "majority" and top is not None and count * 2 > len(keys):
             text = next(c for c, k in zip(cands, keys) if k == top)
-            ctx.meta["vote_majority"] = top
-            state = rows.select([keys.index(top)])
-        else:
-            text, state = selector.speak(ctx, selector.read(
-                ctx, base, self.text_context(ctx, shown) + "\n\n" + self.final_instruction(ctx, SELECT)))
-        ctx.answer = text
-        ctx.messages = ctx.messages + [("Selected solution", text)]
-        return state
+            return inp.then(rows.select([keys.index(top)]), answer=text, message=("Selected solution", text),
+                            vote_candidates=keys, vote_majority=top)
+        state = selector.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
+                              + self.final_instruction(ctx, SELECT))
+        return self.conclude(ctx, selector, inp, state, speak=True, label="Selected solution", vote_candidates=keys)

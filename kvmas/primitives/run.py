@@ -1,0 +1,124 @@
+"""The run lifecycle every entry point shares: ``open_run`` → ``forward`` → ``close_run``.
+
+A primitive's ``forward(ctx, inp, final)`` takes and returns an :class:`Output` (state, text messages, answer,
+facts); the :class:`~kvmas.agents.agent.RunContext` holds the run's inputs and its trace only. Primitives,
+pipelines, the organizer and the benches open and close runs here, so a run is set up in one place.
+
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.primitives import Single
+>>> from kvmas.primitives.run import Output, close_run, open_run
+>>> m = tiny_model()
+>>> prim = Single(max_new_tokens=3)
+>>> ctx = open_run(m, "2+2?", method=prim.method, params=prim.params())
+>>> result = close_run(ctx, prim.forward(ctx, Output.start(m)))
+>>> result.trace.method, len(result.trace.steps)
+('single', 2)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvmas.agents.agent import Intervention, RunContext, SkillSource
+from kvmas.agents.model import Model
+from kvmas.agents.state import LatentState
+from kvmas.errors import BadInputError
+from kvmas.trace import Step, Trace, Usage
+
+TEAM_SYSTEM = "You are a helpful assistant working in a team of agents on one problem."
+Message = tuple[str, str]  # (who, text): a decoded message a text-mode agent re-reads
+
+
+def merge_facts(*facts: Mapping[str, Any]) -> dict[str, Any]:
+    """Facts of several primitives in run order: lists extend, a later value wins, None never overwrites."""
+    out: dict[str, Any] = {}
+    for f in facts:
+        for k, v in f.items():
+            if isinstance(v, list) and isinstance(out.get(k), list):
+                out[k] = out[k] + v
+            elif v is not None or k not in out:
+                out[k] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a primitive's ``forward`` returns and the next primitive reads.
+
+    ``state``: the latent state (the KV hand-off; in text mode whatever the last agent left).
+    ``messages``: decoded messages so far, for text-mode readers. ``answer``: the latest answer spoken.
+    ``facts``: what the primitives report about the run (early stops, majority votes, ...).
+    """
+
+    state: LatentState
+    messages: tuple[Message, ...] = ()
+    answer: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, model) -> "Output":
+        """The input of a run's first primitive: an empty state and no messages."""
+        return cls(LatentState.empty(model))
+
+    def then(self, state: LatentState, *, answer: str | None = None, message: Message | None = None,
+             **facts: Any) -> "Output":
+        """This output continued: a new state, optionally a spoken answer, a message and new facts."""
+        return Output(state=state, messages=self.messages + ((message,) if message else ()),
+                      answer=self.answer if answer is None else answer,
+                      facts=merge_facts(self.facts, facts) if facts else self.facts)
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the final text, the trace, total usage, the final state and the run's facts."""
+
+    answer: str
+    trace: Trace
+    state: LatentState | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def usage(self) -> Usage:
+        return self.trace.usage
+
+
+def resolve_model(model) -> Model:
+    """A :class:`Model` from a Model, a registry name or path, or None (the default model)."""
+    return Model.load(model) if model is None or isinstance(model, str) else model
+
+
+def open_run(model, question: str, *, method: str, params: dict | None = None, seed: int = 0,
+             interventions: dict[str, Intervention | list[Intervention]] | None = None,
+             skills: SkillSource | None = None, positions: int | None = None, prelude: list[Step] = (),
+             trace_path: str | Path | None = None, system: str = TEAM_SYSTEM,
+             started: float | None = None) -> RunContext:
+    """Validate the question, check the context fits ``positions``, start the trace (``prelude`` steps first).
+
+    ``started`` (a ``time.perf_counter()`` value) counts work done before opening, such as the organizer's
+    decision, in the run's wall time.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise BadInputError("empty question")
+    model = resolve_model(model)
+    if positions is not None:
+        model.check_fits(positions, f"{method} on this question")
+    trace = Trace(method=method, question=question, seed=seed, model=model.fingerprint.model_dump(),
+                  params=dict(params or {}))
+    for step in prelude:
+        trace.add(step)
+    return RunContext(model=model, question=question, seed=seed, trace=trace, system=system,
+                      interventions=interventions or {}, skills=skills,
+                      started=time.perf_counter() if started is None else started, trace_path=trace_path)
+
+
+def close_run(ctx: RunContext, out: Output, **extra_facts: Any) -> RunResult:
+    """Finish the trace (wall time, answer), write it if asked, and return the run's result."""
+    ctx.trace.wall_s = time.perf_counter() - ctx.started
+    ctx.trace.answer = out.answer
+    if ctx.trace_path:
+        ctx.trace.save(ctx.trace_path)
+    return RunResult(answer=out.answer or "", trace=ctx.trace, state=out.state,
+                     meta={**dict(out.facts), **extra_facts})
