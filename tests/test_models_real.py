@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from kvmas.agents.registry import cache_dir, get_entry
+from kvmas.models.registry import cache_dir, get_entry
 
 QWEN = "qwen2.5-coder-0.5b"
 
@@ -31,11 +31,11 @@ def _has_package(name: str) -> bool:
 def test_default_model_resolves_converts_once_and_loads_fast():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvmas.agents.convert import verify_cache
+    from kvmas.models.convert import verify_cache
     from kvmas.agents.model import Model
-    from kvmas.agents.registry import resolve_model_dir
+    from kvmas.models.install import model_dir
 
-    directory, name = resolve_model_dir(None)
+    directory, name = model_dir(None)
     assert name == "smollm2-135m" and directory == cache_dir(name)
     manifest = verify_cache(directory)
     assert manifest.source_sha256 == get_entry(name).sha256 and manifest.tied
@@ -51,7 +51,7 @@ def test_default_model_resolves_converts_once_and_loads_fast():
 def _qwen_manifest():
     """The installed cache's manifest, None when it was never installed. A cache that exists but fails its
     checks is a defect, not an absence: the tests that need it fail on it (they never skip past it)."""
-    from kvmas.agents.convert import verify_cache
+    from kvmas.models.convert import verify_cache
 
     if not cache_dir(QWEN).exists():
         return None
@@ -94,8 +94,8 @@ def test_retied_qwen_matches_the_untied_gguf_up_to_near_ties(tmp_path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvmas.agents.convert import read_gguf_tensor
-    from kvmas.agents.install import PackageSources, assemble
+    from kvmas.models.convert import read_gguf_tensor
+    from kvmas.models.install import PackageSources, assemble
 
     entry = get_entry(QWEN)
     sources = PackageSources()

@@ -12,44 +12,20 @@ import hashlib
 import json
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from kvmas.errors import ContextOverflowError, FingerprintMismatchError
+from kvmas.agents.fingerprint import ModelFingerprint
+from kvmas.agents.state import LatentState
+from kvmas.errors import ContextOverflowError
+from kvmas.paths import kvmas_home
+
+T = TypeVar("T")
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, "Model"] = {}
-
-
-class ModelFingerprint(BaseModel):
-    """What identifies a model for KV exchange: raw KV only moves between identical weights."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    revision: str  # hash of config + a sample of the weights
-    dtype: str
-    arch: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    rope: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        """A short stable id: equal keys mean interchangeable caches."""
-        blob = json.dumps(self.model_dump(exclude={"name"}), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    def check(self, other: "ModelFingerprint", what: str = "state") -> None:
-        if self.key != other.key:
-            raise FingerprintMismatchError(
-                f"{what} was made by model {other.name} ({other.key}), refusing it for {self.name} ({self.key})"
-            )
+_DERIVED_LOCK = threading.RLock()  # re-entrant: one derived object may be made from another
 
 
 def _weights_digest(hf) -> str:
@@ -98,7 +74,7 @@ class Model:
             rope=_rope_info(cfg),
         )
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
-        self._aux: dict[str, Any] = {}  # per-model derived objects (realignment, skill prefixes, ...)
+        self._derived: dict[str, Any] = {}
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -112,21 +88,21 @@ class Model:
 
         The embedded default is converted once from its GGUF into a safetensors cache under ``KVMAS_HOME``.
         """
-        from kvmas.agents.registry import resolve_model_dir
+        from kvmas.models.install import model_dir
 
         if threads:
             torch.set_num_threads(threads)
         with _LOCK:
             if name_or_path in _LOADED:
                 return _LOADED[name_or_path]
-            directory, name = resolve_model_dir(name_or_path)
+            directory, name = model_dir(name_or_path)
             key = str(Path(directory).resolve())
             if key in _LOADED:  # the same model under another name (default vs its registry name)
                 _LOADED[name_or_path] = _LOADED[key]
                 return _LOADED[key]
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from kvmas.agents.convert import quiet_transformers
+            from kvmas.models.convert import quiet_transformers
 
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(directory)
@@ -191,22 +167,24 @@ class Model:
     @torch.no_grad()
     def score_continuations(self, prefix: str | list[int], continuations: list[str | list[int]]) -> list[float]:
         """Total log-prob of each continuation after ``prefix``; the prefix is prefilled once and its KV reused."""
-        from kvmas.agents.state import LatentState
-
         state = LatentState.empty(self).extend(prefix, agent="scorer", role="scorer")
         return state.score(continuations)
 
     def require_same(self, fp: ModelFingerprint, what: str = "state") -> None:
         self.fingerprint.check(fp, what)
 
+    def derived(self, key: str, make: Callable[[], T]) -> T:
+        """A per-model derived object (realignment matrix, skill prefix states), made once by ``make()``."""
+        with _DERIVED_LOCK:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return self._derived[key]
+
+    def derived_dir(self) -> Path:
+        """Per-model folder in the data dir for derived artefacts saved to disk (e.g. the realignment matrix)."""
+        d = kvmas_home() / "derived" / self.fingerprint.key
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
     def __repr__(self) -> str:
         return f"Model({self.name!r}, layers={self.fingerprint.num_layers}, key={self.fingerprint.key})"
-
-
-def state_dir(model: Model) -> Path:
-    """Per-model folder in the data dir for derived artefacts (realignment matrix, skill prefixes)."""
-    from kvmas.paths import kvmas_home
-
-    d = kvmas_home() / "derived" / model.fingerprint.key
-    d.mkdir(parents=True, exist_ok=True)
-    return d

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import safetensors.torch as st
 import torch
+
+from kvmas.paths import atomic_write_bytes
 
 RIDGE = 1e-5
 
@@ -47,33 +50,24 @@ class Realigner:
 
     @classmethod
     def for_model(cls, model, cache: bool = True) -> "Realigner":
-        """The model's realigner: from memory, else from the on-disk cache, else computed and cached."""
-        if "realigner" in model._aux:
-            return model._aux["realigner"]
-        if not cache:
-            r = cls.compute(model)
-        else:
-            import safetensors.torch as st
+        """The model's realigner: made once per model (``Model.derived``), from the on-disk cache when
+        ``cache`` (computed and written there otherwise)."""
+        return model.derived("realigner", lambda: cls._load_or_compute(model) if cache else cls.compute(model))
 
-            from kvmas.agents.model import state_dir
-            from kvmas.paths import atomic_write_bytes
-
-            path = state_dir(model) / "realign.safetensors"
-            r = None
-            if path.exists():
-                try:
-                    t = st.load_file(str(path))
-                    r = cls(t["matrix"], float(t["target_norm"]), bool(t["tied"]), float(t["identity_error"]))
-                except Exception:  # corrupt cache file: recompute and overwrite atomically
-                    r = None
-            if r is None:
-                r = cls.compute(model)
-                blob = st.save({
-                    "matrix": r.matrix.contiguous(),
-                    "target_norm": torch.tensor(r.target_norm),
-                    "tied": torch.tensor(r.tied),
-                    "identity_error": torch.tensor(r.identity_error),
-                })
-                atomic_write_bytes(path, blob)
-        model._aux["realigner"] = r
+    @classmethod
+    def _load_or_compute(cls, model) -> "Realigner":
+        path = model.derived_dir() / "realign.safetensors"
+        if path.exists():
+            try:
+                t = st.load_file(str(path))
+                return cls(t["matrix"], float(t["target_norm"]), bool(t["tied"]), float(t["identity_error"]))
+            except Exception:  # corrupt cache file: recompute and overwrite atomically
+                pass
+        r = cls.compute(model)
+        atomic_write_bytes(path, st.save({
+            "matrix": r.matrix.contiguous(),
+            "target_norm": torch.tensor(r.target_norm),
+            "tied": torch.tensor(r.tied),
+            "identity_error": torch.tensor(r.identity_error),
+        }))
         return r

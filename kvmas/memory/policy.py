@@ -95,7 +95,7 @@ class ActionPolicy:
     prefix_prefills: int = field(default=0)
 
     def __post_init__(self) -> None:
-        self._cache: dict[str, LatentState] = self.model._aux.setdefault("skill_prefix_state", {})
+        self._cache: dict[str, LatentState] = self.model.derived("skill_prefix_state", dict)
 
     def prefix_ids(self, skill_text: str | None) -> list[int]:
         return self.model.encode(chat_parts(self.model, skill_text)[0])

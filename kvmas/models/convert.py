@@ -5,7 +5,7 @@ chat template) plus ``kvmas-model.json``: a manifest with the cache schema versi
 the sha256 and size of every file, and the measured conversion and load times. The directory only ever appears
 complete (built in a temp dir next to it, then renamed), so a crash leaves nothing that loads.
 
->>> from kvmas.agents.convert import read_manifest
+>>> from kvmas.models.convert import read_manifest
 >>> read_manifest("/nonexistent") is None
 True
 """

