@@ -17,12 +17,12 @@ import json
 import platform
 import time
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, SchemaVersionError
 from kvmas.paths import atomic_write_text
 
@@ -91,9 +91,6 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
 
 class Trace(BaseModel):
     """A whole run: question, method, seed, model fingerprint, steps, answer and outcome."""
@@ -102,7 +99,7 @@ class Trace(BaseModel):
 
     schema_version: int = TRACE_SCHEMA_VERSION
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
-    created: str = Field(default_factory=_now)
+    created: str = Field(default_factory=utc_now)
     method: str = "single"
     question: str = ""
     seed: int = 0

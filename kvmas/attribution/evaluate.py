@@ -3,14 +3,10 @@
 Only held-out predictions are scored: for every fold the step scorer is refitted on the other folds. Agent
 accuracy compares normalised names; step accuracy is exact integer equality, plus ±1 / ±3 tolerance and the
 official scorer's substring-compatible numbers.
-
->>> round(mcnemar_exact(10, 2), 4)
-0.0386
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,16 +20,7 @@ from kvmas.attribution.features import step_features
 from kvmas.attribution.log import AttributionLog, AttributionWarning, iter_logs, normalize_agent
 from kvmas.attribution.scorer import StepScorer, kfold
 from kvmas.errors import BadInputError
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts ``b`` (A right, B wrong) and ``c``."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+from kvmas.stats import McNemar
 
 
 @dataclass
@@ -168,7 +155,7 @@ def evaluate(path: str | Path, with_gt: bool = False, folds: int = 5, seeds: tup
                 bb = sum(x and not y for x, y in zip(m, r))
                 cc = sum(y and not x for x, y in zip(m, r))
                 tests[f"{lvl}_vs_{bname}"] = {"method_only": bb, "baseline_only": cc,
-                                              "p_mcnemar": round(mcnemar_exact(bb, cc), 4)}
+                                              "p_mcnemar": round(McNemar.from_counts(bb, cc).p_value, 4)}
         summary["mcnemar_seed0"] = tests
         out["methods"][f"cdc_{rule}"] = summary
     out["items"] = [

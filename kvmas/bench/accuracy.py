@@ -33,10 +33,8 @@ from typing import Any, Callable, Sequence
 from kvmas.errors import BadInputError, KvmasError
 from kvmas.paths import atomic_write_text
 from kvmas.tasks.prompts import check_style
-from kvmas.tasks import (
-    Task, bootstrap_ci, format_question, loglik_continuations, loglik_prefix, mcnemar_exact, paired_bootstrap,
-    wilson,
-)
+from kvmas.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, wilson
+from kvmas.tasks import Task, format_question, loglik_continuations, loglik_prefix
 from kvmas.tasks.answers import STRICT_RULES, matches_gold, prompt_echo_floor, read_answer
 from kvmas.trace import Usage
 

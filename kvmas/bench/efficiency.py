@@ -199,7 +199,7 @@ def run_efficiency(*, data: str | None, n: int, methods: list[str], model: str |
 
 
 def summarize(results: list[MethodResult], **info) -> dict:
-    from kvmas.tasks import wilson
+    from kvmas.stats import wilson
 
     rows = {}
     for r in results:

@@ -242,7 +242,7 @@ def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here"),
           store: Optional[Path] = StoreOpt) -> None:
     """Build phase, then a frozen evaluation on held-out seeds paired across conditions."""
-    from kvmas.memory.bench import CONDITIONS, EvalConfig, activation_prefill, run_eval
+    from kvmas.bench.skills import CONDITIONS, EvalConfig, activation_prefill, run_eval
     from kvmas.memory.envs import ENVS, SPLITS
 
     try:

@@ -17,10 +17,11 @@ import json
 import math
 import re
 import uuid
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvmas.clock import utc_now
 
 SKILL_SCHEMA_VERSION = 1
 MAX_RENDERED_TOKENS = 150  # rough budget; counted with a whitespace/punctuation tokeniser (see approx_tokens)
@@ -38,9 +39,6 @@ TRANSITIONS: dict[str, set[str]] = {
     "rejected": {"archived"},
 }
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def approx_tokens(text: str) -> int:
@@ -71,7 +69,7 @@ class Skill(BaseModel):
     pinned: bool = False
     source: Source = "manual"
     provenance: dict[str, Any] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=_now)
+    created_at: str = Field(default_factory=utc_now)
 
     @field_validator("steps")
     @classmethod

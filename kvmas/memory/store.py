@@ -21,13 +21,13 @@ import json
 import re
 import sqlite3
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import BaseModel, ValidationError
 
 from kvmas.db import connect, immediate
+from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, SchemaVersionError
 from kvmas.memory.skill import LIVE, SKILL_SCHEMA_VERSION, TRANSITIONS, Skill, SkillStats
 from kvmas.paths import atomic_write_text, kvmas_home
@@ -69,9 +69,6 @@ CREATE TABLE IF NOT EXISTS gate_results (
 _STAT_COLS = ("n_activations", "n_episodes", "n_success", "sum_credit", "sum_sq_credit", "probation_uses",
               "age_iters", "last_used_at")
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 class Event(BaseModel):
@@ -152,7 +149,7 @@ class SkillStore:
         c.execute(
             "INSERT INTO events (ts, actor, op, scope, skill_id, reason, before_json, after_json)"
             " VALUES (?,?,?,?,?,?,?,?)",
-            (_now(), actor, op, scope, skill_id, reason,
+            (utc_now(), actor, op, scope, skill_id, reason,
              json.dumps(before, sort_keys=True) if before is not None else None,
              json.dumps(after, sort_keys=True) if after is not None else None),
         )
@@ -305,7 +302,7 @@ class SkillStore:
                 "UPDATE skill_stats SET n_activations = n_activations + ?, n_episodes = n_episodes + 1,"
                 " n_success = n_success + ?, sum_credit = sum_credit + ?, sum_sq_credit = sum_sq_credit + ?,"
                 " probation_uses = probation_uses + ?, last_used_at = ? WHERE skill_id = ?",
-                (activations, int(success), credit, credit * credit, int(probation), _now(), skill_id),
+                (activations, int(success), credit, credit * credit, int(probation), utc_now(), skill_id),
             )
 
     def age(self, scope: str) -> int:
@@ -384,7 +381,7 @@ class SkillStore:
                     success: bool, n_steps: int, trace_json: str) -> None:
         with self._tx() as c:
             c.execute("INSERT OR IGNORE INTO episodes VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (ep_id, scope, env, task_family, iteration, reward, int(success), n_steps, trace_json, _now()))
+                      (ep_id, scope, env, task_family, iteration, reward, int(success), n_steps, trace_json, utc_now()))
 
     def episodes(self, scope: str, *, since_iteration: int = 0, limit: int = 1000) -> list[str]:
         rows = self._conn().execute(
@@ -395,7 +392,7 @@ class SkillStore:
     def add_gate_result(self, skill_id: str, parent_id: str | None, accepted: bool, report: dict) -> None:
         with self._tx() as c:
             c.execute("INSERT INTO gate_results (skill_id, parent_id, accepted, report_json, ts) VALUES (?,?,?,?,?)",
-                      (skill_id, parent_id, int(accepted), json.dumps(report, sort_keys=True), _now()))
+                      (skill_id, parent_id, int(accepted), json.dumps(report, sort_keys=True), utc_now()))
 
     def gate_results(self, skill_id: str | None = None, scope: str | None = None) -> list[dict]:
         sql = ("SELECT g.* FROM gate_results g JOIN skills s ON s.id = g.skill_id WHERE (? IS NULL OR g.skill_id=?)"

@@ -39,13 +39,13 @@ import re
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvmas.clock import utc_now
 from kvmas.db import connect, immediate
 from kvmas.errors import BadInputError, CacheCorruptError, SchemaVersionError
 from kvmas.organizer.spec import PipelineSpec
@@ -90,9 +90,6 @@ CREATE TABLE IF NOT EXISTS outcomes (
     ts TEXT NOT NULL);
 """
 
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def entry_key(query: str, spec: PipelineSpec) -> str:
@@ -304,7 +301,7 @@ class KnowledgePool:
             raise BadInputError("a pool entry needs a non-empty query")
         if successes > trials or min(trials, successes) < 0:
             raise BadInputError(f"bad counts: {successes} successes out of {trials} trials")
-        key, now = entry_key(query, spec), _now()
+        key, now = entry_key(query, spec), utc_now()
         with self._tx() as c:
             existed = c.execute("SELECT id FROM entries WHERE key = ?", (key,)).fetchone()
             c.execute(
@@ -337,7 +334,7 @@ class KnowledgePool:
                 "fail_streak = CASE WHEN :ok THEN 0 ELSE fail_streak + 1 END, "
                 "weight = CASE WHEN :ok THEN weight + (1.0 - weight) / 2 ELSE weight * :decay END, "
                 "updated = :now WHERE id = :id",
-                {"ok": ok, "tok": int(tokens), "t": float(time_s), "decay": DECAY, "now": _now(), "id": int(entry_id)})
+                {"ok": ok, "tok": int(tokens), "t": float(time_s), "decay": DECAY, "now": utc_now(), "id": int(entry_id)})
             if cur.rowcount == 0:
                 raise BadInputError(f"no pool entry with id {entry_id}")
             c.execute("UPDATE entries SET retired = 1 WHERE id = ? AND origin != 'seed' AND weight < ? "
@@ -357,7 +354,7 @@ class KnowledgePool:
             with self._tx() as c:
                 try:
                     c.execute("INSERT INTO outcomes (run_id, entry_id, success, ts) VALUES (?, ?, ?, ?)",
-                              (str(run_id), entry_id, int(bool(success)), _now()))
+                              (str(run_id), entry_id, int(bool(success)), utc_now()))
                 except sqlite3.IntegrityError:
                     raise BadInputError(f"run {run_id} already has a recorded outcome") from None
         if entry_id is not None:
@@ -537,7 +534,7 @@ class KnowledgePool:
                 embs[j] = em
             parsed.append((e, embs))
         added = updated = 0
-        now = _now()
+        now = utc_now()
         with self._tx() as c:
             for e, embs in parsed:
                 key = entry_key(e.query, e.spec)

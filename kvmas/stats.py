@@ -1,6 +1,6 @@
-"""Small-sample statistics for accuracy: intervals and paired comparisons (numpy only, seeded).
+"""Small-sample statistics, the one place for them: Wilson intervals, exact McNemar, paired bootstrap (seeded).
 
->>> from kvmas.tasks.stats import wilson, mcnemar_exact
+>>> from kvmas.stats import wilson, mcnemar_exact
 >>> lo, hi = wilson(5, 20)
 >>> round(lo, 3), round(hi, 3)
 (0.112, 0.469)
@@ -60,20 +60,22 @@ class McNemar:
     b_only: int
     p_value: float
 
+    @classmethod
+    def from_counts(cls, a_only: int, b_only: int) -> "McNemar":
+        """The test from the discordant counts alone."""
+        n = a_only + b_only
+        if n == 0:
+            return cls(a_only, b_only, 1.0)
+        tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+        return cls(a_only, b_only, min(1.0, 2 * tail))
+
 
 def mcnemar_exact(a: Sequence[int | bool], b: Sequence[int | bool]) -> McNemar:
     """Exact (binomial) McNemar test on paired 0/1 outcomes of the same items."""
     xa, xb = _as_array(a, "a").astype(bool), _as_array(b, "b").astype(bool)
     if xa.size != xb.size:
         raise BadInputError(f"paired outcomes differ in length: {xa.size} vs {xb.size}")
-    a_only = int(np.sum(xa & ~xb))
-    b_only = int(np.sum(~xa & xb))
-    n = a_only + b_only
-    if n == 0:
-        return McNemar(a_only, b_only, 1.0)
-    k = min(a_only, b_only)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return McNemar(a_only, b_only, min(1.0, 2 * tail))
+    return McNemar.from_counts(int(np.sum(xa & ~xb)), int(np.sum(~xa & xb)))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ Metrics per condition (definitions):
 - prefilled tokens per step with the cached KV prefix vs with the text block (activation prefill cost);
 - active pool tokens: model tokens of the rendered live skills; gate pass rate: accepted / gated.
 
->>> from kvmas.memory.bench import wilson
->>> [round(x, 3) for x in wilson(8, 10)]
-[0.49, 0.943]
+>>> from kvmas.bench.skills import CONDITIONS
+>>> CONDITIONS
+('none', 'ours', 'nogate', 'seeds')
 """
 
 from __future__ import annotations
@@ -32,20 +32,10 @@ from kvmas.memory.lifecycle import LearnConfig, Learner
 from kvmas.memory.policy import ActionPolicy
 from kvmas.memory.runtime import SkillMemory
 from kvmas.memory.store import SkillStore
+from kvmas.stats import wilson
 
 CONDITIONS = ("none", "ours", "nogate", "seeds")
 EVAL_SEED_BASE = 100_000  # held out: build seeds start at 0
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 class EvalConfig(BaseModel):

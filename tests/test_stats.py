@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kvmas.errors import BadInputError
-from kvmas.tasks import bootstrap_ci, mcnemar_exact, paired_bootstrap, wilson
+from kvmas.stats import McNemar, bootstrap_ci, mcnemar_exact, paired_bootstrap, wilson
 
 
 def test_wilson_known_values_and_edges():
@@ -40,3 +40,9 @@ def test_paired_bootstrap():
     assert d.diff == 0.5 and d.lo > 0.3 and d.hi < 0.7
     same = paired_bootstrap(a, a)
     assert same.diff == same.lo == same.hi == 0.0
+
+
+def test_mcnemar_from_counts_equals_paired_outcomes():
+    assert McNemar.from_counts(0, 0).p_value == 1.0 and McNemar.from_counts(5, 5).p_value == 1.0
+    assert abs(McNemar.from_counts(10, 2).p_value - 0.03857) < 1e-4
+    assert McNemar.from_counts(6, 1) == mcnemar_exact([1] * 6 + [0, 0], [0] * 6 + [0, 1])
