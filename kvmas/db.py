@@ -1,20 +1,33 @@
-"""SQLite set-up shared by the persistent stores (knowledge pool, skill store): WAL, busy timeout, FKs.
+"""The SQLite base both persistent stores (knowledge pool, skill store) stand on.
+
+A :class:`SQLiteStore` opens its file only after a read-only look (not SQLite, damaged, another program's
+file, a newer schema: refused, left untouched), keeps one connection per thread (WAL, busy timeout, foreign
+keys), writes in ``BEGIN IMMEDIATE`` transactions, stamps ``application_id`` and ``user_version``, and wraps
+exports in one envelope (``format`` + ``schema_version``).
 
 >>> import tempfile, os
->>> from kvmas.db import connect, immediate
->>> conn = connect(os.path.join(tempfile.mkdtemp(), "x.sqlite"), busy_timeout_s=1.0)
->>> with immediate(conn) as c:
-...     _ = c.execute("CREATE TABLE t (x)")
->>> conn.execute("PRAGMA journal_mode").fetchone()[0]
-'wal'
+>>> from kvmas.db import SQLiteStore
+>>> class Notes(SQLiteStore):
+...     kind, app_id, schema_version, export_format = "notes", 0x6E6F7465, 1, "notes"
+...     schema = "CREATE TABLE notes (text TEXT NOT NULL)"
+>>> notes = Notes(os.path.join(tempfile.mkdtemp(), "n.sqlite"))
+>>> with notes.transaction() as c:
+...     _ = c.execute("INSERT INTO notes VALUES ('hi')")
+>>> notes.connection().execute("PRAGMA journal_mode").fetchone()[0], notes.created
+('wal', True)
+>>> notes.open_envelope(notes.envelope(notes=[]))["notes"]
+[]
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from kvmas.errors import BadInputError, CacheCorruptError, SchemaVersionError
 
 
 def connect(path: str | Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -38,3 +51,117 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+class SQLiteStore:
+    """Base of a kvmas SQLite file. Subclasses set ``kind`` (for messages), ``app_id``, ``schema_version``,
+    ``schema`` (DDL, ``;``-separated), ``export_format`` and, for files written before kvmas stamped an
+    ``application_id``, ``legacy_tables`` (tables that mark an unstamped file as one of ours)."""
+
+    kind = "store"
+    app_id = 0
+    schema_version = 1
+    schema = ""
+    export_format = ""
+    legacy_tables: frozenset[str] = frozenset()
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 60.0):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._check_existing()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = self._init_schema()
+
+    # -- opening ---------------------------------------------------------------------------------
+    def _check_existing(self) -> None:
+        """Refuse foreign, damaged or newer files before anything writes to them."""
+        if not self.path.exists():
+            return
+        if self.path.is_dir():
+            raise BadInputError(f"{self.kind} path {self.path} is a directory")
+        if self.path.stat().st_size == 0:
+            return
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.busy_timeout_s)
+            try:
+                app = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise CacheCorruptError(f"{self.path} is not a readable {self.kind} file ({exc}); left untouched") \
+                from None
+        if check != "ok":
+            raise CacheCorruptError(f"{self.path} failed its integrity check ({check}); left untouched")
+        ours = app == self.app_id or (app == 0 and bool(self.legacy_tables) and self.legacy_tables <= tables)
+        if not ours and (tables or version):
+            raise CacheCorruptError(f"{self.path} is an SQLite file but not a kvmas {self.kind}; left untouched")
+        if version > self.schema_version:
+            raise SchemaVersionError(f"{self.path} has {self.kind} schema {version}, this kvmas reads up to "
+                                     f"{self.schema_version}; left untouched")
+
+    def _init_schema(self) -> bool:
+        """Create the tables in a new file (True), or stamp an older kvmas file's ``application_id``."""
+        with self.transaction() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > self.schema_version:  # raced with a newer writer
+                raise SchemaVersionError(f"{self.path} has {self.kind} schema {version}; left untouched")
+            if version == self.schema_version:
+                if c.execute("PRAGMA application_id").fetchone()[0] != self.app_id:
+                    c.execute(f"PRAGMA application_id={self.app_id}")
+                return False
+            for stmt in filter(str.strip, self.schema.split(";")):
+                c.execute(stmt)
+            c.execute(f"PRAGMA application_id={self.app_id}")
+            c.execute(f"PRAGMA user_version={self.schema_version}")
+            return True
+
+    # -- connections and transactions --------------------------------------------------------------
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction that takes the write lock up front. Never call a model inside."""
+        with immediate(self.connection()) as conn:
+            yield conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def integrity(self) -> str:
+        """``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
+        return self.connection().execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -- export envelope ----------------------------------------------------------------------------
+    @classmethod
+    def envelope(cls, **body: Any) -> dict[str, Any]:
+        """An export document: ``format``, ``schema_version``, then ``body``."""
+        return {"format": cls.export_format, "schema_version": cls.schema_version, **body}
+
+    @classmethod
+    def open_envelope(cls, doc: Any, *, legacy_version_key: str | None = None) -> dict[str, Any]:
+        """Check an export document's envelope; BadInputError / SchemaVersionError naming the field."""
+        if not isinstance(doc, dict):
+            raise BadInputError(f"{cls.kind} export: top level must be an object")
+        if doc.get("format") != cls.export_format:
+            raise BadInputError(f"format: expected {cls.export_format!r}, got {doc.get('format')!r} "
+                                f"(not a kvmas {cls.kind} export)")
+        key = "schema_version" if "schema_version" in doc or legacy_version_key is None else legacy_version_key
+        ver = doc.get(key, 0 if key == legacy_version_key else None)
+        if not isinstance(ver, int) or isinstance(ver, bool):
+            raise BadInputError(f"{key}: must be an integer")
+        if ver > cls.schema_version:
+            raise SchemaVersionError(f"{key}: {cls.kind} export has schema {ver}, this kvmas reads up to "
+                                     f"{cls.schema_version}")
+        return doc

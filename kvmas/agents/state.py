@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvmas.agents.fingerprint import ModelFingerprint
-from kvmas.errors import BadInputError, CacheCorruptError, ContextOverflowError
+from kvmas.errors import BadInputError, CacheCorruptError
 from kvmas.paths import atomic_write_bytes
 
 STATE_FORMAT = "kvmas.latent_state/1"

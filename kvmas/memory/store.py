@@ -16,23 +16,22 @@ append-only event log. Safe for several processes: uniqueness and arithmetic liv
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sqlite3
-import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from kvmas.db import connect, immediate
+from kvmas.db import SQLiteStore
 from kvmas.clock import utc_now
-from kvmas.errors import BadInputError, SchemaVersionError
-from kvmas.memory.skill import LIVE, SKILL_SCHEMA_VERSION, TRANSITIONS, Skill, SkillStats
+from kvmas.errors import BadInputError
+from kvmas.memory.skill import LIVE, TRANSITIONS, Skill, SkillStats
 from kvmas.paths import atomic_write_text, kvmas_home
 
 STORE_SCHEMA_VERSION = 1
+STORE_APP_ID = 0x6B766D73  # "kvms": marks a kvmas skill store file
 EXPORT_FORMAT = "kvmas-skills"
 
 _SCHEMA = """
@@ -97,51 +96,16 @@ def field_error(exc: ValidationError, prefix: str = "") -> str:
     return f"{loc.lstrip('.')}: {first['msg']}"
 
 
-class SkillStore:
+class SkillStore(SQLiteStore):
     """Skills in one SQLite file; one connection per thread; every write is a short immediate transaction."""
 
+    kind, app_id, schema_version, schema, export_format = "skill store", STORE_APP_ID, STORE_SCHEMA_VERSION, \
+        _SCHEMA, EXPORT_FORMAT
+    legacy_tables = frozenset({"meta", "skills", "skill_stats", "events", "episodes", "gate_results"})
+
     def __init__(self, path: str | Path | None = None, *, busy_timeout_ms: int = 10000):
-        self.path = Path(path).expanduser().resolve() if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.busy_timeout_ms = busy_timeout_ms
-        self._local = threading.local()
-        self._init_schema()
-
-    # -- connections & transactions ------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, busy_timeout_s=self.busy_timeout_ms / 1000)
-        return conn
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception. Never call a model inside."""
-        with immediate(self._conn()) as conn:
-            yield conn
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    def _init_schema(self) -> None:
-        conn = self._conn()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > STORE_SCHEMA_VERSION:
-            self.close()
-            raise SchemaVersionError(
-                f"skill store {self.path} has schema {version}; this kvmas reads up to {STORE_SCHEMA_VERSION}"
-            )
-        if version == STORE_SCHEMA_VERSION:
-            return
-        with self._tx() as c:
-            if c.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
-                c.execute(f"PRAGMA user_version={STORE_SCHEMA_VERSION}")
+        super().__init__(Path(path).expanduser().resolve() if path else default_path(),
+                         busy_timeout_s=busy_timeout_ms / 1000)
 
     # -- events ------------------------------------------------------------------------------
     def _log(self, c: sqlite3.Connection, op: str, scope: str, skill_id: str | None, *, actor: str,
@@ -157,7 +121,7 @@ class SkillStore:
     def log(self, op: str, scope: str, skill_id: str | None = None, *, actor: str = "api", reason: str = "",
             after: dict | None = None) -> None:
         """Record a decision that changes no row (e.g. a candidate dropped before gating)."""
-        with self._tx() as c:
+        with self.transaction() as c:
             self._log(c, op, scope, skill_id, actor=actor, reason=reason, after=after)
 
     def events(self, *, skill_ids: list[str] | None = None, scope: str | None = None,
@@ -169,7 +133,7 @@ class SkillStore:
         if scope is not None:
             sql += " AND scope=?"
             args.append(scope)
-        rows = self._conn().execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        rows = self.connection().execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         return [Event(seq=r["seq"], ts=r["ts"], actor=r["actor"], op=r["op"], scope=r["scope"],
                       skill_id=r["skill_id"], reason=r["reason"],
                       before=json.loads(r["before_json"]) if r["before_json"] else None,
@@ -213,19 +177,19 @@ class SkillStore:
         """Insert a skill; an identical (scope, content) one collapses into the existing row.
 
         Returns (stored skill, created?)."""
-        with self._tx() as c:
+        with self.transaction() as c:
             sid, created = self._insert(c, skill, None, actor=actor, reason=reason)
         return self.get(sid), created
 
     def get(self, skill_id: str) -> Skill:
-        rows = self._conn().execute("SELECT * FROM skills WHERE id=? OR id LIKE ?",
+        rows = self.connection().execute("SELECT * FROM skills WHERE id=? OR id LIKE ?",
                                     (skill_id, skill_id + "%")).fetchall()
         if len(rows) != 1:
             raise BadInputError(f"no skill with id {skill_id!r}" if not rows else f"ambiguous id prefix {skill_id!r}")
         return self._row_to_skill(rows[0])
 
     def stats(self, skill_id: str) -> SkillStats:
-        r = self._conn().execute("SELECT * FROM skill_stats WHERE skill_id=?", (skill_id,)).fetchone()
+        r = self.connection().execute("SELECT * FROM skill_stats WHERE skill_id=?", (skill_id,)).fetchone()
         if r is None:
             raise BadInputError(f"no stats for skill {skill_id!r}")
         return SkillStats(**{k: r[k] for k in _STAT_COLS})
@@ -241,7 +205,7 @@ class SkillStore:
             statuses = (status,) if isinstance(status, str) else tuple(status)
             sql += f" AND status IN ({','.join('?' * len(statuses))})"
             args += statuses
-        rows = self._conn().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
+        rows = self.connection().execute(sql + " ORDER BY rowid LIMIT ?", (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
         return [self._row_to_skill(r) for r in rows], (rows[-1]["rid"] if more else None)
@@ -254,18 +218,18 @@ class SkillStore:
         return out
 
     def lineage(self, lineage_id: str) -> list[Skill]:
-        rows = self._conn().execute("SELECT * FROM skills WHERE lineage_id=? ORDER BY version, created_at",
+        rows = self.connection().execute("SELECT * FROM skills WHERE lineage_id=? ORDER BY version, created_at",
                                     (lineage_id,)).fetchall()
         return [self._row_to_skill(r) for r in rows]
 
     def scopes(self) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT DISTINCT scope FROM skills ORDER BY scope")]
+        return [r[0] for r in self.connection().execute("SELECT DISTINCT scope FROM skills ORDER BY scope")]
 
     # -- status (compare-and-swap) -----------------------------------------------------------
     def set_status(self, skill_id: str, new: str, *, expected: str | None = None, reason: str,
                    actor: str = "api", op: str | None = None) -> bool:
         """Move a skill to ``new`` if it is still in ``expected`` (or any legal source state). Logged."""
-        with self._tx() as c:
+        with self.transaction() as c:
             return self._set_status(c, skill_id, new, expected=expected, reason=reason, actor=actor, op=op)
 
     def _set_status(self, c, skill_id, new, *, expected, reason, actor, op=None) -> bool:
@@ -285,7 +249,7 @@ class SkillStore:
         return True
 
     def set_pinned(self, skill_id: str, pinned: bool, *, actor: str = "api") -> None:
-        with self._tx() as c:
+        with self.transaction() as c:
             r = c.execute("SELECT scope, pinned FROM skills WHERE id=?", (skill_id,)).fetchone()
             if r is None:
                 raise BadInputError(f"no skill with id {skill_id!r}")
@@ -297,7 +261,7 @@ class SkillStore:
     def record_use(self, skill_id: str, *, credit: float, activations: int = 1, success: bool = False,
                    probation: bool = False) -> None:
         """Credit one episode to a skill."""
-        with self._tx() as c:
+        with self.transaction() as c:
             c.execute(
                 "UPDATE skill_stats SET n_activations = n_activations + ?, n_episodes = n_episodes + 1,"
                 " n_success = n_success + ?, sum_credit = sum_credit + ?, sum_sq_credit = sum_sq_credit + ?,"
@@ -307,7 +271,7 @@ class SkillStore:
 
     def age(self, scope: str) -> int:
         """One more iteration for every live skill of ``scope``; returns the scope's iteration counter."""
-        with self._tx() as c:
+        with self.transaction() as c:
             c.execute("UPDATE skill_stats SET age_iters = age_iters + 1 WHERE skill_id IN"
                       " (SELECT id FROM skills WHERE scope=? AND status IN ('probation','active'))", (scope,))
             key = f"iter:{scope}"
@@ -320,11 +284,11 @@ class SkillStore:
 
     # -- meta ------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        r = self._conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        r = self.connection().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if r is None else r[0]
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as c:
+        with self.transaction() as c:
             c.execute("INSERT INTO meta (key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                       (key, value))
 
@@ -335,7 +299,7 @@ class SkillStore:
         embedding is given (only against embeddings of the same model). Score: higher is better."""
         terms = [t for t in re.findall(r"\w+", text.lower()) if len(t) > 1][:64]
         found: dict[str, tuple[Skill, float]] = {}
-        conn = self._conn()
+        conn = self.connection()
         if terms:
             q = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
             rows = conn.execute(
@@ -366,44 +330,44 @@ class SkillStore:
         import numpy as np
 
         blob = np.asarray(vec, dtype=np.float32).reshape(-1).tobytes()
-        with self._tx() as c:
+        with self.transaction() as c:
             c.execute("UPDATE skills SET embedding=?, embedding_model=? WHERE id=?", (blob, model_name, skill_id))
 
     def embedding(self, skill_id: str, model_name: str):
         import numpy as np
 
-        r = self._conn().execute("SELECT embedding FROM skills WHERE id=? AND embedding_model=?",
+        r = self.connection().execute("SELECT embedding FROM skills WHERE id=? AND embedding_model=?",
                                  (skill_id, model_name)).fetchone()
         return None if r is None or r[0] is None else np.frombuffer(r[0], dtype=np.float32)
 
     # -- evidence -------------------------------------------------------------------------------
     def add_episode(self, ep_id: str, *, scope: str, env: str, task_family: str, iteration: int, reward: float,
                     success: bool, n_steps: int, trace_json: str) -> None:
-        with self._tx() as c:
+        with self.transaction() as c:
             c.execute("INSERT OR IGNORE INTO episodes VALUES (?,?,?,?,?,?,?,?,?,?)",
                       (ep_id, scope, env, task_family, iteration, reward, int(success), n_steps, trace_json, utc_now()))
 
     def episodes(self, scope: str, *, since_iteration: int = 0, limit: int = 1000) -> list[str]:
-        rows = self._conn().execute(
+        rows = self.connection().execute(
             "SELECT trace_json FROM episodes WHERE scope=? AND iteration>=? ORDER BY iteration, created_at LIMIT ?",
             (scope, since_iteration, limit)).fetchall()
         return [r[0] for r in rows]
 
     def add_gate_result(self, skill_id: str, parent_id: str | None, accepted: bool, report: dict) -> None:
-        with self._tx() as c:
+        with self.transaction() as c:
             c.execute("INSERT INTO gate_results (skill_id, parent_id, accepted, report_json, ts) VALUES (?,?,?,?,?)",
                       (skill_id, parent_id, int(accepted), json.dumps(report, sort_keys=True), utc_now()))
 
     def gate_results(self, skill_id: str | None = None, scope: str | None = None) -> list[dict]:
         sql = ("SELECT g.* FROM gate_results g JOIN skills s ON s.id = g.skill_id WHERE (? IS NULL OR g.skill_id=?)"
                " AND (? IS NULL OR s.scope=?) ORDER BY g.seq")
-        rows = self._conn().execute(sql, (skill_id, skill_id, scope, scope)).fetchall()
+        rows = self.connection().execute(sql, (skill_id, skill_id, scope, scope)).fetchall()
         return [dict(json.loads(r["report_json"]), accepted=bool(r["accepted"]), skill_id=r["skill_id"]) for r in rows]
 
     # -- history & rollback -------------------------------------------------------------------
     def history(self, skill_or_lineage: str) -> list[Event]:
         """Events of every version in the skill's lineage, oldest first."""
-        r = self._conn().execute("SELECT lineage_id FROM skills WHERE id=? OR lineage_id=? OR id LIKE ? LIMIT 1",
+        r = self.connection().execute("SELECT lineage_id FROM skills WHERE id=? OR lineage_id=? OR id LIKE ? LIMIT 1",
                                  (skill_or_lineage, skill_or_lineage, skill_or_lineage + "%")).fetchone()
         if r is None:
             raise BadInputError(f"no skill or lineage {skill_or_lineage!r}")
@@ -413,13 +377,13 @@ class SkillStore:
     def rollback(self, skill_or_lineage: str, version: int, *, reason: str = "", actor: str = "api") -> Skill:
         """Make ``version`` the live one of its lineage: archive the other live versions and re-activate it.
         Appends new events; nothing is deleted or rewritten."""
-        r = self._conn().execute("SELECT lineage_id FROM skills WHERE id=? OR lineage_id=? OR id LIKE ? LIMIT 1",
+        r = self.connection().execute("SELECT lineage_id FROM skills WHERE id=? OR lineage_id=? OR id LIKE ? LIMIT 1",
                                  (skill_or_lineage, skill_or_lineage, skill_or_lineage + "%")).fetchone()
         if r is None:
             raise BadInputError(f"no skill or lineage {skill_or_lineage!r}")
         lineage_id = r["lineage_id"]
         why = reason or f"rollback to version {version}"
-        with self._tx() as c:
+        with self.transaction() as c:
             rows = c.execute("SELECT id, status, version, scope FROM skills WHERE lineage_id=?",
                              (lineage_id,)).fetchall()
             target = [x for x in rows if x["version"] == version]
@@ -445,7 +409,7 @@ class SkillStore:
         """Hard-delete every skill, stat, FTS row, episode and gate report of one scope. Logs a purge event."""
         if not scope:
             raise BadInputError("purge needs a scope")
-        with self._tx() as c:
+        with self.transaction() as c:
             rowids = [r[0] for r in c.execute("SELECT rowid FROM skills WHERE scope=?", (scope,))]
             for rid in rowids:
                 c.execute("DELETE FROM skills_fts WHERE rowid=?", (rid,))
@@ -460,29 +424,16 @@ class SkillStore:
         """A deterministic JSON document: header (format, schema_version) and skills with their stats.
         Embeddings are left out (they are re-computed on demand)."""
         skills = sorted(self.all(scope), key=lambda s: (s.scope, s.lineage_id, s.version, s.id))
-        return {
-            "format": EXPORT_FORMAT,
-            "schema_version": SKILL_SCHEMA_VERSION,
-            "scope": scope,
-            "skills": [dict(s.model_dump(mode="json"), stats=self.stats(s.id).model_dump(mode="json"))
-                       for s in skills],
-        }
+        return self.envelope(scope=scope, skills=[
+            dict(s.model_dump(mode="json"), stats=self.stats(s.id).model_dump(mode="json")) for s in skills])
 
     def export_file(self, path: str | Path, scope: str | None = None) -> Path:
         return atomic_write_text(path, json.dumps(self.export(scope), indent=2, sort_keys=True) + "\n")
 
-    @staticmethod
-    def validate_export(doc: Any) -> list[tuple[Skill, SkillStats]]:
+    @classmethod
+    def validate_export(cls, doc: Any) -> list[tuple[Skill, SkillStats]]:
         """Check an export document; errors name the field path (``skills[2].steps: ...``)."""
-        if not isinstance(doc, dict):
-            raise BadInputError("skill file: top level must be an object")
-        if doc.get("format") != EXPORT_FORMAT:
-            raise BadInputError(f"format: expected {EXPORT_FORMAT!r}, got {doc.get('format')!r}")
-        ver = doc.get("schema_version")
-        if not isinstance(ver, int) or isinstance(ver, bool):
-            raise BadInputError("schema_version: must be an integer")
-        if ver > SKILL_SCHEMA_VERSION:
-            raise SchemaVersionError(f"schema_version: file has {ver}, this kvmas reads up to {SKILL_SCHEMA_VERSION}")
+        cls.open_envelope(doc)
         items = doc.get("skills")
         if not isinstance(items, list):
             raise BadInputError("skills: must be a list")
@@ -509,13 +460,13 @@ class SkillStore:
         pairs = self.validate_export(doc)
         counts = {"created": 0, "skipped": 0}
         if dry_run:
-            c = self._conn()
+            c = self.connection()
             for s, _ in pairs:
                 hit = c.execute("SELECT 1 FROM skills WHERE (scope=? AND content_hash=?) OR id=?",
                                 (s.scope, s.content_hash, s.id)).fetchone()
                 counts["skipped" if hit else "created"] += 1
             return counts
-        with self._tx() as c:
+        with self.transaction() as c:
             for s, st in pairs:
                 _, created = self._insert(c, s, st, actor=actor, reason="import", op="import")
                 counts["created" if created else "skipped"] += 1
@@ -530,5 +481,3 @@ class SkillStore:
             raise BadInputError(f"unreadable skill file {path}: {exc}") from exc
         return self.import_doc(doc, **kw)
 
-    def integrity(self) -> str:
-        return self._conn().execute("PRAGMA integrity_check").fetchone()[0]

@@ -31,23 +31,21 @@ True
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import math
 import re
 import sqlite3
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvmas.clock import utc_now
-from kvmas.db import connect, immediate
-from kvmas.errors import BadInputError, CacheCorruptError, SchemaVersionError
+from kvmas.db import SQLiteStore
+from kvmas.errors import BadInputError, CacheCorruptError
 from kvmas.organizer.spec import PipelineSpec
 from kvmas.paths import atomic_write_text, kvmas_home
 
@@ -180,80 +178,20 @@ def _vec_from(blob: bytes, dim: int) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-class KnowledgePool:
+class KnowledgePool(SQLiteStore):
     """Entries in ``path`` (default ``kvmas_home()/pool.sqlite``); a new file is seeded unless ``seed=False``.
 
     A file that is not a kvmas pool, is corrupted, or has a newer schema raises and is left untouched.
     """
 
+    kind, app_id, schema_version, schema, export_format = "pool", POOL_APP_ID, POOL_SCHEMA_VERSION, _SCHEMA, \
+        EXPORT_FORMAT
+
     def __init__(self, path: str | Path | None = None, *, seed: bool = True, busy_timeout_s: float = 60.0):
-        self.path = Path(path) if path is not None else kvmas_home() / "pool.sqlite"
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._check_existing()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = self._init_schema()
-        if created and seed:
+        super().__init__(Path(path) if path is not None else kvmas_home() / "pool.sqlite",
+                         busy_timeout_s=busy_timeout_s)
+        if self.created and seed:
             self.seed()
-
-    # -- opening -----------------------------------------------------------------------------
-    def _check_existing(self) -> None:
-        """Refuse foreign, corrupted or newer files before anything writes to them."""
-        if not self.path.exists():
-            return
-        if self.path.is_dir():
-            raise BadInputError(f"pool path {self.path} is a directory")
-        if self.path.stat().st_size == 0:
-            return
-        try:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.busy_timeout_s)
-            try:
-                app = conn.execute("PRAGMA application_id").fetchone()[0]
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            finally:
-                conn.close()
-        except sqlite3.DatabaseError as exc:
-            raise CacheCorruptError(f"{self.path} is not a readable pool file ({exc}); left untouched") from None
-        if check != "ok":
-            raise CacheCorruptError(f"{self.path} failed its integrity check ({check}); left untouched")
-        if app != POOL_APP_ID and (tables or version):
-            raise CacheCorruptError(f"{self.path} is an SQLite file but not a kvmas pool; left untouched")
-        if version > POOL_SCHEMA_VERSION:
-            raise SchemaVersionError(f"{self.path} has pool schema {version}, this kvmas reads up to "
-                                     f"{POOL_SCHEMA_VERSION}; left untouched")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
-        return conn
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction that takes the write lock up front (no model calls inside)."""
-        with immediate(self._conn()) as conn:
-            yield conn
-
-    def _init_schema(self) -> bool:
-        with self._tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            if version > POOL_SCHEMA_VERSION:  # raced with a newer writer
-                raise SchemaVersionError(f"{self.path} has pool schema {version}; left untouched")
-            if version == POOL_SCHEMA_VERSION:
-                return False
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
-                c.execute(stmt)
-            c.execute(f"PRAGMA application_id={POOL_APP_ID}")
-            c.execute(f"PRAGMA user_version={POOL_SCHEMA_VERSION}")
-            return True
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
     # -- reading -----------------------------------------------------------------------------
     @staticmethod
@@ -271,20 +209,20 @@ class KnowledgePool:
     def entries(self, include_retired: bool = False) -> list[Entry]:
         """All entries (oldest first)."""
         sql = "SELECT * FROM entries" + ("" if include_retired else " WHERE retired = 0") + " ORDER BY id"
-        return [self._entry(r) for r in self._conn().execute(sql)]
+        return [self._entry(r) for r in self.connection().execute(sql)]
 
     def get(self, entry_id: int) -> Entry:
-        row = self._conn().execute("SELECT * FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
+        row = self.connection().execute("SELECT * FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
         if row is None:
             raise BadInputError(f"no pool entry with id {entry_id}")
         return self._entry(row)
 
     def __len__(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM entries WHERE retired = 0").fetchone()[0])
+        return int(self.connection().execute("SELECT COUNT(*) FROM entries WHERE retired = 0").fetchone()[0])
 
     def stats(self) -> dict[str, Any]:
         """Counts by origin, total trials/successes, embedded models."""
-        c = self._conn()
+        c = self.connection()
         by_origin = {r[0]: r[1] for r in c.execute(
             "SELECT origin, COUNT(*) FROM entries WHERE retired = 0 GROUP BY origin")}
         t = c.execute("SELECT COALESCE(SUM(trials),0), COALESCE(SUM(successes),0), COUNT(*) FROM entries").fetchone()
@@ -302,7 +240,7 @@ class KnowledgePool:
         if successes > trials or min(trials, successes) < 0:
             raise BadInputError(f"bad counts: {successes} successes out of {trials} trials")
         key, now = entry_key(query, spec), utc_now()
-        with self._tx() as c:
+        with self.transaction() as c:
             existed = c.execute("SELECT id FROM entries WHERE key = ?", (key,)).fetchone()
             c.execute(
                 "INSERT INTO entries (key, name, query, tags, spec, origin, trials, successes, created, updated) "
@@ -327,7 +265,7 @@ class KnowledgePool:
     def record(self, entry_id: int, success: bool, *, tokens: int = 0, time_s: float = 0.0) -> Entry:
         """Count one verified outcome of an entry (see the learning rule in the module doc)."""
         ok = 1 if success else 0
-        with self._tx() as c:
+        with self.transaction() as c:
             cur = c.execute(
                 "UPDATE entries SET trials = trials + 1, successes = successes + :ok, "
                 "tokens = tokens + :tok, time_s = time_s + :t, "
@@ -351,7 +289,7 @@ class KnowledgePool:
         Returns the entry that now holds this query's success (None after a failure).
         """
         if run_id is not None:
-            with self._tx() as c:
+            with self.transaction() as c:
                 try:
                     c.execute("INSERT INTO outcomes (run_id, entry_id, success, ts) VALUES (?, ?, ?, ?)",
                               (str(run_id), entry_id, int(bool(success)), utc_now()))
@@ -363,12 +301,12 @@ class KnowledgePool:
             return None
         key = entry_key(query, spec)
         if entry_id is not None:
-            used = self._conn().execute("SELECT key FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
+            used = self.connection().execute("SELECT key FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
             if used is not None and used[0] == key:  # the stored query+spec itself: already counted
                 return self.get(entry_id)
         entry, _ = self.add(query, spec, tags=tags, origin="learned", trials=1, successes=1)
         if tokens or time_s:
-            with self._tx() as c:
+            with self.transaction() as c:
                 c.execute("UPDATE entries SET tokens = tokens + ?, time_s = time_s + ? WHERE id = ?",
                           (int(tokens), float(time_s), entry.id))
         if model is not None:
@@ -376,7 +314,7 @@ class KnowledgePool:
         return self.get(entry.id)
 
     def remove(self, entry_id: int) -> None:
-        with self._tx() as c:
+        with self.transaction() as c:
             if c.execute("DELETE FROM entries WHERE id = ?", (int(entry_id),)).rowcount == 0:
                 raise BadInputError(f"no pool entry with id {entry_id}")
 
@@ -386,7 +324,7 @@ class KnowledgePool:
         return model.fingerprint.key
 
     def _embeddings(self, model_key: str) -> dict[int, np.ndarray]:
-        rows = self._conn().execute("SELECT entry_id, dim, vec FROM embeddings WHERE model_key = ?", (model_key,))
+        rows = self.connection().execute("SELECT entry_id, dim, vec FROM embeddings WHERE model_key = ?", (model_key,))
         return {r[0]: _vec_from(r[2], r[1]) for r in rows}
 
     def ensure_embeddings(self, model, entries: Sequence[Entry] | None = None) -> int:
@@ -399,7 +337,7 @@ class KnowledgePool:
             vec = model.embed_text(e.query).detach().float().cpu().numpy()
             rows.append((e.id, key, model.name, int(vec.size), _vec_bytes(vec)))
         if rows:
-            with self._tx() as c:
+            with self.transaction() as c:
                 c.executemany("INSERT OR IGNORE INTO embeddings (entry_id, model_key, model_name, dim, vec) "
                               "VALUES (?, ?, ?, ?, ?)", rows)
         return len(rows)
@@ -475,7 +413,7 @@ class KnowledgePool:
     # -- export / import ---------------------------------------------------------------------
     def export_json(self, path: str | Path | None = None, include_embeddings: bool = True) -> str:
         """All entries (retired included) as JSON; written atomically to ``path`` when given."""
-        c = self._conn()
+        c = self.connection()
         emb: dict[int, list[dict[str, Any]]] = {}
         if include_embeddings:
             for r in c.execute("SELECT entry_id, model_key, model_name, dim, vec FROM embeddings ORDER BY entry_id"):
@@ -486,7 +424,7 @@ class KnowledgePool:
             d = e.model_dump(mode="json", exclude={"id"})
             d["embeddings"] = emb.get(e.id, [])
             out.append(d)
-        text = json.dumps({"format": EXPORT_FORMAT, "schema": POOL_SCHEMA_VERSION, "entries": out}, indent=1)
+        text = json.dumps(self.envelope(entries=out), indent=1)
         if path is not None:
             atomic_write_text(path, text)
         return text
@@ -504,11 +442,7 @@ class KnowledgePool:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BadInputError(f"pool export is not JSON: {exc.msg} at line {exc.lineno}") from None
-        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-            raise BadInputError("not a kvmas pool export (format field missing or different)")
-        if int(data.get("schema", 0)) > POOL_SCHEMA_VERSION:
-            raise SchemaVersionError(f"pool export has schema {data['schema']}, this kvmas reads up to "
-                                     f"{POOL_SCHEMA_VERSION}")
+        self.open_envelope(data, legacy_version_key="schema")  # exports before kvmas 0.2 named it "schema"
         parsed: list[tuple[Entry, list[dict[str, Any]]]] = []
         for i, raw in enumerate(data.get("entries") or []):
             if not isinstance(raw, dict):
@@ -535,7 +469,7 @@ class KnowledgePool:
             parsed.append((e, embs))
         added = updated = 0
         now = utc_now()
-        with self._tx() as c:
+        with self.transaction() as c:
             for e, embs in parsed:
                 key = entry_key(e.query, e.spec)
                 row = c.execute("SELECT id FROM entries WHERE key = ?", (key,)).fetchone()
