@@ -1,25 +1,53 @@
-"""The efficiency benchmark's pieces on a tiny model (the worker-process driver is exercised by the CLI)."""
+"""The efficiency benchmark on the harness, on tiny models (one test runs the real worker process)."""
 
-from kvmas.bench.efficiency import merge_policy_error, run_method, summarize, to_markdown
+from kvmas.bench.efficiency import merge_policy_error, ratios, run_efficiency
+from kvmas.bench.harness import BenchConfig, run_bench, to_markdown
 from kvmas.tasks import load_tasks
 from kvmas.testing import tiny_model
 
 
-def test_run_method_and_summary():
+def test_methods_ratios_and_report(tmp_path):
     model = tiny_model("qwen")
     tasks = load_tasks("synthetic", n=2, seed=0)
-    res = [run_method(m, tasks, model, seed=0, max_new_tokens=4, latent_steps=1)
-           for m in ("single", "latent:vote", "text:vote")]
-    for r in res:
-        assert len(r.items) == 2 and all(i.generated <= 4 * 4 for i in r.items)
-    lat, txt = res[1], res[2]
-    assert lat.total("latent") == 2 * 3  # 3 solver rows x 1 latent step per question
-    assert txt.total("latent") == 0
-    s = summarize(res, data=None, n=2, model="tiny", seed=0, max_new_tokens=4, latent_steps=1)
-    assert set(s["methods"]) == {"single", "latent:vote", "text:vote"}
-    assert "text/latent vote (wall)" in s["ratios"]
+    s = run_bench(tasks, "single,latent:vote,text:vote", model, tmp_path, BenchConfig(max_new_tokens=4, latent_steps=1),
+                  extra=lambda summary: {"ratios": ratios(summary)})
+    rows = s["methods"]
+    for r in rows.values():
+        assert r["n"] == 2 and r["tokens_total"]["generated"] <= 2 * 4 * 4
+    assert rows["latent:vote"]["tokens_total"]["latent"] == 2 * 3  # 3 solver rows x 1 latent step per question
+    assert rows["text:vote"]["tokens_total"]["latent"] == 0
+    assert "text/latent vote (wall)" in s["efficiency"]["ratios"]
+    gen = s["efficiency"]["ratios"]["text/latent vote (generated)"]
+    assert gen == rows["text:vote"]["tokens_total"]["generated"] / rows["latent:vote"]["tokens_total"]["generated"]
     md = to_markdown(s)
-    assert "| latent:vote |" in md and "Sample answers" in md
+    assert "| latent:vote |" in md and "Sample answers" in md and "Ratios measured in this run" in md
+
+
+def test_isolated_workers_give_the_in_process_items_and_their_peak_memory(tmp_path):
+    from kvmas.testing import tiny_hf_model, tiny_tokenizer
+
+    d = tmp_path / "tiny"
+    tok = tiny_tokenizer()
+    tiny_hf_model("qwen", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    tasks = load_tasks("synthetic", n=2, seed=0)
+    s = run_efficiency(tasks=tasks, methods=["single", "latent:vote"], model=str(d), seed=0, max_new_tokens=4,
+                       latent_steps=1, out_dir=tmp_path / "eff", merge_error=1)
+    alone = run_bench(tasks, "single,latent:vote", str(d), tmp_path / "inproc", BenchConfig(max_new_tokens=4,
+                                                                                            latent_steps=1))
+    for m in ("single", "latent:vote"):
+        assert s["methods"][m]["peak_rss_mb"] > 0
+        for k in ("correct", "tokens_total", "answer_tokens_mean", "samples"):
+            assert s["methods"][m][k] == alone["methods"][m][k], (m, k)
+    assert len(s["efficiency"]["merge_error"]) == 1
+    assert len(list((tmp_path / "eff" / "traces").glob("*.json"))) == 4
+
+
+def test_trace_names_stay_inside_their_folder():
+    from kvmas.bench.harness import trace_name
+
+    name = trace_name("latent:vote", 3, "../../../etc/passwd")
+    assert "/" not in name and ".." not in name and name.endswith(".json")
 
 
 def test_merge_policy_error_is_measured():

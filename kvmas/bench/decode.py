@@ -42,19 +42,3 @@ def measure(model, prompt: str = "Write a short story about a robot who learns t
         "ratio_kvmas_over_generate": (len(kv_tokens) / kv) / (len(hf_tokens) / hf),
         "same_tokens": kv_tokens == hf_tokens[: len(kv_tokens)],
     }
-
-
-def command(model: str = None, new_tokens: int = 128, repeats: int = 2) -> None:
-    """Decode tokens/s of kvmas vs bare transformers generate on the same prompt (ratio from one run)."""
-    from rich.console import Console
-
-    from kvmas.agents.model import Model
-
-    t0 = time.perf_counter()
-    m = Model.load(model)
-    load_s = time.perf_counter() - t0
-    r = measure(m, new_tokens=new_tokens, repeats=repeats)
-    c = Console()
-    c.print(f"model {m.name} (load {load_s:.2f}s), prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens")
-    c.print(f"kvmas speak: {r['kvmas_tok_s']:.1f} tok/s   transformers generate: {r['generate_tok_s']:.1f} tok/s   "
-            f"ratio {r['ratio_kvmas_over_generate']:.2f}×   same tokens: {r['same_tokens']}")

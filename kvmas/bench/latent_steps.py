@@ -10,10 +10,8 @@ such, beside the decoded accuracy of `kvmas bench efficiency`.
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from pathlib import Path
 
 from kvmas.errors import BadInputError
 
@@ -68,31 +66,3 @@ def run(model, tasks, methods=("latent:review", "latent:vote", "latent:plan"), s
     for row in out.values():
         row["mean"] = sum(row["scores"]) / len(row["scores"])
     return out
-
-
-def command(data: str = "../shared/data/gsm8k/train.jsonl", n: int = 20, model: str = None,
-            methods: str = "latent:review,latent:vote,latent:plan", steps: str = "0,2,4,8,16",
-            out: Path = Path("bench_out/latent_steps.json"), handoff: str = "thoughts") -> None:
-    """Mean log-prob per token of the gold solution under each latent primitive, per latent_steps value."""
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from kvmas.agents.model import Model
-    from kvmas.paths import atomic_write_text
-    from kvmas.tasks import load_tasks
-
-    tasks = load_tasks(data, n=n)
-    m = Model.load(model)
-    with Progress() as p:
-        bar = p.add_task("latent-steps", total=len(tasks))
-        res = run(m, tasks, [x for x in methods.split(",") if x], [int(x) for x in steps.split(",")],
-                  progress=lambda: p.advance(bar), handoffs=[h for h in handoff.split(",") if h])
-    atomic_write_text(out, json.dumps({"model": m.name, "n": len(tasks), "results": res}, indent=2))
-    table = Table(title=f"gold-solution log-prob per token ({m.name}, n={len(tasks)})")
-    for col in ("method@steps", "mean logprob/token", "Δ vs single", "s"):
-        table.add_column(col)
-    base = res["single"]["mean"]
-    for k, r in res.items():
-        table.add_row(k, f"{r['mean']:.4f}", f"{r['mean'] - base:+.4f}", f"{r['s']:.1f}")
-    Console().print(table)

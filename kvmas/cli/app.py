@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd
 from kvmas.errors import KvmasError
 
 app = typer.Typer(help="kvmas: multi-agent LLM systems whose agents talk through KV caches.", add_completion=False,
@@ -22,20 +23,12 @@ app = typer.Typer(help="kvmas: multi-agent LLM systems whose agents talk through
 trace_app = typer.Typer(help="Inspect run traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 
-# Sub-apps live in their own modules; a few commands are mounted where users look for them.
-from kvmas.bench import decode as _decode  # noqa: E402
-from kvmas.bench import efficiency as _efficiency  # noqa: E402
-from kvmas.bench import latent_steps as _latent_steps  # noqa: E402
-from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd  # noqa: E402
-
+# Sub-apps live in their own modules under cli/.
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(attribute_cmd.app, name="attribute")
 app.add_typer(skills_cmd.app, name="skills")
 app.add_typer(pool_cmd.app, name="pool")
 app.add_typer(bench_cmd.app, name="bench")
-bench_cmd.app.command("efficiency")(_efficiency.command)
-bench_cmd.app.command("decode")(_decode.command)
-bench_cmd.app.command("latent-steps")(_latent_steps.command)
 app.command("feedback")(pool_cmd.feedback_cmd)
 
 err_console = Console(stderr=True)

@@ -1,12 +1,15 @@
-"""`kvmas bench`: benchmarks.
+"""`kvmas bench`: benchmarks, all run through one harness (:mod:`kvmas.bench.harness`) where they decode.
 
     kvmas bench accuracy --data ../shared/data/gsm8k/test_dev.jsonl --methods single,latent:vote,auto --n 100
     kvmas bench accuracy                       # no data needed: the seeded synthetic tasks
+    kvmas bench efficiency --n 20              # tokens, time, peak memory per method, each in its own process
     kvmas bench merge runs/a runs/b -o runs/ab  # methods run in separate processes, one report
+    kvmas bench decode | kvmas bench latent-steps
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,20 +35,39 @@ def _fail(exc: KvmasError) -> None:
 
 
 def accuracy_table(summary: dict) -> Table:
-    """A rich table of a results dict from :func:`kvmas.bench.accuracy.run_accuracy`."""
+    """A rich table of a results dict from :func:`kvmas.bench.harness.run_bench`."""
     table = Table(title=f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
                         f"{summary['config']['model']}")
+    peak = any("peak_rss_mb" in s for s in summary["methods"].values())
     for col in ("method", "accuracy", "95% CI", "strict", "tokens/item", "generated", "latent", "s/item",
-                "answer tok", "no answer"):
+                "answer tok", "no answer", "echo") + (("peak MB",) if peak else ()):
         table.add_column(col, no_wrap=True)
     for name, s in summary["methods"].items():
         t = s["tokens_per_item"]
+        lo, hi = s["ci95_wilson"]
         table.add_row(name, f"{s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%)",
-                      f"{100 * s['ci95_bootstrap'][0]:.0f}–{100 * s['ci95_bootstrap'][1]:.0f}%",
-                      f"{s.get('correct_strict', 0)}/{s['n']}",
+                      f"{100 * lo:.0f}–{100 * hi:.0f}%", f"{s.get('correct_strict', 0)}/{s['n']}",
                       f"{t['computed']:.0f}", f"{t['generated']:.0f}", f"{t['latent']:.0f}",
-                      f"{s['wall_s_per_item']:.2f}", f"{s['answer_tokens_mean']:.0f}", str(s["no_extractable_answer"]))
+                      f"{s['wall_s_per_item']:.2f}", f"{s['answer_tokens_mean']:.0f}", str(s["no_extractable_answer"]),
+                      str(s.get("echoes", 0)), *((f"{s.get('peak_rss_mb', 0):.0f}",) if peak else ()))
     return table
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _bars(progress: Progress):
+    """A ``progress(name, done, total)`` callback drawing one bar per method."""
+    bars: dict[str, int] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in bars:
+            bars[name] = progress.add_task(f"{name:<16}", total=total)
+        progress.update(bars[name], completed=done)
+
+    return update
 
 
 @app.command("accuracy")
@@ -74,7 +96,7 @@ def accuracy(
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
 ) -> None:
     """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
-    from kvmas.bench.accuracy import BenchConfig, parse_methods, run_accuracy
+    from kvmas.bench.harness import BenchConfig, parse_methods, run_bench
     from kvmas.tasks import load_tasks
 
     console = Console()
@@ -89,16 +111,9 @@ def accuracy(
         cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
                           pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring,
                           prompt=prompt)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as progress:
-            bars: dict[str, int] = {}
-
-            def update(name: str, done: int, total: int) -> None:
-                if name not in bars:
-                    bars[name] = progress.add_task(f"{name:<16}", total=total)
-                progress.update(bars[name], completed=done)
-
-            summary = run_accuracy(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"), progress=update)
+        with _progress(console) as progress:
+            summary = run_bench(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"),
+                                progress=_bars(progress))
     except KvmasError as exc:
         _fail(exc)
     _print_summary(console, summary, out_dir)
@@ -110,7 +125,7 @@ def merge(
     out: Path = typer.Option(..., "--out", "-o", help="output dir of the merged report"),
 ) -> None:
     """Merge accuracy runs of different methods on the same tasks into one report (paired tests across all)."""
-    from kvmas.bench.accuracy import merge_runs
+    from kvmas.bench.harness import merge_runs
 
     try:
         summary = merge_runs(runs, out)
@@ -126,9 +141,7 @@ def rescore(
     out: Path = typer.Option(..., "--out", "-o", help="output dir of the rescored report"),
 ) -> None:
     """Read every stored answer of a run again with the current scorer (old vs new figures; no model needed)."""
-    import json
-
-    from kvmas.bench.accuracy import rescore_run
+    from kvmas.bench.harness import rescore_run
     from kvmas.tasks import load_tasks
 
     try:
@@ -155,11 +168,107 @@ def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
             console.print(f"  {p['a']} vs {p['b']}: {100 * p['diff']:+.1f} pts "
                           f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}], McNemar p={p['mcnemar_p']:.3g}",
                           highlight=False)
-    from kvmas.bench.accuracy import rule_counts
+    from kvmas.bench.harness import rule_counts
 
     for name, s in summary["methods"].items():
         console.print(f"  {name} answers by rule (correct/read): {rule_counts(s)}", highlight=False, markup=False)
     if "prompt_echo_floor" in summary["config"]:
         console.print(f"  prompt-echo floor: {summary['config']['prompt_echo_floor']} of {summary['config']['n']} "
                       "items credited to a reply that only repeats its prompt", highlight=False)
-    console.print(f"[dim]wrote {out_dir}/results.json, results.md, accuracy.png, items.jsonl[/]")
+    for k, v in summary.get("efficiency", {}).get("ratios", {}).items():
+        console.print(f"  {k}: [bold]{v:.2f}×[/]", highlight=False)
+    console.print(f"[dim]wrote {out_dir}/results.json, results.md, chart.png, items.jsonl[/]")
+
+
+@app.command("efficiency")
+def efficiency(
+    data: str = typer.Option(None, "--data", "-d", help="task data as for accuracy (default: synthetic)"),
+    n: int = typer.Option(20, "--n", help="number of tasks (the first n)"),
+    methods: str = typer.Option("single,latent:review,text:review,latent:vote,text:vote,latent:plan,text:plan",
+                                "--methods", "-m", help="comma-separated methods, as for accuracy"),
+    model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    seed: int = typer.Option(0, "--seed"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="decode budget per speaking agent"),
+    latent_steps: int = typer.Option(None, "--latent-steps", help="latent steps per agent (primitive default)"),
+    out: Path = typer.Option(Path("bench_out/efficiency"), "--out", "-o", help="output dir"),
+    merge_error: int = typer.Option(3, "--merge-error", help="questions on which Vote's merge error is measured"),
+) -> None:
+    """Tokens, latent steps, wall time, peak memory and accuracy of each method on the same questions."""
+    from kvmas.bench.efficiency import run_efficiency
+    from kvmas.tasks import load_tasks
+
+    console = Console()
+    try:
+        tasks = load_tasks(data, n=n, seed=seed)
+        with _progress(console) as progress:
+            summary = run_efficiency(tasks=tasks, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                                     model=model, seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
+                                     out_dir=out, data_name=str(data or "synthetic"), merge_error=merge_error,
+                                     progress=_bars(progress))
+    except KvmasError as exc:
+        _fail(exc)
+    _print_summary(console, summary, out)
+    console.print(f"[dim]traces in {out}/traces/[/]")
+
+
+@app.command("decode")
+def decode(
+    model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="tokens to decode (EOS suppressed)"),
+    repeats: int = typer.Option(2, "--repeats", help="alternating runs of each; the fastest counts"),
+) -> None:
+    """Decode tokens/s of kvmas vs bare transformers generate on the same prompt (ratio from one run)."""
+    import time
+
+    from kvmas.agents.model import Model
+    from kvmas.bench.decode import measure
+
+    t0 = time.perf_counter()
+    try:
+        m = Model.load(model)
+    except KvmasError as exc:
+        _fail(exc)
+    load_s = time.perf_counter() - t0
+    r = measure(m, new_tokens=new_tokens, repeats=repeats)
+    c = Console()
+    c.print(f"model {m.name} (load {load_s:.2f}s), prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens",
+            highlight=False, markup=False)
+    c.print(f"kvmas speak: {r['kvmas_tok_s']:.1f} tok/s   transformers generate: {r['generate_tok_s']:.1f} tok/s   "
+            f"ratio {r['ratio_kvmas_over_generate']:.2f}×   same tokens: {r['same_tokens']}", highlight=False)
+
+
+@app.command("latent-steps")
+def latent_steps_cmd(
+    data: str = typer.Option("../shared/data/gsm8k/train.jsonl", "--data", "-d",
+                             help="GSM8K JSONL with worked solutions"),
+    n: int = typer.Option(20, "--n", help="number of tasks"),
+    model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    methods: str = typer.Option("latent:review,latent:vote,latent:plan", "--methods", "-m",
+                                help="comma-separated latent methods"),
+    steps: str = typer.Option("0,2,4,8,16", "--steps", help="comma-separated latent_steps values"),
+    out: Path = typer.Option(Path("bench_out/latent_steps.json"), "--out", "-o", help="output JSON"),
+    handoff: str = typer.Option("thoughts", "--handoff", help="comma-separated hand-offs: thoughts, full"),
+) -> None:
+    """Mean log-prob per token of the gold solution under each latent primitive, per latent_steps value."""
+    from kvmas.agents.model import Model
+    from kvmas.bench.latent_steps import run
+    from kvmas.paths import atomic_write_text
+    from kvmas.tasks import load_tasks
+
+    try:
+        tasks = load_tasks(data, n=n)
+        m = Model.load(model)
+        with Progress() as p:
+            bar = p.add_task("latent-steps", total=len(tasks))
+            res = run(m, tasks, [x for x in methods.split(",") if x], [int(x) for x in steps.split(",")],
+                      progress=lambda: p.advance(bar), handoffs=[h for h in handoff.split(",") if h])
+    except (KvmasError, ValueError) as exc:
+        _fail(exc if isinstance(exc, KvmasError) else KvmasError(f"bad --steps: {exc}"))
+    atomic_write_text(out, json.dumps({"model": m.name, "n": len(tasks), "results": res}, indent=2))
+    table = Table(title=f"gold-solution log-prob per token ({m.name}, n={len(tasks)})")
+    for col in ("method@steps", "mean logprob/token", "Δ vs single", "s"):
+        table.add_column(col)
+    base = res["single"]["mean"]
+    for k, r in res.items():
+        table.add_row(k, f"{r['mean']:.4f}", f"{r['mean'] - base:+.4f}", f"{r['s']:.1f}")
+    Console().print(table)

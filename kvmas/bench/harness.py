@@ -1,21 +1,26 @@
-"""The accuracy harness: every method on the same tasks, same model, same seed and budgets; honest statistics.
+"""The evaluation harness: every method on the same tasks, same model, same seed and budgets; honest statistics.
+
+``kvmas bench accuracy`` and ``kvmas bench efficiency`` both run here: one item record (:class:`ItemResult`,
+carrying the run's :class:`~kvmas.trace.Usage`), one task loop (:func:`run_bench`), one summary, markdown
+report and chart. Options: ``BenchConfig.isolate`` runs each method in its own worker process, so its peak
+memory is its own; ``trace_dir`` keeps every run's trace. Every answer is checked for an echoed role prompt.
 
 Methods (comma-separated): ``single``; ``latent:review``, ``text:vote``, ... (any primitive as ``comm:name``);
 ``pipeline:PATH`` (a spec file); ``auto`` (the organizer over a seeded pool, learning online from each
 verified answer: it chooses before seeing the gold answer, then learns); ``auto-empty`` (ablation: empty
 pool, so always the organizer's fallback); ``random`` (ablation: a seeded random pick among the retrieved
 pipelines); ``loglik`` (multiple choice only: options ranked by the mean per-token log-likelihood of their
-text after ``Question: ...\\nAnswer:``, no decoding).
+text after ``Question: ...\nAnswer:``, no decoding).
 With ``choice_scoring="loglik"`` every method's multiple-choice answer is also read by likelihood: after the
 method's final state (its answer included), "Therefore, the answer is (" is prefilled and the option labels
 are ranked; that label is scored (the extracted one stays in the item log).
 
 Outputs in ``out_dir``: ``items.jsonl`` (one line per method and task, written as it goes), ``results.json``,
-``results.md`` and ``accuracy.png``. Each method gets accuracy with a bootstrap 95% interval and a Wilson
-interval, tokens and seconds per item, answer lengths and sample answers; every pair of methods gets an
-exact McNemar test and a paired-bootstrap interval of the accuracy difference.
+``results.md`` and ``chart.png``. Each method gets accuracy with a Wilson 95% interval (flexible and strict),
+tokens and seconds per item, answer lengths, echoed role prompts and sample answers; every pair of methods
+gets an exact McNemar test and a paired-bootstrap interval of the accuracy difference.
 
->>> from kvmas.bench.accuracy import parse_methods
+>>> from kvmas.bench.harness import parse_methods
 >>> [m.name for m in parse_methods("single, text:review,auto")]
 ['single', 'text:review', 'auto']
 """
@@ -23,18 +28,24 @@ exact McNemar test and a paired-bootstrap interval of the accuracy difference.
 from __future__ import annotations
 
 import json
+import os
+import re
+import resource
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, KvmasError
 from kvmas.paths import atomic_write_text
-from kvmas.tasks.prompts import check_style
-from kvmas.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, wilson
+from kvmas.primitives.echo import echoes_role_prompt
+from kvmas.stats import mcnemar_exact, paired_bootstrap, wilson
 from kvmas.tasks import Task, format_question, loglik_continuations, loglik_prefix
+from kvmas.tasks.prompts import check_style
 from kvmas.tasks.answers import STRICT_RULES, matches_gold, prompt_echo_floor, read_answer
 from kvmas.trace import Usage
 
@@ -101,6 +112,7 @@ class ItemResult:
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     rule: str | None = None  # the scoring rule that read ``pred`` (kvmas.tasks.answers.RULES, or "loglik")
+    echo: bool = False  # the answer copies a role instruction (a collapse, see kvmas.primitives.echo)
 
     @property
     def correct_strict(self) -> bool:
@@ -111,7 +123,7 @@ class ItemResult:
         return {"method": self.method, "task_id": self.task_id, "kind": self.kind, "gold": self.gold,
                 "pred": self.pred, "correct": self.correct, "rule": self.rule, "answer": self.answer,
                 "usage": self.usage.model_dump(), "wall_s": round(self.wall_s, 4),
-                "answer_tokens": self.answer_tokens, "meta": self.meta, "error": self.error}
+                "answer_tokens": self.answer_tokens, "meta": self.meta, "error": self.error, "echo": self.echo}
 
 
 @dataclass
@@ -126,12 +138,19 @@ class BenchConfig:
     organizer_k: int = 4
     choice_scoring: str = "extract"  # extract | loglik (multiple choice: rank the labels after the method's answer)
     prompt: str = "cot"  # cot (reason step by step) | direct (the answer alone)
+    isolate: bool = False  # each method in its own worker process (its peak memory measured alone)
+    trace_dir: str | None = None  # keep every run's trace here
 
     def prim_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
         if self.latent_steps is not None:
             params["latent_steps"] = self.latent_steps
         return params
+
+
+def trace_name(method: str, index: int, task_id: str) -> str:
+    """A trace file name that stays inside its folder whatever the task id holds (``../x`` included)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{method}__{index:05d}__{task_id}").replace("..", "_")[:150] + ".json"
 
 
 class _Runner:
@@ -167,7 +186,7 @@ class _Runner:
             self.org = Organizer(pool, k=cfg.organizer_k, node_params=cfg.prim_params(),
                                  random_choice=method.kind == "random")
 
-    def run(self, task: Task) -> ItemResult:
+    def run(self, task: Task, index: int = 0) -> ItemResult:
         t0 = time.perf_counter()
         if self.method.kind == "loglik":
             return self._loglik(task, t0)
@@ -181,7 +200,8 @@ class _Runner:
         pred, rule = reading.answer, reading.rule
         ok = matches_gold(pred, task)
         usage = result.trace.usage
-        meta: dict[str, Any] = {}
+        facts = {k: v for k, v in result.meta.items() if k != "organizer"}
+        meta: dict[str, Any] = {"facts": facts} if facts else {}
         if self.cfg.choice_scoring == "loglik" and task.kind == "choice" and result.state is not None:
             label, scores, extra = self._label_after(result.state, task)
             meta.update({"extracted": pred, "extracted_rule": rule, "label_scores": scores})
@@ -192,8 +212,12 @@ class _Runner:
             meta.update(chosen=org.get("method"), entry_id=org.get("entry_id"), decision=org.get("decision"))
             if self.cfg.learn and self.method.kind == "auto":
                 self.org.feedback(result, ok, model=self.model)
+        if self.cfg.trace_dir:
+            result.trace.outcome = {"correct": ok, "gold": task.answer, "pred": pred, "rule": rule, "task_id": task.id}
+            result.trace.save(Path(self.cfg.trace_dir) / trace_name(self.method.name, index, task.id))
         return ItemResult(self.method.name, task.id, task.kind, task.answer, pred, ok, answer, usage, wall,
-                          len(self.model.encode(answer)) if answer else 0, meta, rule=rule)
+                          len(self.model.encode(answer)) if answer else 0, meta, rule=rule,
+                          echo=echoes_role_prompt(answer))
 
     def _label_after(self, state, task: Task) -> tuple[str, list[float], Usage]:
         """The option label the model finds most likely right after its own answer (``--choice-scoring loglik``)."""
@@ -223,11 +247,9 @@ class _Runner:
                           usage, time.perf_counter() - t0, 0, {"scores": [round(s, 4) for s in scores]}, rule="loglik")
 
 
-def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
+def _summarise(items: list[ItemResult]) -> dict[str, Any]:
     n = len(items)
     k = sum(r.correct for r in items)
-    acc = [1.0 if r.correct else 0.0 for r in items]
-    lo, hi = bootstrap_ci(acc, seed=seed) if n else (0.0, 1.0)
     wlo, whi = wilson(k, n)
     k_strict = sum(r.correct_strict for r in items)
     rules: dict[str, dict[str, int]] = {}
@@ -241,17 +263,19 @@ def _summarise(items: list[ItemResult], seed: int) -> dict[str, Any]:
     per = lambda v: round(v / n, 2) if n else 0.0  # noqa: E731
     out: dict[str, Any] = {
         "n": n, "correct": k, "accuracy": round(k / n, 4) if n else 0.0,
-        "ci95_bootstrap": [round(lo, 4), round(hi, 4)], "ci95_wilson": [round(wlo, 4), round(whi, 4)],
+        "ci95_wilson": [round(wlo, 4), round(whi, 4)],
         "correct_strict": k_strict, "accuracy_strict": round(k_strict / n, 4) if n else 0.0,
         "ci95_wilson_strict": [round(x, 4) for x in wilson(k_strict, n)], "rules": rules,
         "tokens_per_item": {"prefilled": per(tot.prefilled), "reused": per(tot.reused), "latent": per(tot.latent),
                             "generated": per(tot.generated), "computed": per(tot.computed)},
+        "tokens_total": {**tot.model_dump(), "computed": tot.computed},
         "wall_s_total": round(sum(r.wall_s for r in items), 3), "wall_s_per_item": per(sum(r.wall_s for r in items)),
         "answer_tokens_mean": per(sum(r.answer_tokens for r in items)),
         "answer_chars_mean": per(sum(len(r.answer) for r in items)),
         "empty_answers": sum(1 for r in items if not r.answer.strip()),
         "no_extractable_answer": sum(1 for r in items if r.pred is None),
         "errors": sum(1 for r in items if r.error),
+        "echoes": sum(1 for r in items if r.echo),
         "samples": [{"task_id": r.task_id, "gold": r.gold, "pred": r.pred, "rule": r.rule, "answer": r.answer[:300]}
                     for r in items[:3]],
     }
@@ -280,10 +304,14 @@ def _paired(results: dict[str, list[ItemResult]], seed: int) -> list[dict[str, A
     return out
 
 
-def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out_dir: str | Path,
-                 cfg: BenchConfig | None = None, data_name: str = "",
-                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Run every method on every task; write the item log, JSON, markdown and chart; return the results dict."""
+def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out_dir: str | Path,
+              cfg: BenchConfig | None = None, data_name: str = "",
+              progress: Callable[[str, int, int], None] | None = None, extra=None) -> dict[str, Any]:
+    """Run every method on every task; write the item log, JSON, markdown and chart; return the results dict.
+
+    ``model``: a Model (or, with ``cfg.isolate``, also a registry name / model dir for the workers to load).
+    ``extra(summary) -> dict`` adds a report section (the efficiency bench's ratios) before anything is written.
+    """
     cfg = cfg or BenchConfig()
     if cfg.choice_scoring not in ("extract", "loglik"):
         raise BadInputError(f"unknown choice scoring {cfg.choice_scoring!r} (extract|loglik)")
@@ -296,31 +324,94 @@ def run_accuracy(tasks: Sequence[Task], methods: Sequence[Method] | str, model, 
         raise BadInputError("method loglik needs multiple-choice tasks (the data has number tasks)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "items.jsonl"
     results: dict[str, list[ItemResult]] = {m.name: [] for m in methods}
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with open(log_path, "w", encoding="utf-8") as log:
+    peak: dict[str, float] = {}
+    started = utc_now()
+    with open(out / "items.jsonl", "w", encoding="utf-8") as log:
         for m in methods:
-            runner = _Runner(m, model, cfg, out)
-            for i, task in enumerate(tasks):
-                if progress:
-                    progress(m.name, i, len(tasks))
-                try:
-                    item = runner.run(task)
-                except KvmasError as exc:  # a user-visible limit (context overflow, ...): logged, counted wrong
-                    item = ItemResult(m.name, task.id, task.kind, task.answer, None, False, "", Usage(), 0.0,
-                                      error=f"{type(exc).__name__}: {exc}")
-                results[m.name].append(item)
+            def keep(item: ItemResult, name=m.name) -> None:
+                results[name].append(item)
                 log.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
                 log.flush()
+                if progress:
+                    progress(name, len(results[name]), len(tasks))
+
             if progress:
-                progress(m.name, len(tasks), len(tasks))
-    config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": getattr(model, "name", "?"),
-              "model_key": model.fingerprint.key, "max_new_tokens": cfg.max_new_tokens,
+                progress(m.name, 0, len(tasks))
+            if cfg.isolate:
+                peak[m.name] = _run_isolated(m, tasks, model, cfg, out, keep)
+            else:
+                _run_method(m, tasks, model, cfg, out, keep)
+    model_name = model if isinstance(model, str) else getattr(model, "name", "?")
+    config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": model_name,
+              "model_key": _model_key(model), "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
               "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
               "prompt_echo_floor": prompt_echo_floor(tasks, cfg.prompt)}
-    return _write_summary(out, config, results)
+    return _write_summary(out, config, results, peak_rss_mb=peak, extra=extra)
+
+
+def _model_key(model) -> str:
+    if isinstance(model, str):
+        from kvmas.agents.model import Model
+
+        model = Model.load(model)
+    return model.fingerprint.key
+
+
+def _run_method(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: Path,
+                keep: Callable[[ItemResult], None]) -> None:
+    """The task loop of one method, in this process."""
+    if isinstance(model, str):
+        from kvmas.agents.model import Model
+
+        model = Model.load(model)
+    runner = _Runner(m, model, cfg, out)
+    for i, task in enumerate(tasks):
+        try:
+            item = runner.run(task, i)
+        except KvmasError as exc:  # a user-visible limit (context overflow, ...): logged, counted wrong
+            item = ItemResult(m.name, task.id, task.kind, task.answer, None, False, "", Usage(), 0.0,
+                              error=f"{type(exc).__name__}: {exc}")
+        keep(item)
+
+
+def _run_isolated(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: Path,
+                  keep: Callable[[ItemResult], None]) -> float:
+    """The task loop of one method in a worker process; returns the worker's peak RSS (MB)."""
+    ref = model if isinstance(model, str) else (model.source or model.name)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", m.name)
+    spec_path, result_path = out / f".{stem}.spec.json", out / f".{stem}.result.json"
+    atomic_write_text(spec_path, json.dumps({
+        "method": asdict(m), "model": ref, "cfg": asdict(cfg), "out": str(out), "result": str(result_path),
+        "tasks": [t.model_dump(mode="json") for t in tasks]}))
+    proc = subprocess.Popen([sys.executable, "-m", "kvmas.bench.harness", "--worker", str(spec_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("ITEM "):
+            keep(_item_from_json(json.loads(line[5:])))
+    err = proc.stderr.read()
+    try:
+        if proc.wait() != 0:
+            raise KvmasError(f"{m.name} failed: {err.strip().splitlines()[-1] if err.strip() else 'no output'}")
+        return float(json.loads(result_path.read_text())["peak_rss_mb"])
+    finally:
+        for p in (spec_path, result_path):
+            p.unlink(missing_ok=True)
+
+
+def _worker(spec_path: str) -> None:
+    """Worker entry (``python -m kvmas.bench.harness --worker SPEC``): one method, items on stdout."""
+    spec = json.loads(Path(spec_path).read_text())
+    tasks = [Task.model_validate(t) for t in spec["tasks"]]
+
+    def emit(item: ItemResult) -> None:
+        print("ITEM " + json.dumps(item.to_json(), ensure_ascii=False), flush=True)
+
+    _run_method(Method(**spec["method"]), tasks, spec["model"], BenchConfig(**spec["cfg"]), Path(spec["out"]), emit)
+    atomic_write_text(spec["result"], json.dumps(
+        {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 # Settings that must agree before runs can be merged into one report (methods and start time may differ).
@@ -427,38 +518,47 @@ def _write_report(out: Path, config: dict[str, Any], results: dict[str, list[Ite
 def _item_from_json(d: dict[str, Any]) -> ItemResult:
     return ItemResult(d["method"], d["task_id"], d["kind"], d["gold"], d["pred"], d["correct"], d["answer"],
                       Usage(**d["usage"]), d["wall_s"], d.get("answer_tokens", 0), d.get("meta") or {},
-                      d.get("error"), d.get("rule"))
+                      d.get("error"), d.get("rule"), d.get("echo", echoes_role_prompt(d["answer"])))
 
 
-def _write_summary(out: Path, config: dict[str, Any], results: dict[str, list[ItemResult]]) -> dict[str, Any]:
+def _write_summary(out: Path, config: dict[str, Any], results: dict[str, list[ItemResult]], *,
+                   peak_rss_mb: dict[str, float] | None = None, extra=None) -> dict[str, Any]:
     seed = config["seed"]
-    summary = {"config": config, "methods": {name: _summarise(items, seed) for name, items in results.items()},
+    summary = {"config": config, "methods": {name: _summarise(items) for name, items in results.items()},
                "paired": _paired(results, seed)}
+    for name, mb in (peak_rss_mb or {}).items():
+        summary["methods"][name]["peak_rss_mb"] = round(mb, 1)
+    if extra is not None:
+        summary["efficiency"] = extra(summary)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     atomic_write_text(out / "results.md", to_markdown(summary))
-    if write_chart(summary, out / "accuracy.png") is None:
+    if write_chart(summary, out / "chart.png") is None:
         summary["chart"] = "not written: matplotlib is not installed (pip install kvmas[charts])"
         atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
-    """The results as markdown: one row per method, then the paired comparisons."""
+    """The results as markdown: one row per method, the paired comparisons, then any efficiency section."""
     cfg = summary["config"]
-    lines = [f"# Accuracy: {cfg['data'] or 'tasks'} (n={cfg['n']}, model {cfg['model']}, seed {cfg['seed']}, "
-             f"max_new_tokens {cfg['max_new_tokens']}, prompt {cfg.get('prompt', 'cot')})", "",
-             "| method | accuracy (flexible) | 95% CI (bootstrap) | strict (boxed/####) | computed tokens/item | "
-             "generated/item | latent/item | s/item | answer tokens | no answer | errors | answers by rule "
-             "(correct/read) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    peak = any("peak_rss_mb" in s for s in summary["methods"].values())
+    lines = [f"# {cfg['data'] or 'tasks'} (n={cfg['n']}, model {cfg['model']}, seed {cfg['seed']}, "
+             f"max_new_tokens {cfg['max_new_tokens']}, latent_steps "
+             f"{cfg['latent_steps'] if cfg.get('latent_steps') is not None else 'default'}, "
+             f"prompt {cfg.get('prompt', 'cot')})", "",
+             "| method | accuracy (flexible) | 95% CI (Wilson) | strict (boxed/####) | computed tokens/item | "
+             "prefilled/item | reused/item | generated/item | latent/item | s/item | answer tokens | no answer | "
+             "echoed a role prompt | errors | " + ("peak RSS MB | " if peak else "") + "answers by rule (correct/read) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "") + "---|"]
     for name, s in summary["methods"].items():
         t = s["tokens_per_item"]
+        lo, hi = s["ci95_wilson"]
         lines.append(f"| {name} | {s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%) | "
-                     f"{100 * s['ci95_bootstrap'][0]:.1f}–{100 * s['ci95_bootstrap'][1]:.1f}% | "
-                     f"{_strict_cell(s)} | {t['computed']:.0f} | "
-                     f"{t['generated']:.0f} | {t['latent']:.0f} | {s['wall_s_per_item']:.2f} | "
-                     f"{s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | {s['errors']} | "
-                     f"{rule_counts(s)} |")
+                     f"{100 * lo:.1f}–{100 * hi:.1f}% | {_strict_cell(s)} | {t['computed']:.0f} | "
+                     f"{t['prefilled']:.0f} | {t['reused']:.0f} | {t['generated']:.0f} | {t['latent']:.0f} | "
+                     f"{s['wall_s_per_item']:.2f} | {s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | "
+                     f"{s.get('echoes', 0)} | {s['errors']} | " + (f"{s.get('peak_rss_mb', 0):.0f} | " if peak else "")
+                     + f"{rule_counts(s)} |")
     if "prompt_echo_floor" in cfg:
         lines += ["", f"Prompt-echo floor: a reply that only repeats its prompt would be credited on "
                       f"{cfg['prompt_echo_floor']} of {cfg['n']} items."]
@@ -475,6 +575,20 @@ def to_markdown(summary: dict[str, Any]) -> str:
     if chosen:
         lines += ["", "Pipelines chosen:"]
         lines += [f"- {n}: " + ", ".join(f"{k} ×{v}" for k, v in c.items()) for n, c in chosen.items()]
+    eff = summary.get("efficiency")
+    if eff:
+        lines += ["", "Ratios measured in this run:", "", "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f}× |" for k, v in eff.get("ratios", {}).items()]
+        merge = eff.get("merge_error")
+        if merge:
+            lines += ["", "Vote selector merge policies vs exact re-prefill (next-token distribution of the selector, "
+                          "on the state Vote builds):", ""]
+            for policy in ("shared", "rerotate"):
+                vals = [m[policy] for m in merge]
+                lines.append(f"- {policy}: max |Δlogprob| mean "
+                             f"{sum(v['max_abs_dlogprob'] for v in vals) / len(vals):.3f}, KL mean "
+                             f"{sum(v['kl_exact_to_policy'] for v in vals) / len(vals):.4f}, top-1 agrees "
+                             f"{sum(v['top1_agrees'] for v in vals)}/{len(vals)}")
     lines += ["", "Sample answers (first items):"]
     for name, s in summary["methods"].items():
         for smp in s["samples"][:2]:
@@ -496,7 +610,7 @@ def rule_counts(s: dict[str, Any]) -> str:
 
 
 def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
-    """Accuracy with 95% bootstrap intervals, and computed tokens per item, one bar per method (PNG).
+    """Accuracy with Wilson 95% intervals, computed tokens per item (by kind) and seconds per item (PNG).
 
     Returns None (and writes nothing) when matplotlib, an optional dependency (``kvmas[charts]``), is missing.
     """
@@ -509,19 +623,27 @@ def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     names = list(summary["methods"])
-    acc = [100 * summary["methods"][n]["accuracy"] for n in names]
-    lo = [a - 100 * summary["methods"][n]["ci95_bootstrap"][0] for a, n in zip(acc, names)]
-    hi = [100 * summary["methods"][n]["ci95_bootstrap"][1] - a for a, n in zip(acc, names)]
-    tok = [summary["methods"][n]["tokens_per_item"]["computed"] for n in names]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(names) * 2), 4.2))
+    rows = [summary["methods"][n] for n in names]
+    acc = [100 * r["accuracy"] for r in rows]
+    lo = [a - 100 * r["ci95_wilson"][0] for a, r in zip(acc, rows)]
+    hi = [100 * r["ci95_wilson"][1] - a for a, r in zip(acc, rows)]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(max(12, 1.3 * len(names) * 3), 4.2))
     ax1.bar(names, acc, yerr=[lo, hi], capsize=4, color="#4C72B0")
     ax1.set_ylabel("accuracy (%)")
     ax1.set_ylim(0, 100)
-    ax1.set_title(f"accuracy, n={summary['config']['n']} (95% bootstrap CI)")
-    ax2.bar(names, tok, color="#DD8452")
+    ax1.set_title(f"accuracy, n={summary['config']['n']} (95% Wilson CI)")
+    bottom = [0.0] * len(names)
+    for kind, colour in (("prefilled", "#8172B2"), ("latent", "#937860"), ("generated", "#DD8452")):
+        vals = [r["tokens_per_item"][kind] for r in rows]
+        ax2.bar(names, vals, bottom=bottom, color=colour, label=kind)
+        bottom = [b + v for b, v in zip(bottom, vals)]
     ax2.set_ylabel("computed tokens per item")
     ax2.set_title("cost")
-    for ax in (ax1, ax2):
+    ax2.legend()
+    ax3.bar(names, [r["wall_s_per_item"] for r in rows], color="#55A868")
+    ax3.set_ylabel("seconds per item")
+    ax3.set_title("time")
+    for ax in (ax1, ax2, ax3):
         ax.tick_params(axis="x", rotation=35)
         for lab in ax.get_xticklabels():
             lab.set_horizontalalignment("right")
@@ -533,3 +655,10 @@ def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2])
+    else:
+        raise SystemExit("usage: kvmas bench accuracy|efficiency ... (this module's __main__ is the worker entry)")
