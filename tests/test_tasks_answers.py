@@ -3,7 +3,8 @@ from fractions import Fraction
 import pytest
 
 from kvmas.tasks import Choice, Task, extract_answer, extract_choice, extract_number, is_correct, parse_number
-from kvmas.tasks.answers import RULES, Reading, prompt_echo_floor, read_answer, read_choice, read_number
+from kvmas.tasks.answers import RULES, Reading, read_answer, read_choice, read_number
+from kvmas.tasks.prompts import prompt_echo_floor
 
 
 @pytest.mark.parametrize("text,want", [

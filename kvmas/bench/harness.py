@@ -46,7 +46,8 @@ from kvmas.primitives.echo import echoes_role_prompt
 from kvmas.stats import mcnemar_exact, paired_bootstrap, wilson
 from kvmas.tasks import Task, format_question, loglik_continuations, loglik_prefix
 from kvmas.tasks.prompts import check_style
-from kvmas.tasks.answers import STRICT_RULES, matches_gold, prompt_echo_floor, read_answer
+from kvmas.tasks.answers import STRICT_RULES, matches_gold, read_answer
+from kvmas.tasks.prompts import prompt_echo_floor
 from kvmas.trace import Usage
 
 LABEL_LEAD = "\nTherefore, the answer is ("

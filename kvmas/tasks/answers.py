@@ -48,22 +48,18 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from kvmas.tasks.numbers import FRACTION_RE, NUMBER_RE, fraction_value, to_fraction, format_number, parse_number
+
 if TYPE_CHECKING:
     from kvmas.tasks.task import Task
+
+__all__ = ["Reading", "RULES", "STRICT_RULES", "parse_number", "format_number", "read_answer", "read_number",
+           "read_choice", "is_correct", "matches_gold", "extract_answer", "extract_number", "extract_choice",
+           "boxed_contents"]
 
 RULES = ("boxed", "####", "answer-is", "option-text", "label", "last-number")
 STRICT_RULES = frozenset({"boxed", "####"})
 
-_MINUS = "\u2212\u2013"  # Unicode minus and en dash used as minus signs
-_NUM = (
-    r"(?<![\w.])"  # not glued to a word or another number
-    r"[-" + _MINUS + r"]?\$?\s?"
-    r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-    r"(?:\s?/\s?\d+(?:\.\d+)?)?"
-    r"|(?<![\w.])[-" + _MINUS + r"]?\.\d+"
-)
-_NUM_RE = re.compile(_NUM)
-_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
 _HASH_RE = re.compile(r"####\s*([^\n]+)")
 # "answer is", "answer:", "answer =", "final answer is:", "**Answer:**", "correct answer is", "answer would be"
 _ANSWER_RE = re.compile(r"\banswer\s*(?:\*\*)?\s*(?:is\b|would\s+be\b|:|=)\s*(?:\*\*)?\s*:?", re.IGNORECASE)
@@ -121,73 +117,15 @@ def _boxes(text: str, answers_only: bool = False) -> list[str]:
     return out
 
 
-def parse_number(text: str | None) -> Fraction | None:
-    """The first number in ``text`` as an exact :class:`Fraction` (None if there is none).
-
-    >>> parse_number("$1,234.50"), parse_number("\\\\frac{3}{4}"), parse_number("\u22127")
-    (Fraction(2469, 2), Fraction(3, 4), Fraction(-7, 1))
-    """
-    if text is None:
-        return None
-    text = str(text).strip()
-    m = _FRAC_RE.search(text)
-    n = _NUM_RE.search(text)
-    if m and (n is None or m.start() <= n.start()):
-        return _frac_value(m)
-    return _to_fraction(n.group(0)) if n else None
-
-
-def _frac_value(m: re.Match) -> Fraction | None:
-    try:
-        val = Fraction(m.group(2).replace(",", "")) / Fraction(m.group(3).replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return -val if m.group(1) else val
-
-
-def _to_fraction(token: str) -> Fraction | None:
-    tok = token.strip()
-    for ch in _MINUS:
-        tok = tok.replace(ch, "-")
-    tok = tok.replace("$", "").replace(",", "").replace(" ", "")
-    try:
-        if "/" in tok:
-            num, den = tok.split("/", 1)
-            return Fraction(num) / Fraction(den)
-        return Fraction(tok)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def format_number(value: Fraction) -> str:
-    """Canonical text of a number: ``5``, ``-2.5``, ``1/3`` (terminating decimals as decimals).
-
-    >>> format_number(Fraction(5, 1)), format_number(Fraction(-5, 2)), format_number(Fraction(1, 3))
-    ('5', '-2.5', '1/3')
-    """
-    if value.denominator == 1:
-        return str(value.numerator)
-    den = value.denominator
-    while den % 2 == 0:
-        den //= 2
-    while den % 5 == 0:
-        den //= 5
-    if den == 1:
-        s = f"{float(value):.12f}".rstrip("0").rstrip(".")
-        if Fraction(s) == value:
-            return s
-    return f"{value.numerator}/{value.denominator}"
-
-
 def _numbers(text: str) -> list[tuple[int, int, Fraction]]:
     """(start, end, value) of every number (``\\frac`` included), in order."""
-    fracs = [(m.start(), m.end(), _frac_value(m)) for m in _FRAC_RE.finditer(text)]
+    fracs = [(m.start(), m.end(), fraction_value(m)) for m in FRACTION_RE.finditer(text)]
     spans = [(a, b) for a, b, _ in fracs]
     out = [f for f in fracs if f[2] is not None]
-    for m in _NUM_RE.finditer(text):
+    for m in NUMBER_RE.finditer(text):
         if any(a <= m.start() < b for a, b in spans):
             continue  # a digit inside \frac{..}{..}
-        val = _to_fraction(m.group(0))
+        val = to_fraction(m.group(0))
         if val is not None:
             out.append((m.start(), m.end(), val))
     return sorted(out, key=lambda x: x[0])
@@ -491,15 +429,3 @@ def is_correct(pred: str | None, task: "Task", *, strict: bool = False) -> bool:
     """
     reading = read_answer(pred, task)
     return (reading.strict or not strict) and matches_gold(reading.answer, task)
-
-
-def prompt_echo_floor(tasks, style: str = "cot") -> int:
-    """How many ``tasks`` a reply that only echoes its own prompt would be credited (the scorer's floor).
-
-    >>> from kvmas.tasks.task import Task
-    >>> prompt_echo_floor([Task(id="t", question="Tom has 3 apples and eats 1. How many are left? 2?", answer="2")])
-    0
-    """
-    from kvmas.tasks.prompts import format_question
-
-    return sum(is_correct(format_question(t, style=style), t) for t in tasks)

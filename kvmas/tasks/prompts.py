@@ -10,6 +10,7 @@ Reason step by step, then give the final answer as \boxed{N}.
 from __future__ import annotations
 
 from kvmas.errors import BadInputError
+from kvmas.tasks.answers import is_correct
 from kvmas.tasks.task import Task
 
 NUMBER_INSTRUCTION = "Reason step by step, then give the final answer as \\boxed{N}."
@@ -56,3 +57,13 @@ def loglik_prefix(task: Task) -> str:
 def loglik_continuations(task: Task) -> list[str]:
     """One continuation per option, in label order: a space then the option text."""
     return [" " + c.text.strip() for c in task.choices or ()]
+
+
+def prompt_echo_floor(tasks, style: str = "cot") -> int:
+    """How many ``tasks`` a reply that only echoes its own prompt would be credited (the scorer's floor).
+
+    >>> from kvmas.tasks.task import Task
+    >>> prompt_echo_floor([Task(id="t", question="Tom has 3 apples and eats 1. How many are left? 2?", answer="2")])
+    0
+    """
+    return sum(is_correct(format_question(t, style=style), t) for t in tasks)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvmas.tasks.numbers import parse_number
+
 
 class Choice(BaseModel):
     """One option of a multiple-choice task: its label ("A".."E" or "1".."5") and text."""
@@ -63,8 +65,6 @@ class Task(BaseModel):
             if self.answer not in labels:
                 raise ValueError(f"answer {self.answer!r} is not one of the labels {labels}")
         else:
-            from kvmas.tasks.answers import parse_number
-
             if parse_number(self.answer) is None:
                 raise ValueError(f"answer {self.answer!r} of a number task is not a number")
         return self
