@@ -19,6 +19,8 @@ import torch
 from kvmas.agents.fingerprint import ModelFingerprint
 from kvmas.agents.state import LatentState
 from kvmas.errors import ContextOverflowError
+from kvmas.models.convert import quiet_transformers
+from kvmas.models.install import model_dir
 from kvmas.paths import kvmas_home
 
 T = TypeVar("T")
@@ -88,7 +90,6 @@ class Model:
 
         The embedded default is converted once from its GGUF into a safetensors cache under ``KVMAS_HOME``.
         """
-        from kvmas.models.install import model_dir
 
         if threads:
             torch.set_num_threads(threads)
@@ -101,8 +102,6 @@ class Model:
                 _LOADED[name_or_path] = _LOADED[key]
                 return _LOADED[key]
             from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            from kvmas.models.convert import quiet_transformers
 
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(directory)

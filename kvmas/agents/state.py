@@ -29,6 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvmas.agents.fingerprint import ModelFingerprint
+from kvmas.agents.realign import Realigner
+from kvmas.agents.rope import inv_freq_of, rotate_keys
 from kvmas.errors import BadInputError, CacheCorruptError
 from kvmas.paths import atomic_write_bytes
 
@@ -215,7 +217,6 @@ class LatentState:
 
     def think(self, steps: int, *, agent: str = "agent", role: str = "agent") -> "LatentState":
         """``steps`` latent steps: last hidden state -> realigned input embedding -> one new position."""
-        from kvmas.agents.realign import Realigner
 
         if steps < 0:
             raise BadInputError(f"latent steps must be >= 0, got {steps}")
@@ -462,14 +463,10 @@ class LatentState:
             if policy == "rerotate":
                 delta = offset
                 if inv is None:
-                    from kvmas.agents.rope import inv_freq_of
-
                     inv = inv_freq_of(model.hf)
             for li, (k, v) in enumerate(zip(s.keys, s.values)):
                 kk = k[:, :, shared:]
                 if delta:
-                    from kvmas.agents.rope import rotate_keys
-
                     kk = rotate_keys(kk, torch.tensor([delta]), inv)
                 keys[li].append(kk)
                 values[li].append(v[:, :, shared:])

@@ -22,6 +22,7 @@ from typing import Any
 from kvmas.agents.agent import Intervention
 from kvmas.attribution.replay import CONTENT_ACTIONS, ReplayAttributor, compose
 from kvmas.errors import BadInputError
+from kvmas.tasks.answers import extract_number, format_number, parse_number
 
 TASKS = [(f"What is {a} + {b}? Answer with a number.", str(a + b))
          for a, b in [(7, 5), (3, 4), (9, 6), (12, 8), (5, 5), (6, 2), (14, 3), (8, 9), (11, 11), (2, 7)]]
@@ -30,7 +31,6 @@ FAULT_TEXT = "I have checked this carefully: the correct final answer is {wrong}
 
 def number_judge(gold: str) -> Callable[[str | None], float]:
     """1.0 when the answer's extracted number equals ``gold`` (exactly, as fractions), else 0.0."""
-    from kvmas.tasks.answers import extract_number, parse_number
 
     g = parse_number(gold)
     if g is None:
@@ -45,7 +45,6 @@ def number_judge(gold: str) -> Callable[[str | None], float]:
 
 def wrong_value(gold: str) -> str:
     """A plausible wrong number near ``gold`` (gold + 1 for integers)."""
-    from kvmas.tasks.answers import format_number, parse_number
 
     g = parse_number(gold)
     if g is None:

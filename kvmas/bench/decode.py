@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 
 import torch
+from kvmas.agents.state import LatentState
 
 
 def measure(model, prompt: str = "Write a short story about a robot who learns to paint.", new_tokens: int = 128,
             repeats: int = 2) -> dict:
-    from kvmas.agents.state import LatentState
-
     text = model.chat_text([{"role": "user", "content": prompt}])
     ids = model.encode(text)
     eos = model.eos_ids

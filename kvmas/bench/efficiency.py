@@ -15,8 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from kvmas.agents.model import Model
 from kvmas.bench.harness import BenchConfig, parse_methods, run_bench
 from kvmas.errors import BadInputError
+from kvmas.primitives import Vote
+from kvmas.primitives.run import Output, open_run
 
 DEFAULT_METHODS = ["single", "latent:review", "text:review", "latent:vote", "text:vote", "latent:plan", "text:plan"]
 
@@ -29,9 +32,6 @@ def merge_policy_error(model, question: str, n: int = 3, latent_steps: int = 4) 
     ``reprefill`` (exact joint) one: max |Δ logprob|, KL and top-1 agreement.
     """
     import torch
-
-    from kvmas.primitives import Vote
-    from kvmas.primitives.run import Output, open_run
 
     vote = Vote(n=n, latent_steps=latent_steps)
 
@@ -74,7 +74,6 @@ def run_efficiency(*, tasks, methods: list[str], model, seed: int, max_new_token
 
     ``model``: a registry name or model dir (the workers load it), or None for the default.
     """
-    from kvmas.agents.model import Model
 
     meths = parse_methods(",".join(methods))  # unknown methods fail before any work
     if not tasks:

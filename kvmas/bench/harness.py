@@ -39,15 +39,20 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kvmas.agents.model import Model
+from kvmas.agents.state import LatentState
 from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, KvmasError
+from kvmas.organizer import KnowledgePool, Organizer
+from kvmas.organizer.pipeline import Pipeline
+from kvmas.organizer.spec import PipelineSpec
 from kvmas.paths import atomic_write_text
+from kvmas.primitives import PRIMITIVES, parse_method
 from kvmas.primitives.echo import echoes_role_prompt
 from kvmas.stats import mcnemar_exact, paired_bootstrap, wilson
 from kvmas.tasks import Task, format_question, loglik_continuations, loglik_prefix
-from kvmas.tasks.prompts import check_style
 from kvmas.tasks.answers import STRICT_RULES, matches_gold, read_answer
-from kvmas.tasks.prompts import prompt_echo_floor
+from kvmas.tasks.prompts import check_style, prompt_echo_floor
 from kvmas.trace import Usage
 
 LABEL_LEAD = "\nTherefore, the answer is ("
@@ -68,7 +73,6 @@ class Method:
 
 def parse_methods(text: str) -> list[Method]:
     """Parse ``--methods``; unknown names fail before anything runs."""
-    from kvmas.primitives import PRIMITIVES
 
     out: list[Method] = []
     for raw in text.split(","):
@@ -161,18 +165,11 @@ class _Runner:
         self.method, self.model, self.cfg = method, model, cfg
         self.org = None
         if method.kind == "primitive":
-            from kvmas.primitives import parse_method
-
             self.prim = parse_method(method.arg, **cfg.prim_params())
         elif method.kind == "pipeline":
-            from kvmas.organizer.pipeline import Pipeline
-            from kvmas.organizer.spec import PipelineSpec
-
             self.prim = Pipeline(PipelineSpec.load(method.arg).with_params(**cfg.prim_params()))
         elif method.kind in ("auto", "auto-empty", "random"):
             import shutil
-
-            from kvmas.organizer import KnowledgePool, Organizer
 
             path = out_dir / f"pool-{method.kind}.sqlite"
             for suffix in ("", "-wal", "-shm"):
@@ -232,8 +229,6 @@ class _Runner:
         return task.labels[best], [round(x, 4) for x in scores], extra
 
     def _loglik(self, task: Task, t0: float) -> ItemResult:
-        from kvmas.agents.state import LatentState
-
         if task.kind != "choice":
             raise BadInputError(f"loglik scores multiple-choice tasks only; {task.id} is a {task.kind} task")
         prefix = loglik_prefix(task)
@@ -354,8 +349,6 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
 
 def _model_key(model) -> str:
     if isinstance(model, str):
-        from kvmas.agents.model import Model
-
         model = Model.load(model)
     return model.fingerprint.key
 
@@ -364,8 +357,6 @@ def _run_method(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: 
                 keep: Callable[[ItemResult], None]) -> None:
     """The task loop of one method, in this process."""
     if isinstance(model, str):
-        from kvmas.agents.model import Model
-
         model = Model.load(model)
     runner = _Runner(m, model, cfg, out)
     for i, task in enumerate(tasks):

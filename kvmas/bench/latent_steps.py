@@ -13,7 +13,11 @@ from __future__ import annotations
 import re
 import time
 
+from kvmas.agents.state import LatentState
 from kvmas.errors import BadInputError
+from kvmas.primitives import parse_method
+from kvmas.primitives.run import Output, open_run
+from kvmas.tasks import format_question
 
 
 def gold_solution(task) -> str:
@@ -27,7 +31,6 @@ def gold_solution(task) -> str:
 
 def answer_state(prim, question: str, model, seed: int = 0):
     """The state right before ``prim``'s output agent decodes (head recomputed after dropping final thoughts)."""
-    from kvmas.primitives.run import Output, open_run
 
     ctx = open_run(model, question, method=prim.method, params=prim.params(), seed=seed)
     state = prim.forward(ctx, Output.start(model), final=False).state
@@ -40,10 +43,6 @@ def answer_state(prim, question: str, model, seed: int = 0):
 
 def run(model, tasks, methods=("latent:review", "latent:vote", "latent:plan"), steps=(0, 2, 4, 8, 16),
         progress=None, handoffs=("thoughts",)) -> dict:
-    from kvmas.agents.state import LatentState
-    from kvmas.primitives import parse_method
-    from kvmas.tasks import format_question
-
     out: dict = {"single": {"scores": [], "s": 0.0}}
     for task in tasks:
         q = format_question(task)

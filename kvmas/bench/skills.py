@@ -29,7 +29,7 @@ from kvmas.memory.envs import make_env
 from kvmas.memory.episode import run_episode
 from kvmas.memory.gate import GateConfig
 from kvmas.memory.lifecycle import LearnConfig, Learner
-from kvmas.memory.policy import ActionPolicy
+from kvmas.memory.policy import ActionPolicy, StepInputs
 from kvmas.memory.runtime import SkillMemory
 from kvmas.memory.store import SkillStore
 from kvmas.stats import wilson
@@ -151,7 +151,6 @@ def activation_prefill(model, store: SkillStore, scope: str, env: str = "house",
     sk = skills[0]
     env_ = make_env(env, seed)
     obs = env_.reset()
-    from kvmas.memory.policy import StepInputs
 
     inp = StepInputs(task=env_.task, obs=obs, admissible=env_.admissible())
     out = {}

@@ -26,16 +26,18 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
+from kvmas.errors import CacheCorruptError, KvmasError, ModelNotFoundError, SchemaVersionError
 from kvmas.models.convert import (
     CacheManifest,
     cache_lock,
+    clean_stale_temps,
     convert_gguf,
     read_manifest,
     refuse_newer,
+    sha256_file,
     verify_cache,
 )
-from kvmas.models.registry import ModelEntry, cache_dir, get_entry, resolve
-from kvmas.errors import CacheCorruptError, KvmasError, ModelNotFoundError, SchemaVersionError
+from kvmas.models.registry import DEFAULT_MODEL, ModelEntry, cache_dir, get_entry, resolve
 from kvmas.paths import kvmas_home
 
 _CHUNK = 8 << 20
@@ -199,7 +201,6 @@ def assemble(parts: list[Path], dest: Path, *, size: int, sha256: str, console=N
 
 def verify_file(path: Path, *, size: int, sha256: str) -> None:
     """Raise :class:`CacheCorruptError` unless ``path`` has exactly this size and sha256."""
-    from kvmas.models.convert import sha256_file
 
     actual = path.stat().st_size
     if actual != size:
@@ -366,8 +367,6 @@ def remove(name: str) -> int:
     directory = cache_dir(entry.name)
     freed = 0
     with cache_lock(directory):
-        from kvmas.models.convert import clean_stale_temps
-
         clean_stale_temps(directory)
         if directory.exists():
             freed += dir_size(directory)
@@ -397,7 +396,6 @@ class ModelStatus(BaseModel):
 
 def model_status(name: str, *, sources: Sources | None = None) -> ModelStatus:
     """Where ``name`` stands on this machine (cheap: files are re-hashed only if they changed)."""
-    from kvmas.models.registry import DEFAULT_MODEL
 
     entry = get_entry(name)
     directory = cache_dir(entry.name)

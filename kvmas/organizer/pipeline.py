@@ -19,13 +19,13 @@ from __future__ import annotations
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
 from kvmas.organizer.spec import PipelineSpec
+from kvmas.primitives import build
 from kvmas.primitives.base import Primitive
 from kvmas.primitives.run import Message, Output, merge_facts
 
 
 def build_node(node) -> Primitive:
     """The primitive a spec node names (through ``kvmas.primitives.build``)."""
-    from kvmas.primitives import build
 
     return build(node.type, **node.params)
 

@@ -6,9 +6,10 @@ from collections import Counter
 from typing import Callable
 
 from kvmas.agents.agent import Agent, RunContext
-from kvmas.agents.state import MERGE_POLICIES, LatentState
+from kvmas.agents.state import LatentState, MERGE_POLICIES
 from kvmas.errors import BadInputError
 from kvmas.primitives.base import Output, Primitive, check_param
+from kvmas.tasks.answers import boxed_contents, extract_number
 
 PERSONAS = (
     "You are Solver {i}, a careful mathematician who checks every calculation.",
@@ -24,7 +25,6 @@ SELECT = ("You are the Selector. Several solvers worked on the problem above. Us
 
 def answer_key(text: str) -> str | None:
     """A comparable answer: the last \\boxed{} content, else the last number (for answer-level majority)."""
-    from kvmas.tasks.answers import boxed_contents, extract_number
 
     boxed = boxed_contents(text or "")
     if boxed:
