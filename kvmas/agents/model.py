@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from kvmas.agents.engine import Engine
 from kvmas.agents.fingerprint import ModelFingerprint
 from kvmas.agents.state import LatentState
 from kvmas.errors import ContextOverflowError
@@ -77,6 +78,7 @@ class Model:
         )
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self._derived: dict[str, Any] = {}
+        self.engine = Engine(self)  # every forward of this model goes through it (batches concurrent runs)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod

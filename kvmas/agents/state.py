@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from kvmas.agents.engine import Request
 from kvmas.agents.fingerprint import ModelFingerprint
 from kvmas.agents.realign import Realigner
 from kvmas.agents.rope import inv_freq_of, rotate_keys
@@ -131,17 +132,6 @@ class LatentState:
     def _with(self, **kw) -> "LatentState":
         return replace(self, **kw)
 
-    def _cache(self):
-        from transformers import DynamicCache
-
-        if self.length == 0:
-            return DynamicCache()
-        return DynamicCache(list(zip(self.keys, self.values)))
-
-    def _decoder(self):
-        hf = self.model.hf
-        return getattr(hf, hf.base_model_prefix, hf)
-
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.hf.get_output_embeddings()(hidden).float()
 
@@ -155,15 +145,9 @@ class LatentState:
         offsets = (new_mask.cumsum(1) - 1).clamp_min(0)
         pos = self.next_pos[:, None] + offsets
         full_mask = torch.cat([self.mask, new_mask], dim=1)
-        cache = self._cache()
-        out = self._decoder()(
-            input_ids=ids, inputs_embeds=embeds, attention_mask=full_mask, position_ids=pos,
-            past_key_values=cache, use_cache=True,
-        )
-        hidden = out.last_hidden_state  # [rows, n, d], post final norm
-        layers = out.past_key_values.layers
-        keys = tuple(layer.keys for layer in layers)
-        values = tuple(layer.values for layer in layers)
+        out = self.model.engine.forward(Request(self.keys, self.values, full_mask, pos, ids=ids, embeds=embeds))
+        hidden = out.hidden  # [rows, n, d], post final norm
+        keys, values = out.out_keys, out.out_values
         has_new = new_mask.sum(1) > 0
         last_h = hidden[:, -1]
         if self.last_hidden is not None:
@@ -531,9 +515,9 @@ class LatentState:
                 base = self.fork(len(chunk))
                 offsets = torch.arange(n)[None].expand(len(chunk), n)
                 pos = base.next_pos[:, None] + offsets
-                out = base._decoder()(input_ids=ids, attention_mask=torch.cat([base.mask, m], 1),
-                                      position_ids=pos, past_key_values=base._cache(), use_cache=True)
-                lps = torch.log_softmax(self._head(out.last_hidden_state), -1)
+                out = self.model.engine.forward(Request(base.keys, base.values, torch.cat([base.mask, m], 1), pos,
+                                                        ids=ids))
+                lps = torch.log_softmax(self._head(out.hidden), -1)
                 for i, c in enumerate(chunk):
                     for j in range(1, len(c)):
                         total[i] += float(lps[i, j - 1, c[j]])

@@ -206,6 +206,19 @@ class Organizer:
                                               "spec": decision.spec.model_dump(mode="json"),
                                               "decision": decision.how, "method": pipe.method})
 
+    def batch(self, questions: list[str], model=None, *, seeds: list[int] | None = None,
+              batch_size: int | None = None):
+        """:meth:`run` on many questions, their runs as rows of the same forwards (each as if run alone).
+
+        The pool is read, never taught, inside a batch: learn from the results afterwards with :meth:`feedback`.
+        """
+        from kvmas.primitives.run import batch_runs, check_batch, resolve_model
+
+        seeds = check_batch(questions, seeds)
+        model = resolve_model(model)
+        return batch_runs(model, [lambda q=q, s=s: self.run(q, model, seed=s) for q, s in zip(questions, seeds)],
+                          batch_size)
+
     def feedback(self, result, success: bool, *, model=None, tags: list[str] | None = None):
         """Teach the pool a verified outcome of a :meth:`run` (its ``RunResult`` or its saved ``Trace``).
 

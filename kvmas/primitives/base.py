@@ -21,7 +21,9 @@ from typing import Literal
 from kvmas.agents.agent import Agent, Intervention, RunContext
 from kvmas.agents.state import LatentState
 from kvmas.errors import BadInputError
-from kvmas.primitives.run import TEAM_SYSTEM, Message, Output, RunResult, close_run, open_run, resolve_model
+from kvmas.primitives.run import (
+    TEAM_SYSTEM, Message, Output, RunResult, batch_runs, check_batch, close_run, open_run, resolve_model,
+)
 from kvmas.trace import Step, Usage
 
 Comm = Literal["latent", "text"]
@@ -83,6 +85,28 @@ class Primitive:
                        interventions=interventions, skills=skills, trace_path=trace_path,
                        positions=self.positions_needed(len(model.encode(question))))
         return close_run(ctx, self.forward(ctx, Output.start(model), final=True))
+
+    def batch(self, questions: list[str], model=None, *, seeds: list[int] | None = None,
+              batch_size: int | None = None, interventions: dict[str, Intervention] | None = None,
+              skills=None) -> list[RunResult]:
+        """Run on many questions at once: ``batch_size`` runs (default all) as rows of the same forwards.
+
+        Each result equals the one ``prim(question, seed=seed)`` gives alone (its own trace and usage). Every
+        question is checked (empty, too long for the context) before anything runs.
+
+        >>> from kvmas.testing import tiny_model
+        >>> from kvmas.primitives import Single
+        >>> m, prim = tiny_model(), Single(max_new_tokens=3)
+        >>> [r.answer for r in prim.batch(["2+2?", "What is 10 - 7?"], model=m)] == \\
+        ...     [prim("2+2?", model=m).answer, prim("What is 10 - 7?", model=m).answer]
+        True
+        """
+        seeds = check_batch(questions, seeds)
+        model = resolve_model(model)
+        for i, q in enumerate(questions):
+            model.check_fits(self.positions_needed(len(model.encode(q))), f"{self.method} on question {i} of the batch")
+        return batch_runs(model, [lambda q=q, s=s: self(q, model, seed=s, interventions=interventions, skills=skills)
+                                  for q, s in zip(questions, seeds)], batch_size)
 
     # -- helpers shared by the primitives ----------------------------------------------------------------
     def problem_text(self, ctx: RunContext) -> str:

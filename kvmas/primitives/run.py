@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvmas.agents.agent import Intervention, RunContext, SkillSource
+from kvmas.agents.engine import run_batched
 from kvmas.agents.model import Model
 from kvmas.agents.state import LatentState
 from kvmas.errors import BadInputError
@@ -122,3 +123,23 @@ def close_run(ctx: RunContext, out: Output, **extra_facts: Any) -> RunResult:
         ctx.trace.save(ctx.trace_path)
     return RunResult(answer=out.answer or "", trace=ctx.trace, state=out.state,
                      meta={**dict(out.facts), **extra_facts})
+
+
+def check_batch(questions, seeds) -> list[int]:
+    """A batch's questions (each a non-empty string) and seeds (default 0 each); BadInputError naming the index."""
+    if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
+        raise BadInputError("batch takes a list of questions")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str) or not q.strip():
+            raise BadInputError(f"question {i} of the batch is empty")
+    seeds = [0] * len(questions) if seeds is None else list(seeds)
+    if len(seeds) != len(questions):
+        raise BadInputError(f"{len(seeds)} seeds for {len(questions)} questions")
+    return seeds
+
+
+def batch_runs(model: Model, runs, batch_size: int | None = None) -> list[RunResult]:
+    """Whole runs (callables) executed ``batch_size`` at a time as rows of shared forwards."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return run_batched(model, runs, batch_size)

@@ -1,0 +1,252 @@
+"""The engine: every forward pass of a model goes through here, so that concurrent runs share forwards.
+
+A :class:`LatentState` asks its model's engine to run new columns on top of its KV (:meth:`Engine.forward`).
+Outside a batch the request runs at once. Inside :func:`run_batched`, B runs (questions) execute in B worker
+threads; each forward they ask for waits until every run of the batch is waiting too, and then all of them run
+as rows of one forward: past KV right-padded to the longest, new columns left-padded to the longest, every
+padding column masked, positions explicit. So a run computes exactly what it would alone (up to the order of
+fp reductions), keeps its own trace and usage, and diverging control flow (early stops, majorities, different
+primitives) needs nothing special. Requests of very different widths (one run prefilling a prompt while the
+others decode one token) run as separate forwards of the same tick, so no one pays for another's padding.
+Rows whose new columns are all padding (finished rows of a multi-row decode) are left out of the forward.
+A run that finishes frees its slot, and the next question takes it (refill, not drain).
+
+>>> from kvmas.testing import tiny_model
+>>> from kvmas.agents.engine import run_batched
+>>> from kvmas.agents.state import LatentState
+>>> m = tiny_model()
+>>> one = lambda q: LatentState.empty(m).extend(q).speak(4).texts[0]
+>>> run_batched(m, [lambda q=q: one(q) for q in ("ab", "abcdef")]) == [one("ab"), one("abcdef")]
+True
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+# Requests whose padded cost stays within this factor of their real cost share one forward.
+PAD_SLACK = 1.25
+
+
+@dataclass(eq=False)
+class Request:
+    """New columns to run on top of a past: ``keys``/``values`` per layer ``[rows, heads, T, dim]``, the full
+    ``mask`` ``[rows, T + n]``, ``positions`` ``[rows, n]`` and ``ids`` ``[rows, n]`` or ``embeds``."""
+
+    keys: tuple
+    values: tuple
+    mask: torch.Tensor
+    positions: torch.Tensor
+    ids: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+    # results: hidden states of the new columns and the full (past + new) KV per layer
+    hidden: torch.Tensor | None = None
+    out_keys: tuple = ()
+    out_values: tuple = ()
+    error: BaseException | None = None
+    done: bool = field(default=False, repr=False)
+
+    @property
+    def past(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def width(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[0]
+
+
+class Engine:
+    """Runs a model's forwards; batches the concurrent ones of :func:`run_batched` workers."""
+
+    def __init__(self, model):
+        self.model = model
+        self._cv = threading.Condition()
+        self._members: set[int] = set()
+        self._waiting: list[Request] = []
+        self.forwards = 0  # decoder calls made (a measure of batching: fewer calls for the same work)
+
+    # -- the public call ---------------------------------------------------------------------------
+    def forward(self, req: Request) -> Request:
+        """Run ``req`` (at once, or with the other runs of the batch this thread belongs to)."""
+        me = threading.get_ident()
+        with self._cv:
+            member = me in self._members
+            ready = None
+            if member:
+                self._waiting.append(req)
+                ready = self._take_if_ready()
+        if not member:
+            self._execute([req])
+        else:
+            if ready:
+                self._execute(ready)
+            with self._cv:
+                while not req.done:
+                    self._cv.wait()
+        if req.error is not None:
+            raise req.error
+        return req
+
+    # -- batch membership --------------------------------------------------------------------------
+    def join(self) -> None:
+        with self._cv:
+            self._members.add(threading.get_ident())
+
+    def leave(self) -> None:
+        with self._cv:
+            self._members.discard(threading.get_ident())
+            ready = self._take_if_ready()
+        if ready:
+            self._execute(ready)
+
+    def _take_if_ready(self) -> list[Request] | None:
+        """Under the lock: every member waits, so the tick can run (its requests are taken)."""
+        if self._waiting and len(self._waiting) >= len(self._members):
+            ready, self._waiting = self._waiting, []
+            return ready
+        return None
+
+    def _execute(self, reqs: list[Request]) -> None:
+        try:
+            with torch.no_grad():
+                for group in _groups(reqs):
+                    self._run(group)
+        except BaseException as exc:  # every waiting run gets the error, none hangs
+            for r in reqs:
+                if r.hidden is None:
+                    r.error = exc
+        finally:
+            with self._cv:
+                for r in reqs:
+                    r.done = True
+                self._cv.notify_all()
+
+    # -- one forward -------------------------------------------------------------------------------
+    def _decoder(self):
+        hf = self.model.hf
+        return getattr(hf, hf.base_model_prefix, hf)
+
+    def _run(self, group: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        live = [r.mask[:, r.past:].sum(1) > 0 for r in group]
+        self.forwards += 1
+        if len(group) == 1 and bool(live[0].all()):  # alone, every row live: the plain call
+            r = group[0]
+            cache = DynamicCache(list(zip(r.keys, r.values))) if r.past else DynamicCache()
+            out = self._decoder()(input_ids=r.ids, inputs_embeds=r.embeds, attention_mask=r.mask,
+                                  position_ids=r.positions, cache=cache, use_cache=True)
+            r.hidden = out.last_hidden_state
+            r.out_keys = tuple(layer.keys for layer in out.cache.layers)
+            r.out_values = tuple(layer.values for layer in out.cache.layers)
+            return
+        past = max(r.past for r in group)
+        width = max(r.width for r in group)
+        rows = [int(m.sum()) for m in live]
+        total = sum(rows)
+        device = self.model.embedding.weight.device
+        hidden_size, emb_dtype = self.model.embedding.weight.shape[1], self.model.embedding.weight.dtype
+        mask = torch.zeros(total, past + width, dtype=group[0].mask.dtype, device=device)
+        pos = torch.zeros(total, width, dtype=torch.long, device=device)
+        use_embeds = any(r.embeds is not None for r in group)
+        ids = torch.full((total, width), self.model.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+        embeds = torch.zeros(total, width, hidden_size, dtype=emb_dtype, device=device) if use_embeds else None
+        layers = max(len(r.keys) for r in group)
+        keys: list = [None] * layers
+        values: list = [None] * layers
+        at = 0
+        for r, m, k in zip(group, live, rows):
+            sl = slice(at, at + k)
+            at += k
+            if k == 0:
+                continue
+            mask[sl, : r.past] = r.mask[m, : r.past]
+            mask[sl, past + width - r.width:] = r.mask[m, r.past:]
+            pos[sl, width - r.width:] = r.positions[m]
+            if use_embeds:
+                embeds[sl, width - r.width:] = r.embeds[m] if r.embeds is not None else self.model.embedding(r.ids[m])
+            else:
+                ids[sl, width - r.width:] = r.ids[m]
+            for li in range(len(r.keys)):
+                if keys[li] is None:
+                    shape = (total, r.keys[li].shape[1], past, r.keys[li].shape[3])
+                    keys[li] = torch.zeros(shape, dtype=r.keys[li].dtype, device=device)
+                    values[li] = torch.zeros(shape, dtype=r.values[li].dtype, device=device)
+                keys[li][sl, :, : r.past] = r.keys[li][m]
+                values[li][sl, :, : r.past] = r.values[li][m]
+        cache = DynamicCache(list(zip(keys, values))) if past else DynamicCache()
+        out = self._decoder()(input_ids=None if use_embeds else ids, inputs_embeds=embeds, attention_mask=mask,
+                              position_ids=pos, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        new_k = [layer.keys[:, :, past:] for layer in out.cache.layers]
+        new_v = [layer.values[:, :, past:] for layer in out.cache.layers]
+        at = 0
+        for r, m, k in zip(group, live, rows):
+            src, cols = slice(at, at + k), slice(width - r.width, width)
+            at += k
+            h = hidden.new_zeros(r.rows, r.width, hidden.shape[-1])
+            h[m] = hidden[src, cols]
+            r.hidden = h
+            out_k, out_v = [], []
+            for li in range(len(new_k)):
+                nk = new_k[li].new_zeros((r.rows, new_k[li].shape[1], r.width, new_k[li].shape[3]))
+                nv = torch.zeros_like(nk)
+                nk[m] = new_k[li][src, :, cols]
+                nv[m] = new_v[li][src, :, cols]
+                out_k.append(torch.cat([r.keys[li], nk], 2) if r.past else nk)
+                out_v.append(torch.cat([r.values[li], nv], 2) if r.past else nv)
+            r.out_keys, r.out_values = tuple(out_k), tuple(out_v)
+
+
+def _groups(reqs: list[Request]) -> list[list[Request]]:
+    """Requests in order of width, grouped while the padded cost stays within ``PAD_SLACK`` of the real one."""
+    out: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: r.width):
+        if out:
+            g = out[-1]
+            real = sum(x.rows * x.width for x in g) + r.rows * r.width
+            padded = sum(x.rows for x in g + [r]) * r.width
+            if padded <= PAD_SLACK * real:
+                g.append(r)
+                continue
+        out.append([r])
+    return out
+
+
+def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None = None) -> list[T]:
+    """Run ``jobs`` (each one whole run) ``batch_size`` at a time (default all), their forwards shared.
+
+    Results come back in the order of ``jobs``; the first error (in that order) is raised after every job ended.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    size = max(1, min(batch_size or len(jobs), len(jobs)))
+    engine = model.engine
+
+    def member(job):
+        engine.join()
+        try:
+            return job()
+        finally:
+            engine.leave()
+
+    if size == 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=size, thread_name_prefix="kvmas-row") as pool:
+        futures = [pool.submit(member, job) for job in jobs]
+        errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+    return [f.result() for f in futures]

@@ -1,0 +1,132 @@
+"""Golden tests of the batched engine: a batch of runs equals the same runs alone (tokens, usage, whole trace)."""
+
+import pytest
+
+from kvmas.agents.engine import run_batched
+from kvmas.errors import BadInputError, ContextOverflowError
+from kvmas.organizer import KnowledgePool, Organizer, PipelineSpec
+from kvmas.organizer.pipeline import Pipeline
+from kvmas.primitives import PlanExecute, Review, Sequence, Single, Vote
+from kvmas.testing import tiny_model
+
+QS = ["2+3?", "What is 12 times 7?", "Tom has 5 apples and eats 2. How many are left?", "9-4?",
+      "A train leaves at 3 pm and arrives at 7 pm. How long is the trip, in hours?"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen", seed=1)
+
+
+def stable(trace, approx: bool = False):
+    """The trace without timings; scores (sums of many log-probs) kept apart: fp32 reduction order differs
+    between batch shapes, so they agree to ~1e-4, while every token, count and provenance id is exact."""
+    d = trace.model_dump(exclude={"run_id", "created", "wall_s", "versions"})
+    for s in d["steps"]:
+        s.pop("wall_s")
+        if approx and "scores" in s["meta"]:
+            s["meta"]["scores"] = pytest.approx(s["meta"]["scores"], abs=1e-3)
+        for option in s["meta"].get("options", []) if approx else []:  # the organizer's scored choices
+            for k in ("logprob", "calibrated", "score"):
+                if k in option:
+                    option[k] = pytest.approx(option[k], abs=1e-3)
+    return d
+
+
+def same_facts(a: dict, b: dict) -> bool:
+    margins = "review_verdict_margins"
+    return ({k: v for k, v in a.items() if k != margins} == {k: v for k, v in b.items() if k != margins}
+            and b.get(margins) == pytest.approx(a.get(margins), abs=2e-3))
+
+
+def small(cls, comm="latent", **kw):
+    return cls(comm=comm, **{"max_new_tokens": 5, "latent_steps": 2, **kw})
+
+
+PRIMS = {
+    "single": lambda: Single(max_new_tokens=6),
+    "latent:review": lambda: small(Review, rounds=2),
+    "latent:review-early-stop": lambda: small(Review, rounds=2, early_stop=True, stop_margin=0.0),
+    "text:review": lambda: small(Review, "text", rounds=1, early_stop=True, stop_margin=0.0),
+    "latent:vote": lambda: small(Vote, n=3),
+    "latent:vote-reprefill": lambda: small(Vote, n=2, merge_policy="reprefill"),
+    "text:vote": lambda: small(Vote, "text", n=3, temperature=0.9, top_p=0.9),
+    "text:vote-majority": lambda: small(Vote, "text", n=3, aggregate="majority"),
+    "latent:plan": lambda: small(PlanExecute, k=2),
+    "text:plan": lambda: small(PlanExecute, "text", k=2),
+    "sequence": lambda: Sequence(small(PlanExecute, k=2), small(Review, "text", rounds=1)),
+    "dag": lambda: Pipeline(PipelineSpec.from_dict({
+        "nodes": [{"id": "p", "type": "plan", "params": {"k": 2}}, {"id": "a", "type": "single"},
+                  {"id": "b", "type": "vote", "params": {"n": 2}}, {"id": "f", "type": "single", "merge": "shared"}],
+        "edges": [["p", "a"], ["p", "b"], ["a", "f"], ["b", "f"]]}).with_params(max_new_tokens=4, latent_steps=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(PRIMS))
+def test_a_batch_equals_its_runs_alone(model, name):
+    prim = PRIMS[name]()
+    seeds = [3, 1, 4, 1, 5]
+    before = model.engine.forwards
+    alone = [prim(q, model=model, seed=s) for q, s in zip(QS, seeds)]
+    alone_forwards = model.engine.forwards - before
+    before = model.engine.forwards
+    together = prim.batch(QS, model=model, seeds=seeds)
+    batched_forwards = model.engine.forwards - before
+    for a, b in zip(alone, together):
+        assert b.answer == a.answer
+        assert b.usage == a.usage
+        assert stable(b.trace) == stable(a.trace, approx=True)
+        assert same_facts(a.meta, b.meta)
+    assert batched_forwards < alone_forwards / 2, (batched_forwards, alone_forwards)  # 5 runs share forwards
+
+
+def test_a_small_batch_size_refills_and_still_equals_the_runs_alone(model):
+    prim = PRIMS["latent:vote"]()
+    alone = [prim(q, model=model) for q in QS]
+    for size in (1, 2):
+        assert [stable(r.trace) for r in prim.batch(QS, model=model, batch_size=size)] == \
+            [stable(r.trace, approx=True) for r in alone]
+
+
+def test_runs_of_different_shapes_and_budgets_share_a_batch(model):
+    """Rows finishing at different steps: runs with budgets 1..9 and different primitives, one batch."""
+    jobs = [lambda b=b, q=q: Single(max_new_tokens=b)(q, model=model) for b, q in zip((1, 9, 3, 7, 5), QS)]
+    jobs += [lambda: PRIMS["text:review"]()(QS[1], model=model), lambda: PRIMS["latent:plan"]()(QS[2], model=model)]
+    alone = [job() for job in jobs]
+    together = run_batched(model, jobs)
+    assert [stable(r.trace) for r in together] == [stable(r.trace, approx=True) for r in alone]
+    assert [r.usage.generated for r in together[:5]] == [r.usage.generated for r in alone[:5]]
+
+
+def test_organizer_batch_equals_its_runs_alone(model, tmp_path):
+    org = Organizer(KnowledgePool(tmp_path / "p.sqlite"), k=3, node_params={"max_new_tokens": 4, "latent_steps": 1})
+    alone = [org.run(q, model=model) for q in QS[:3]]
+    together = org.batch(QS[:3], model=model)
+    assert [stable(r.trace) for r in together] == [stable(r.trace, approx=True) for r in alone]
+    assert [r.meta["organizer"] for r in together] == [r.meta["organizer"] for r in alone]
+
+
+def test_bad_batches_fail_before_anything_runs(model):
+    prim = Single(max_new_tokens=4)
+    before = model.engine.forwards
+    with pytest.raises(BadInputError, match="question 1 of the batch is empty"):
+        prim.batch(["2+2?", "  "], model=model)
+    with pytest.raises(ContextOverflowError, match="question 1 of the batch"):
+        Single(max_new_tokens=3700).batch(["2+2?", "x" * 200], model=model)
+    with pytest.raises(BadInputError, match="seeds"):
+        prim.batch(["a", "b"], model=model, seeds=[1])
+    with pytest.raises(BadInputError, match="list of questions"):
+        prim.batch("2+2?", model=model)
+    with pytest.raises(BadInputError, match="batch_size"):
+        prim.batch(["a"], model=model, batch_size=0)
+    assert model.engine.forwards == before
+
+
+def test_an_error_in_one_run_reaches_the_caller_and_frees_the_others(model):
+    def bad():
+        raise BadInputError("planted")
+
+    jobs = [lambda: Single(max_new_tokens=3)(QS[0], model=model), bad,
+            lambda: Single(max_new_tokens=3)(QS[1], model=model)]
+    with pytest.raises(BadInputError, match="planted"):
+        run_batched(model, jobs)
