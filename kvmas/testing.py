@@ -66,10 +66,14 @@ def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, voca
     return model.float().eval()
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, layers: int = 2, init: float = 0.5):
-    """A :class:`kvmas.agents.model.Model` around a tiny random HF model and the char tokenizer."""
+def tiny_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, layers: int = 2, init: float = 0.5,
+               dtype=None, device=None):
+    """A :class:`kvmas.agents.model.Model` around a tiny random HF model and the char tokenizer
+    (``dtype``/``device``: a torch dtype and device to move it to; default float32 on the CPU)."""
     from kvmas.agents.model import Model
 
     tok = tiny_tokenizer()
     hf = tiny_hf_model(arch, seed=seed, tie=tie, vocab_size=len(tok), layers=layers, init=init)
+    if dtype is not None or device is not None:
+        hf = hf.to(device=device, dtype=dtype)
     return Model.from_hf(hf, tok, name=f"tiny-{arch}-s{seed}{'-tied' if tie else ''}")

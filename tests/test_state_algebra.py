@@ -23,7 +23,7 @@ def joint_logits(model, ids):
 
 def joint_cache(model, ids):
     with torch.no_grad():
-        return model.hf(torch.tensor([ids]), use_cache=True).past_key_values
+        return model.hf(torch.tensor([ids]), use_cache=True).cache
 
 
 def snapshot(state):
@@ -65,12 +65,12 @@ def test_think_uses_realigned_embedding(model):
     ids = torch.tensor([model.encode("Question: 3+4?")])
     with torch.no_grad():
         out = model.hf.model(ids, use_cache=True)
-        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        cache, h = out.cache, out.last_hidden_state[:, -1]
         for _ in range(3):
             e = realign(h)[:, None]
             assert torch.allclose(e, t.latent_inputs[seg.id][:, _: _ + 1], atol=1e-5)
-            out = model.hf.model(inputs_embeds=e, past_key_values=cache, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+            out = model.hf.model(inputs_embeds=e, cache=cache, use_cache=True)
+            cache, h = out.cache, out.last_hidden_state[:, -1]
     assert (t.last_hidden - h).abs().max() < 1e-4
     for layer, k in zip(cache.layers, t.keys):
         assert (layer.keys - k).abs().max() < 1e-4
@@ -192,7 +192,7 @@ def test_drop_equals_masking_the_segment_out(model):
     mask = torch.ones(1, len(ids) + len(new), dtype=torch.long)
     mask[0, nb: nb + len(model.encode(b))] = 0
     with torch.no_grad():
-        ref = model.hf(torch.tensor([new]), past_key_values=cache, attention_mask=mask,
+        ref = model.hf(torch.tensor([new]), cache=cache, attention_mask=mask,
                        position_ids=torch.arange(len(ids), len(ids) + len(new))[None]).logits[0, -1]
     assert (dropped.last_logits[0] - ref).abs().max() < 1e-4
     assert [x.role for x in dropped.segments] == ["user", "user", "user"]
@@ -339,7 +339,7 @@ def test_merge_shared_positions(model):
     cache = DynamicCache(list(zip(merged.keys, merged.values)))
     pos = int(merged.next_pos[0]) + torch.arange(ids.shape[1])[None]
     with torch.no_grad():
-        ref = model.hf(ids, past_key_values=cache, position_ids=pos,
+        ref = model.hf(ids, cache=cache, position_ids=pos,
                        attention_mask=torch.ones(1, merged.length + ids.shape[1], dtype=torch.long)).logits[0, -1]
     assert (reader.last_logits[0] - ref.float()).abs().max() < 1e-4
 

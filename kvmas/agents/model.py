@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -19,7 +20,7 @@ import torch
 from kvmas.agents.engine import Engine
 from kvmas.agents.fingerprint import ModelFingerprint
 from kvmas.agents.state import LatentState
-from kvmas.errors import ContextOverflowError
+from kvmas.errors import BadInputError, ContextOverflowError
 from kvmas.models.convert import quiet_transformers
 from kvmas.models.install import model_dir
 from kvmas.paths import kvmas_home
@@ -31,6 +32,46 @@ _LOADED: dict[str, "Model"] = {}
 _DERIVED_LOCK = threading.RLock()  # re-entrant: one derived object may be made from another
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None = None, dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a model loads with; ``device`` None reads ``$KVMAS_DEVICE`` (default ``auto``).
+
+    >>> resolve_device("cpu")
+    (device(type='cpu'), torch.float32)
+    >>> resolve_device("tpu")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    kvmas.errors.BadInputError: unknown device 'tpu' (auto, cpu, cuda, cuda:N)
+    """
+    name = (device or os.environ.get("KVMAS_DEVICE") or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise BadInputError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInputError(f"{name} requested, none found (torch {torch.__version__} sees no CUDA device)")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise BadInputError(f"{name} requested, this machine has {torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", index)
+    else:
+        dev = torch.device("cpu")
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else \
+            torch.float16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise BadInputError(f"unknown dtype {dtype!r} ({', '.join(['auto', *DTYPES])})")
+    if dev.type == "cpu" and dt == torch.float16:
+        raise BadInputError("float16 is not a CPU dtype here (use float32 or bfloat16)")
+    if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise BadInputError(f"{torch.cuda.get_device_name(dev)} cannot run bfloat16 (use float16 or float32)")
+    return dev, dt
+
+
 def _weights_digest(hf) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(hf.config.to_dict(), sort_keys=True, default=str).encode())
@@ -38,7 +79,7 @@ def _weights_digest(hf) -> str:
     for name, p in sorted(hf.state_dict().items()):
         flat = p.detach().reshape(-1)
         h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().numpy().tobytes())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -87,30 +128,44 @@ class Model:
         return cls(hf, tokenizer, name=name)
 
     @classmethod
-    def load(cls, name_or_path: str | None = None, *, threads: int | None = None) -> "Model":
+    def load(cls, name_or_path: str | None = None, *, threads: int | None = None, device: str | None = None,
+             dtype: str = "auto") -> "Model":
         """Load a model once per process: a registry name (default ``smollm2-135m``), a local HF dir, or a hub id.
 
-        The embedded default is converted once from its GGUF into a safetensors cache under ``KVMAS_HOME``.
+        ``device``: ``auto`` (CUDA when present, else CPU; the default, or ``$KVMAS_DEVICE``), ``cpu``, ``cuda``,
+        ``cuda:N``. ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``,
+        ``float16``. A registry model is installed and verified on first use.
         """
-
+        dev, dt = resolve_device(device, dtype)
         if threads:
             torch.set_num_threads(threads)
         with _LOCK:
-            if name_or_path in _LOADED:
-                return _LOADED[name_or_path]
+            wanted = (name_or_path, str(dev), str(dt))
+            if wanted in _LOADED:
+                return _LOADED[wanted]
             directory, name = model_dir(name_or_path)
-            key = str(Path(directory).resolve())
+            key = (str(Path(directory).resolve()), str(dev), str(dt))
             if key in _LOADED:  # the same model under another name (default vs its registry name)
-                _LOADED[name_or_path] = _LOADED[key]
+                _LOADED[wanted] = _LOADED[key]
                 return _LOADED[key]
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            extra = {"attn_implementation": "sdpa"} if dev.type == "cuda" else {}
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(directory)
-                hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+                hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dt, **extra).to(dev)
             model = cls(hf, tok, name=name, source=str(directory))
-            _LOADED[key] = _LOADED[name_or_path] = model
+            _LOADED[key] = _LOADED[wanted] = model
             return model
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live; every tensor a state, agent or scorer makes follows it."""
+        return self.embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
 
     # -- text helpers ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -162,7 +217,7 @@ class Model:
     def embed_text(self, text: str) -> torch.Tensor:
         """Mean-pooled last-layer hidden state of ``text`` (fp32, shape [hidden]); used for retrieval."""
         ids = self.encode(text)[: self.max_context] or [self.tokenizer.eos_token_id or 0]
-        out = self.hf.model(torch.tensor([ids]))
+        out = self.hf.model(torch.tensor([ids], device=self.device))
         return out.last_hidden_state[0].mean(0).float()
 
     @torch.no_grad()

@@ -42,10 +42,11 @@ class Realigner:
     def compute(cls, model) -> "Realigner":
         w_in = model.embedding.weight.detach().float()
         w_out = model.hf.get_output_embeddings().weight.detach().float()
-        gram = w_out.T @ w_out + RIDGE * torch.eye(w_out.shape[1])
+        eye = torch.eye(w_out.shape[1], device=w_in.device)
+        gram = w_out.T @ w_out + RIDGE * eye
         matrix = torch.linalg.solve(gram, w_out.T @ w_in)
         target = float(w_in.norm(dim=-1).mean())
-        ident = float((matrix - torch.eye(matrix.shape[0])).abs().max())
+        ident = float((matrix - eye).abs().max())
         return cls(matrix=matrix, target_norm=target, tied=model.ties_embeddings, identity_error=ident)
 
     @classmethod
@@ -59,13 +60,13 @@ class Realigner:
         path = model.derived_dir() / "realign.safetensors"
         if path.exists():
             try:
-                t = st.load_file(str(path))
+                t = st.load_file(str(path), device=str(model.device))
                 return cls(t["matrix"], float(t["target_norm"]), bool(t["tied"]), float(t["identity_error"]))
             except Exception:  # corrupt cache file: recompute and overwrite atomically
                 pass
         r = cls.compute(model)
         atomic_write_bytes(path, st.save({
-            "matrix": r.matrix.contiguous(),
+            "matrix": r.matrix.cpu().contiguous(),
             "target_norm": torch.tensor(r.target_norm),
             "tied": torch.tensor(r.tied),
             "identity_error": torch.tensor(r.identity_error),

@@ -100,13 +100,19 @@ class LatentState:
     @classmethod
     def empty(cls, model, rows: int = 1) -> "LatentState":
         fp = model.fingerprint
-        kv = torch.zeros(rows, fp.num_kv_heads, 0, fp.head_dim)
+        dev = model.device
+        kv = torch.zeros(rows, fp.num_kv_heads, 0, fp.head_dim, dtype=model.dtype, device=dev)
         n = fp.num_layers
         return cls(
             model=model, keys=(kv,) * n, values=(kv,) * n,
-            mask=torch.zeros(rows, 0, dtype=torch.long), positions=torch.zeros(rows, 0, dtype=torch.long),
-            next_pos=torch.zeros(rows, dtype=torch.long), segments=(),
+            mask=torch.zeros(rows, 0, dtype=torch.long, device=dev),
+            positions=torch.zeros(rows, 0, dtype=torch.long, device=dev),
+            next_pos=torch.zeros(rows, dtype=torch.long, device=dev), segments=(),
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     @property
     def rows(self) -> int:
@@ -191,6 +197,7 @@ class LatentState:
             if r:
                 ids[i, n - len(r):] = torch.tensor(r)
                 new_mask[i, n - len(r):] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)  # built on the host, moved once
         parts, _ = self._forward(new_mask, ids=ids)
         same = all(r == per_row[0] for r in per_row)
         seg = Segment(id=self.ids.take(), agent=agent, role=role, kind=kind, start=self.length, length=n,
@@ -213,7 +220,7 @@ class LatentState:
         for _ in range(steps):
             emb = realign(state.last_hidden)[:, None, :]
             inputs.append(emb)
-            parts, _ = state._forward(torch.ones(self.rows, 1, dtype=torch.long), embeds=emb)
+            parts, _ = state._forward(torch.ones(self.rows, 1, dtype=torch.long, device=self.device), embeds=emb)
             state = state._with(**parts)
         seg = Segment(id=self.ids.take(), agent=agent, role=role, kind="latent", start=self.length,
                       length=steps, rows=self.rows)
@@ -253,7 +260,7 @@ class LatentState:
             logits = logits.float().clone()
             if t < min_new_tokens and eos:
                 logits[:, sorted(eos)] = float("-inf")
-            nxt = _sample(logits, temperature, top_p, gen)
+            nxt = _sample(logits.cpu(), temperature, top_p, gen)  # on the host: the same draws on every device
             for i in range(rows):
                 if done[i]:
                     continue
@@ -271,8 +278,8 @@ class LatentState:
                         continue
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            live = (~done).long()[:, None]
-            feed = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None]
+            live = (~done).long()[:, None].to(self.device)
+            feed = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None].to(self.device)
             parts, _ = state._forward(live, ids=feed)
             state = state._with(**parts)
             cols.append(feed)
@@ -314,7 +321,7 @@ class LatentState:
 
     def select(self, rows: Sequence[int]) -> "LatentState":
         """Keep the given rows (in that order); padding columns no row needs are removed."""
-        idx = torch.tensor(list(rows), dtype=torch.long)
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.rows:
             raise BadInputError(f"rows {list(rows)} out of range for a state with {self.rows} rows")
         pick = lambda t: t.index_select(0, idx)  # noqa: E731
@@ -332,7 +339,7 @@ class LatentState:
         """Keep the first ``n`` columns (segments cut at the boundary are cut too); ends the state's head."""
         if not 0 <= n <= self.length:
             raise BadInputError(f"crop({n}) outside 0..{self.length}")
-        keep = torch.arange(n)
+        keep = torch.arange(n, device=self.device)
         return self._keep_columns(keep, trim_tokens=True)
 
     def drop(self, seg_id: int) -> "LatentState":
@@ -340,7 +347,7 @@ class LatentState:
         future tokens no longer attend to the dropped span (equal to masking it out; golden-tested)."""
         spans = [s for s in self.segments if s.id == seg_id] or [self.segment(seg_id)]
         gone = {c for sp in spans for c in range(sp.start, sp.start + sp.length)}
-        keep = torch.tensor([c for c in range(self.length) if c not in gone], dtype=torch.long)
+        keep = torch.tensor([c for c in range(self.length) if c not in gone], dtype=torch.long, device=self.device)
         state = self._keep_columns(keep, dropped=seg_id)
         # the head (last hidden/logits) stays valid only if the dropped span was not the tail
         if self.length - 1 in gone:
@@ -413,8 +420,10 @@ class LatentState:
                 raise BadInputError("merge takes single-row states; use merge_rows() for a multi-row state")
         states = [s._strip_padding() for s in states]
         shared = _merge_prefix(states)
-        base = states[0]._keep_columns(torch.arange(shared), dropped=-1)
-        base = base._with(next_pos=base.positions[:, -1] + 1 if shared else torch.zeros(1, dtype=torch.long))
+        dev = model.device
+        base = states[0]._keep_columns(torch.arange(shared, device=dev), dropped=-1)
+        base = base._with(next_pos=base.positions[:, -1] + 1 if shared else torch.zeros(1, dtype=torch.long,
+                                                                                            device=dev))
         if policy == "reprefill":
             state = base
             for b, s in enumerate(states):
@@ -423,12 +432,12 @@ class LatentState:
                         continue
                     if seg.kind == "latent":
                         emb = s.latent_inputs[seg.id]
-                        parts, _ = state._forward(torch.ones(1, seg.length, dtype=torch.long), embeds=emb)
+                        parts, _ = state._forward(torch.ones(1, seg.length, dtype=torch.long, device=dev), embeds=emb)
                         li = dict(state.latent_inputs)
                         li[seg.id] = emb
                         state = state._with(**parts, latent_inputs=li)
                     else:
-                        ids = torch.tensor([seg.token_ids[0]])
+                        ids = torch.tensor([seg.token_ids[0]], device=dev)
                         parts, _ = state._forward(torch.ones_like(ids), ids=ids)
                         state = state._with(**parts)
                     state = state._with(segments=state.segments + (seg.model_copy(
@@ -451,7 +460,7 @@ class LatentState:
             for li, (k, v) in enumerate(zip(s.keys, s.values)):
                 kk = k[:, :, shared:]
                 if delta:
-                    kk = rotate_keys(kk, torch.tensor([delta]), inv)
+                    kk = rotate_keys(kk, torch.tensor([delta], device=dev), inv)
                 keys[li].append(kk)
                 values[li].append(v[:, :, shared:])
             positions.append(s.positions[:, shared:] + delta)
@@ -466,7 +475,7 @@ class LatentState:
         pos = torch.cat(positions, 1)
         return base._with(
             keys=tuple(torch.cat(k, 2) for k in keys), values=tuple(torch.cat(v, 2) for v in values),
-            mask=torch.ones_like(pos), positions=pos, next_pos=torch.tensor([next_pos]),
+            mask=torch.ones_like(pos), positions=pos, next_pos=torch.tensor([next_pos], device=dev),
             segments=tuple(segs), last_hidden=None, last_logits=None, shared_cols=col, latent_inputs=latent,
         )
 
@@ -511,9 +520,10 @@ class LatentState:
                 for i, c in enumerate(chunk):
                     ids[i, : len(c) - 1] = torch.tensor(c[:-1])
                     m[i, : len(c) - 1] = 1
+                ids, m = ids.to(self.device), m.to(self.device)
                 # right padding here: pad columns come after every real token, so no real token sees them
                 base = self.fork(len(chunk))
-                offsets = torch.arange(n)[None].expand(len(chunk), n)
+                offsets = torch.arange(n, device=self.device)[None].expand(len(chunk), n)
                 pos = base.next_pos[:, None] + offsets
                 out = self.model.engine.forward(Request(base.keys, base.values, torch.cat([base.mask, m], 1), pos,
                                                         ids=ids))
@@ -545,7 +555,7 @@ class LatentState:
             "shared_cols": str(self.shared_cols),
             "next_id": str(self.ids.value),
         }
-        blob = st.save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+        blob = st.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
         return atomic_write_bytes(path, blob)
 
     @classmethod
@@ -558,7 +568,7 @@ class LatentState:
         try:
             with safetensors.safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-            tensors = st.load_file(str(path))
+            tensors = st.load_file(str(path), device=str(model.device))
         except FileNotFoundError as exc:
             raise BadInputError(f"state file not found: {path}") from exc
         except Exception as exc:

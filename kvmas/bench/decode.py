@@ -28,7 +28,8 @@ def measure(model, prompt: str = "Write a short story about a robot who learns t
         kv_tokens = sp.token_ids[0]
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.hf.generate(torch.tensor([ids], device=model.device),
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                     eos_token_id=eos, pad_token_id=model.tokenizer.pad_token_id or eos[0])
         hf_times.append(time.perf_counter() - t0)

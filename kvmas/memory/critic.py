@@ -204,8 +204,8 @@ class LLMCritic:
         ids = self.model.encode(self._prompt(parent, succ, fail))
         self.model.check_fits(len(ids) + self.max_new_tokens)
         with torch.no_grad():
-            out = self.model.hf.generate(torch.tensor([ids]), max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         eos_token_id=self.model.eos_ids or None)
+            out = self.model.hf.generate(torch.tensor([ids], device=self.model.device), do_sample=False,
+                                         max_new_tokens=self.max_new_tokens, eos_token_id=self.model.eos_ids or None)
         text = self.model.decode(out[0, len(ids):])
         m = re.search(r"\{.*\}", text, re.S)
         if not m:
