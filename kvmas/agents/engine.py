@@ -45,8 +45,10 @@ class Request:
     positions: torch.Tensor
     ids: torch.Tensor | None = None
     embeds: torch.Tensor | None = None
-    # results: hidden states of the new columns and the full (past + new) KV per layer
+    # results: hidden states of the new columns, next-token logits (fp32) after the last column of each row,
+    # and the full (past + new) KV per layer
     hidden: torch.Tensor | None = None
+    last_logits: torch.Tensor | None = None
     out_keys: tuple = ()
     out_values: tuple = ()
     error: BaseException | None = None
@@ -147,6 +149,7 @@ class Engine:
             out = self._decoder()(input_ids=r.ids, inputs_embeds=r.embeds, attention_mask=r.mask,
                                   position_ids=r.positions, cache=cache, use_cache=True)
             r.hidden = out.last_hidden_state
+            r.last_logits = self._head(r.hidden[:, -1])
             r.out_keys = tuple(layer.keys for layer in out.cache.layers)
             r.out_values = tuple(layer.values for layer in out.cache.layers)
             return
@@ -170,42 +173,54 @@ class Engine:
             at += k
             if k == 0:
                 continue
-            mask[sl, : r.past] = r.mask[m, : r.past]
-            mask[sl, past + width - r.width:] = r.mask[m, r.past:]
-            pos[sl, width - r.width:] = r.positions[m]
+            pick = (lambda t: t) if k == r.rows else (lambda t, m=m: t[m])  # noqa: E731 (no copy when all live)
+            mask[sl, : r.past] = pick(r.mask[:, : r.past])
+            mask[sl, past + width - r.width:] = pick(r.mask[:, r.past:])
+            pos[sl, width - r.width:] = pick(r.positions)
             if use_embeds:
-                embeds[sl, width - r.width:] = r.embeds[m] if r.embeds is not None else self.model.embedding(r.ids[m])
+                embeds[sl, width - r.width:] = pick(r.embeds) if r.embeds is not None else \
+                    self.model.embedding(pick(r.ids))
             else:
-                ids[sl, width - r.width:] = r.ids[m]
+                ids[sl, width - r.width:] = pick(r.ids)
             for li in range(len(r.keys)):
                 if keys[li] is None:
                     shape = (total, r.keys[li].shape[1], past, r.keys[li].shape[3])
                     keys[li] = torch.zeros(shape, dtype=r.keys[li].dtype, device=device)
                     values[li] = torch.zeros(shape, dtype=r.values[li].dtype, device=device)
-                keys[li][sl, :, : r.past] = r.keys[li][m]
-                values[li][sl, :, : r.past] = r.values[li][m]
+                keys[li][sl, :, : r.past] = pick(r.keys[li])
+                values[li][sl, :, : r.past] = pick(r.values[li])
         cache = DynamicCache(list(zip(keys, values))) if past else DynamicCache()
         out = self._decoder()(input_ids=None if use_embeds else ids, inputs_embeds=embeds, attention_mask=mask,
                               position_ids=pos, cache=cache, use_cache=True)
         hidden = out.last_hidden_state
+        logits = self._head(hidden[:, -1])  # one head matmul for every row of the tick
         new_k = [layer.keys[:, :, past:] for layer in out.cache.layers]
         new_v = [layer.values[:, :, past:] for layer in out.cache.layers]
         at = 0
         for r, m, k in zip(group, live, rows):
             src, cols = slice(at, at + k), slice(width - r.width, width)
             at += k
-            h = hidden.new_zeros(r.rows, r.width, hidden.shape[-1])
-            h[m] = hidden[src, cols]
-            r.hidden = h
+            every = k == r.rows
+            r.hidden = hidden[src, cols] if every else _scatter(hidden[src, cols], m, r.rows)
+            r.last_logits = logits[src] if every else _scatter(logits[src], m, r.rows)
             out_k, out_v = [], []
             for li in range(len(new_k)):
-                nk = new_k[li].new_zeros((r.rows, new_k[li].shape[1], r.width, new_k[li].shape[3]))
-                nv = torch.zeros_like(nk)
-                nk[m] = new_k[li][src, :, cols]
-                nv[m] = new_v[li][src, :, cols]
-                out_k.append(torch.cat([r.keys[li], nk], 2) if r.past else nk)
-                out_v.append(torch.cat([r.values[li], nv], 2) if r.past else nv)
+                nk, nv = new_k[li][src, :, cols], new_v[li][src, :, cols]
+                if not every:
+                    nk, nv = _scatter(nk, m, r.rows), _scatter(nv, m, r.rows)
+                out_k.append(torch.cat([r.keys[li], nk], 2) if r.past else nk.contiguous())
+                out_v.append(torch.cat([r.values[li], nv], 2) if r.past else nv.contiguous())
             r.out_keys, r.out_values = tuple(out_k), tuple(out_v)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.hf.get_output_embeddings()(hidden).float()
+
+
+def _scatter(part: torch.Tensor, live: torch.Tensor, rows: int) -> torch.Tensor:
+    """``part`` (the live rows) placed into ``rows`` rows; the others zero (their columns are masked)."""
+    full = part.new_zeros((rows,) + tuple(part.shape[1:]))
+    full[live] = part
+    return full
 
 
 def _groups(reqs: list[Request]) -> list[list[Request]]:

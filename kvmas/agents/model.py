@@ -185,6 +185,10 @@ class Model:
 
     @property
     def eos_ids(self) -> list[int]:
+        """Token ids that end a reply (computed once: reading a large vocabulary costs ~0.3 s)."""
+        return list(self.derived("eos_ids", self._eos_ids))
+
+    def _eos_ids(self) -> tuple[int, ...]:
         ids = set()
         for src in (self.tokenizer.eos_token_id, getattr(self.hf.generation_config, "eos_token_id", None)):
             if isinstance(src, int):
@@ -195,7 +199,7 @@ class Model:
             tid = self.tokenizer.convert_tokens_to_ids(tok) if tok in self.tokenizer.get_vocab() else None
             if isinstance(tid, int):
                 ids.add(tid)
-        return sorted(ids)
+        return tuple(sorted(ids))
 
     def check_fits(self, n_tokens: int, what: str = "prompt") -> None:
         if n_tokens > self.max_context:

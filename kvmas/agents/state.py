@@ -143,8 +143,7 @@ class LatentState:
 
     # ------------------------------------------------------------------ the one forward helper
     @torch.no_grad()
-    def _forward(self, new_mask: torch.Tensor, ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
-                 all_logits: bool = False):
+    def _forward(self, new_mask: torch.Tensor, ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
         """Run new columns (left-padded per row by ``new_mask``) on top of this state; returns the pieces."""
         rows, n = new_mask.shape
         self.model.check_fits(int(self.next_pos.max()) + n if rows else n, "state + new tokens")
@@ -152,17 +151,15 @@ class LatentState:
         pos = self.next_pos[:, None] + offsets
         full_mask = torch.cat([self.mask, new_mask], dim=1)
         out = self.model.engine.forward(Request(self.keys, self.values, full_mask, pos, ids=ids, embeds=embeds))
-        hidden = out.hidden  # [rows, n, d], post final norm
-        keys, values = out.out_keys, out.out_values
-        has_new = new_mask.sum(1) > 0
-        last_h = hidden[:, -1]
-        if self.last_hidden is not None:
-            last_h = torch.where(has_new[:, None], last_h, self.last_hidden)
-        last_logits = self._head(last_h)
-        logits = self._head(hidden) if all_logits else None
+        last_h, last_logits = out.hidden[:, -1], out.last_logits  # the engine applies the head, batched
+        if self.last_hidden is not None:  # rows that got no new column keep their head
+            has_new = (new_mask.sum(1) > 0)[:, None]
+            last_h = torch.where(has_new, last_h, self.last_hidden)
+            last_logits = torch.where(has_new, last_logits, self.last_logits)
         new_next = self.next_pos + new_mask.sum(1)
-        return dict(keys=keys, values=values, mask=full_mask, positions=torch.cat([self.positions, pos], 1),
-                    next_pos=new_next, last_hidden=last_h, last_logits=last_logits), logits
+        return dict(keys=out.out_keys, values=out.out_values, mask=full_mask,
+                    positions=torch.cat([self.positions, pos], 1), next_pos=new_next, last_hidden=last_h,
+                    last_logits=last_logits), None
 
     # ------------------------------------------------------------------ algebra
     def _ids_per_row(self, content) -> list[list[int]]:
@@ -257,8 +254,9 @@ class LatentState:
         cols: list[torch.Tensor] = []  # tokens fed back (columns of the generated segment)
         masks: list[torch.Tensor] = []
         for t in range(max_new_tokens):
-            logits = logits.float().clone()
+            logits = logits.float()
             if t < min_new_tokens and eos:
+                logits = logits.clone()
                 logits[:, sorted(eos)] = float("-inf")
             nxt = _sample(logits.cpu(), temperature, top_p, gen)  # on the host: the same draws on every device
             for i in range(rows):
