@@ -75,3 +75,19 @@ def test_latent_steps_compares_handoffs():
     assert set(res) == {"single", "latent:plan@2/thoughts", "latent:plan@2/full"}
     # dropping the role prompts changes what the integrator reads
     assert res["latent:plan@2/thoughts"]["mean"] != res["latent:plan@2/full"]["mean"]
+
+
+def test_throughput_bench_reports_every_figure_and_matches_generate():
+    from kvmas.bench.throughput import run_throughput, to_markdown
+
+    model = tiny_model("llama")
+    tasks = load_tasks("synthetic", n=4, seed=0)
+    res = run_throughput(model, tasks, ["single", "latent:vote"], [1, 2], max_new_tokens=4, min_questions=2,
+                         compare_tokens=5)
+    assert [(r["method"], r["batch"]) for r in res["rows"]] == [("single", 1), ("single", 2), ("latent:vote", 1),
+                                                                ("latent:vote", 2)]
+    for r in res["rows"]:
+        assert r["identical_answers_vs_batch1"] == "2/2" and r["questions_per_hour"] > 0 and r["peak_rss_mb"] > 0
+    assert res["compute_limit_tokens_per_s"] > 0
+    assert [c["same_tokens_rows"] for c in res["decode_vs_generate"]] == [1, 2]
+    assert "of limit" in to_markdown(res)

@@ -227,3 +227,19 @@ def test_cli_accuracy(model, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "unknown method" in bad.output and "Traceback" not in bad.output
     missing = runner.invoke(app, ["accuracy", "--data", str(tmp_path / "none.jsonl")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_batched_bench_items_equal_the_one_at_a_time_items(model, tmp_path):
+    from kvmas.tasks import load_tasks
+
+    tasks = load_tasks("synthetic", n=5, seed=0)
+    methods = "single,latent:vote,text:review,auto"
+    one = run_bench(tasks, methods, model, tmp_path / "one", BenchConfig(max_new_tokens=4, latent_steps=1))
+    many = run_bench(tasks, methods, model, tmp_path / "many",
+                     BenchConfig(max_new_tokens=4, latent_steps=1, batch_size=4))
+    items = lambda d: [{k: v for k, v in json.loads(line).items() if k != "wall_s"}  # noqa: E731
+                       for line in (d / "items.jsonl").read_text().splitlines()]
+    assert items(tmp_path / "many") == items(tmp_path / "one")
+    for m in one["methods"]:
+        assert many["methods"][m]["correct"] == one["methods"][m]["correct"]
+        assert many["methods"][m]["tokens_total"] == one["methods"][m]["tokens_total"]

@@ -238,10 +238,12 @@ def _groups(reqs: list[Request]) -> list[list[Request]]:
     return out
 
 
-def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None = None) -> list[T]:
+def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None = None,
+                on_done: Callable[[int, T], None] | None = None) -> list[T]:
     """Run ``jobs`` (each one whole run) ``batch_size`` at a time (default all), their forwards shared.
 
-    Results come back in the order of ``jobs``; the first error (in that order) is raised after every job ended.
+    Results come back in the order of ``jobs``; ``on_done(index, result)`` is called as each one finishes.
+    The first error (in job order) is raised after every job ended.
     """
     jobs = list(jobs)
     if not jobs:
@@ -249,19 +251,37 @@ def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None =
     size = max(1, min(batch_size or len(jobs), len(jobs)))
     engine = model.engine
 
-    def member(job):
+    def member(i, job):
         engine.join()
         try:
-            return job()
+            result = job()
         finally:
             engine.leave()
+        if on_done is not None:
+            on_done(i, result)
+        return result
 
     if size == 1:
-        return [job() for job in jobs]
+        return [member(i, job) for i, job in enumerate(jobs)]
     with ThreadPoolExecutor(max_workers=size, thread_name_prefix="kvmas-row") as pool:
-        futures = [pool.submit(member, job) for job in jobs]
+        futures = [pool.submit(member, i, job) for i, job in enumerate(jobs)]
         errors = [f.exception() for f in futures]
     for e in errors:
         if e is not None:
             raise e
     return [f.result() for f in futures]
+
+
+def default_batch_size(model, positions: int, limit: int = 32) -> int:
+    """As many rows as fit: a row's KV at ``positions`` columns, kept about three times over while a tick
+    runs (its state, the padded batch, the new state), within a quarter of the memory free now; at most
+    ``limit`` (on these CPUs throughput stops growing well before 32 rows)."""
+    fp = model.fingerprint
+    per_row = 3 * fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim * positions * model.dtype.itemsize
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0]
+    else:
+        import os
+
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(limit, int(free * 0.25 // max(1, per_row))))

@@ -69,7 +69,8 @@ def ratios(summary: dict[str, Any]) -> dict[str, float]:
 
 def run_efficiency(*, tasks, methods: list[str], model, seed: int, max_new_tokens: int, latent_steps: int | None,
                    out_dir: Path, data_name: str = "", merge_error: int = 3,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict:
+                   progress: Callable[[str, int, int], None] | None = None, batch_size: int | None = 1,
+                   device: str | None = None, dtype: str = "auto") -> dict:
     """Run every method in its own worker process; write results.json, results.md, chart.png and traces/.
 
     ``model``: a registry name or model dir (the workers load it), or None for the default.
@@ -78,9 +79,9 @@ def run_efficiency(*, tasks, methods: list[str], model, seed: int, max_new_token
     meths = parse_methods(",".join(methods))  # unknown methods fail before any work
     if not tasks:
         raise BadInputError("no tasks to run")
-    loaded = Model.load(model)
+    loaded = Model.load(model, device=device, dtype=dtype)
     cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps, isolate=True,
-                      trace_dir=str(Path(out_dir) / "traces"))
+                      trace_dir=str(Path(out_dir) / "traces"), batch_size=batch_size, device=device, dtype=dtype)
 
     def extra(summary: dict[str, Any]) -> dict[str, Any]:
         section: dict[str, Any] = {"ratios": ratios(summary)}

@@ -33,12 +33,14 @@ import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from kvmas.agents.engine import default_batch_size, run_batched
 from kvmas.agents.model import Model
 from kvmas.agents.state import LatentState
 from kvmas.clock import utc_now
@@ -144,7 +146,10 @@ class BenchConfig:
     choice_scoring: str = "extract"  # extract | loglik (multiple choice: rank the labels after the method's answer)
     prompt: str = "cot"  # cot (reason step by step) | direct (the answer alone)
     isolate: bool = False  # each method in its own worker process (its peak memory measured alone)
+    batch_size: int | None = 1  # questions run as rows of shared forwards (None: as many as fit)
     trace_dir: str | None = None  # keep every run's trace here
+    device: str | None = None  # where a worker loads the model (None: KVMAS_DEVICE, else auto)
+    dtype: str = "auto"
 
     def prim_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
@@ -183,6 +188,12 @@ class _Runner:
                 pool = KnowledgePool(path)
             self.org = Organizer(pool, k=cfg.organizer_k, node_params=cfg.prim_params(),
                                  random_choice=method.kind == "random")
+
+    def positions(self, tasks: Sequence[Task]) -> int:
+        """Context positions the longest task needs with this method (sizes the default batch)."""
+        longest = max(len(self.model.encode(format_question(t, style=self.cfg.prompt))) for t in tasks)
+        prim = self.prim if self.org is None and self.method.kind != "loglik" else None
+        return prim.positions_needed(longest) if prim is not None else longest + 1024
 
     def run(self, task: Task, index: int = 0) -> ItemResult:
         t0 = time.perf_counter()
@@ -340,42 +351,64 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
                 _run_method(m, tasks, model, cfg, out, keep)
     model_name = model if isinstance(model, str) else getattr(model, "name", "?")
     config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": model_name,
-              "model_key": _model_key(model), "max_new_tokens": cfg.max_new_tokens,
+              "model_key": _model_key(model, cfg), "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
               "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
+              "batch_size": cfg.batch_size,
               "prompt_echo_floor": prompt_echo_floor(tasks, cfg.prompt)}
     return _write_summary(out, config, results, peak_rss_mb=peak, extra=extra)
 
 
-def _model_key(model) -> str:
+def _model_key(model, cfg: "BenchConfig") -> str:
     if isinstance(model, str):
-        model = Model.load(model)
+        model = Model.load(model, device=cfg.device, dtype=cfg.dtype)
     return model.fingerprint.key
 
 
 def _run_method(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: Path,
                 keep: Callable[[ItemResult], None]) -> None:
-    """The task loop of one method, in this process."""
+    """The task loop of one method, in this process: ``cfg.batch_size`` tasks at a time as rows of shared
+    forwards (items still kept in task order, as they finish). ``auto`` learning online runs one at a time:
+    each choice depends on what the pool learned from the items before it."""
     if isinstance(model, str):
-        model = Model.load(model)
+        model = Model.load(model, device=cfg.device, dtype=cfg.dtype)
     runner = _Runner(m, model, cfg, out)
-    for i, task in enumerate(tasks):
+
+    def one(i: int, task: Task) -> ItemResult:
         try:
-            item = runner.run(task, i)
+            return runner.run(task, i)
         except KvmasError as exc:  # a user-visible limit (context overflow, ...): logged, counted wrong
-            item = ItemResult(m.name, task.id, task.kind, task.answer, None, False, "", Usage(), 0.0,
+            return ItemResult(m.name, task.id, task.kind, task.answer, None, False, "", Usage(), 0.0,
                               error=f"{type(exc).__name__}: {exc}")
-        keep(item)
+
+    size = 1 if (m.kind == "auto" and cfg.learn) else cfg.batch_size
+    if size is None:
+        size = default_batch_size(model, runner.positions(tasks))
+    done: dict[int, ItemResult] = {}
+    lock = threading.Lock()
+    state = {"next": 0}
+
+    def finished(i: int, item: ItemResult) -> None:  # keep in task order whatever order rows finish in
+        with lock:
+            done[i] = item
+            while state["next"] in done:
+                keep(done.pop(state["next"]))
+                state["next"] += 1
+
+    run_batched(model, [lambda i=i, t=t: one(i, t) for i, t in enumerate(tasks)], size, on_done=finished)
 
 
 def _run_isolated(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: Path,
                   keep: Callable[[ItemResult], None]) -> float:
     """The task loop of one method in a worker process; returns the worker's peak RSS (MB)."""
     ref = model if isinstance(model, str) else (model.source or model.name)
+    spec_cfg = asdict(cfg)
+    if not isinstance(model, str):  # the worker loads the same weights on the same device, in the same dtype
+        spec_cfg.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", m.name)
     spec_path, result_path = out / f".{stem}.spec.json", out / f".{stem}.result.json"
     atomic_write_text(spec_path, json.dumps({
-        "method": asdict(m), "model": ref, "cfg": asdict(cfg), "out": str(out), "result": str(result_path),
+        "method": asdict(m), "model": ref, "cfg": spec_cfg, "out": str(out), "result": str(result_path),
         "tasks": [t.model_dump(mode="json") for t in tasks]}))
     proc = subprocess.Popen([sys.executable, "-m", "kvmas.bench.harness", "--worker", str(spec_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

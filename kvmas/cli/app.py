@@ -53,6 +53,8 @@ def run(
     pipeline: Path = typer.Option(None, "--pipeline", help="run a pipeline spec (JSON) instead of one primitive"),
     auto: bool = typer.Option(False, "--auto", help="let the organizer compose a pipeline for this question"),
     show_trace: bool = typer.Option(False, "--show-trace", help="render the trace after the answer"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
 ) -> None:
     """Answer a question with one primitive (or a pipeline) and print the answer and token usage."""
     from kvmas.cli.render import print_trace, usage_line
@@ -64,7 +66,7 @@ def run(
         from kvmas.agents.model import Model
 
         with console.status("loading model…"):
-            m = Model.load(model)
+            m = Model.load(model, device=device, dtype=dtype)
         if pipeline is not None or auto:
             result = _run_pipeline(question, m, pipeline, auto, seed, max_new_tokens)
         else:

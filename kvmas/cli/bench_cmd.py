@@ -94,6 +94,10 @@ def accuracy(
     prompt: str = typer.Option("cot", "--prompt", help="answer instruction: cot (reason step by step, then "
                                                        "\\boxed{}) or direct (the answer alone)"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="questions run as rows of shared forwards "
+                                   "(default: as many as fit; 1: one at a time)"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
 ) -> None:
     """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
     from kvmas.bench.harness import BenchConfig, parse_methods, run_bench
@@ -106,11 +110,11 @@ def accuracy(
         from kvmas.agents.model import Model
 
         with console.status("loading model…"):
-            m = Model.load(model, threads=threads)
+            m = Model.load(model, threads=threads, device=device, dtype=dtype)
         out_dir = out or Path("runs") / f"bench-accuracy-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
                           pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring,
-                          prompt=prompt)
+                          prompt=prompt, batch_size=batch_size)
         with _progress(console) as progress:
             summary = run_bench(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"),
                                 progress=_bars(progress))
@@ -192,6 +196,10 @@ def efficiency(
     latent_steps: int = typer.Option(None, "--latent-steps", help="latent steps per agent (primitive default)"),
     out: Path = typer.Option(Path("bench_out/efficiency"), "--out", "-o", help="output dir"),
     merge_error: int = typer.Option(3, "--merge-error", help="questions on which Vote's merge error is measured"),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="questions run as rows of shared forwards "
+                                   "(default: as many as fit; 1: one at a time)"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
 ) -> None:
     """Tokens, latent steps, wall time, peak memory and accuracy of each method on the same questions."""
     from kvmas.bench.efficiency import run_efficiency
@@ -204,7 +212,7 @@ def efficiency(
             summary = run_efficiency(tasks=tasks, methods=[m.strip() for m in methods.split(",") if m.strip()],
                                      model=model, seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
                                      out_dir=out, data_name=str(data or "synthetic"), merge_error=merge_error,
-                                     progress=_bars(progress))
+                                     progress=_bars(progress), batch_size=batch_size, device=device, dtype=dtype)
     except KvmasError as exc:
         _fail(exc)
     _print_summary(console, summary, out)
@@ -272,3 +280,43 @@ def latent_steps_cmd(
     for k, r in res.items():
         table.add_row(k, f"{r['mean']:.4f}", f"{r['mean'] - base:+.4f}", f"{r['s']:.1f}")
     Console().print(table)
+
+
+@app.command("throughput")
+def throughput(
+    model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    data: str = typer.Option("gsm8k-sample", "--data", "-d", help="questions (as for accuracy)"),
+    methods: str = typer.Option("single,latent:review,latent:vote,latent:plan", "--methods", "-m",
+                                help="comma-separated methods"),
+    batch: str = typer.Option("1,8,32", "--batch", help="comma-separated batch sizes"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="the answer budget"),
+    min_questions: int = typer.Option(8, "--min-questions", help="questions per batch size at the least"),
+    compare_tokens: int = typer.Option(32, "--compare-tokens", help="tokens per row in the generate comparison"),
+    out: Path = typer.Option(Path("bench_out/throughput"), "--out", "-o", help="output dir"),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+) -> None:
+    """Aggregate tokens/s and questions/hour per method and batch size, against the compute-bound limit."""
+    from kvmas.agents.model import Model
+    from kvmas.bench.throughput import run_throughput, to_markdown
+    from kvmas.paths import atomic_write_text
+    from kvmas.tasks import load_tasks
+
+    console = Console()
+    try:
+        sizes = sorted({int(b) for b in batch.split(",") if b.strip()})
+        if not sizes or sizes[0] < 1:
+            raise KvmasError(f"--batch needs positive sizes, got {batch!r}")
+        tasks = load_tasks(data, n=max(max(sizes), min_questions))
+        m = Model.load(model, device=device, dtype=dtype)
+        with console.status("measuring…") as status:
+            res = run_throughput(m, tasks, [x.strip() for x in methods.split(",") if x.strip()], sizes,
+                                 max_new_tokens, min_questions=min_questions, compare_tokens=compare_tokens,
+                                 progress=lambda what: status.update(f"measuring {what}…"))
+    except (KvmasError, ValueError) as exc:
+        _fail(exc if isinstance(exc, KvmasError) else KvmasError(f"bad --batch: {exc}"))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
+    atomic_write_text(out / "results.md", to_markdown(res))
+    console.print(to_markdown(res), markup=False, highlight=False)
+    console.print(f"[dim]wrote {out}/results.json, results.md[/]")
