@@ -130,3 +130,11 @@ def test_an_error_in_one_run_reaches_the_caller_and_frees_the_others(model):
             lambda: Single(max_new_tokens=3)(QS[1], model=model)]
     with pytest.raises(BadInputError, match="planted"):
         run_batched(model, jobs)
+
+
+def test_a_batch_inside_a_batch_job_runs_in_its_slot(model):
+    prim = Single(max_new_tokens=3)
+    inner = [prim(q, model=model).answer for q in QS[:2]]
+    outer = run_batched(model, [lambda: [r.answer for r in prim.batch(QS[:2], model=model)],
+                                lambda: prim(QS[2], model=model).answer])
+    assert outer[0] == inner and outer[1] == prim(QS[2], model=model).answer

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 T = TypeVar("T")
 # Requests whose padded cost stays within this factor of their real cost share one forward.
@@ -100,6 +101,10 @@ class Engine:
         return req
 
     # -- batch membership --------------------------------------------------------------------------
+    def is_member(self) -> bool:
+        with self._cv:
+            return threading.get_ident() in self._members
+
     def join(self) -> None:
         with self._cv:
             self._members.add(threading.get_ident())
@@ -139,19 +144,16 @@ class Engine:
         return getattr(hf, hf.base_model_prefix, hf)
 
     def _run(self, group: list[Request]) -> None:
-        from transformers import DynamicCache
-
         live = [r.mask[:, r.past:].sum(1) > 0 for r in group]
         self.forwards += 1
         if len(group) == 1 and bool(live[0].all()):  # alone, every row live: the plain call
             r = group[0]
-            cache = DynamicCache(list(zip(r.keys, r.values))) if r.past else DynamicCache()
+            cache, bufs = _buffers([(r.keys, r.values, slice(0, r.rows), None)], r.rows, r.past, r.width)
             out = self._decoder()(input_ids=r.ids, inputs_embeds=r.embeds, attention_mask=r.mask,
                                   position_ids=r.positions, cache=cache, use_cache=True)
             r.hidden = out.last_hidden_state
             r.last_logits = self._head(r.hidden[:, -1])
-            r.out_keys = tuple(layer.keys for layer in out.cache.layers)
-            r.out_values = tuple(layer.values for layer in out.cache.layers)
+            r.out_keys, r.out_values = tuple(k for k, _ in bufs), tuple(v for _, v in bufs)
             return
         past = max(r.past for r in group)
         width = max(r.width for r in group)
@@ -164,9 +166,7 @@ class Engine:
         use_embeds = any(r.embeds is not None for r in group)
         ids = torch.full((total, width), self.model.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
         embeds = torch.zeros(total, width, hidden_size, dtype=emb_dtype, device=device) if use_embeds else None
-        layers = max(len(r.keys) for r in group)
-        keys: list = [None] * layers
-        values: list = [None] * layers
+        parts = []
         at = 0
         for r, m, k in zip(group, live, rows):
             sl = slice(at, at + k)
@@ -182,38 +182,77 @@ class Engine:
                     self.model.embedding(pick(r.ids))
             else:
                 ids[sl, width - r.width:] = pick(r.ids)
-            for li in range(len(r.keys)):
-                if keys[li] is None:
-                    shape = (total, r.keys[li].shape[1], past, r.keys[li].shape[3])
-                    keys[li] = torch.zeros(shape, dtype=r.keys[li].dtype, device=device)
-                    values[li] = torch.zeros(shape, dtype=r.values[li].dtype, device=device)
-                keys[li][sl, :, : r.past] = pick(r.keys[li])
-                values[li][sl, :, : r.past] = pick(r.values[li])
-        cache = DynamicCache(list(zip(keys, values))) if past else DynamicCache()
+            parts.append((tuple(pick(t) for t in r.keys), tuple(pick(t) for t in r.values), sl, r.past))
+        cache, bufs = _buffers(parts, total, past, width)
         out = self._decoder()(input_ids=None if use_embeds else ids, inputs_embeds=embeds, attention_mask=mask,
                               position_ids=pos, cache=cache, use_cache=True)
         hidden = out.last_hidden_state
         logits = self._head(hidden[:, -1])  # one head matmul for every row of the tick
-        new_k = [layer.keys[:, :, past:] for layer in out.cache.layers]
-        new_v = [layer.values[:, :, past:] for layer in out.cache.layers]
         at = 0
         for r, m, k in zip(group, live, rows):
-            src, cols = slice(at, at + k), slice(width - r.width, width)
+            src, cols = slice(at, at + k), slice(past + width - r.width, past + width)
             at += k
             every = k == r.rows
-            r.hidden = hidden[src, cols] if every else _scatter(hidden[src, cols], m, r.rows)
+            hcols = slice(width - r.width, width)
+            r.hidden = hidden[src, hcols] if every else _scatter(hidden[src, hcols], m, r.rows)
             r.last_logits = logits[src] if every else _scatter(logits[src], m, r.rows)
             out_k, out_v = [], []
-            for li in range(len(new_k)):
-                nk, nv = new_k[li][src, :, cols], new_v[li][src, :, cols]
+            for (bk, bv), pk, pv in zip(bufs, r.keys, r.values):
+                if every and r.past == past and r.width == width:  # its columns are the buffer's: no copy
+                    out_k.append(bk[src])
+                    out_v.append(bv[src])
+                    continue
+                nk, nv = bk[src, :, cols], bv[src, :, cols]
                 if not every:
                     nk, nv = _scatter(nk, m, r.rows), _scatter(nv, m, r.rows)
-                out_k.append(torch.cat([r.keys[li], nk], 2) if r.past else nk.contiguous())
-                out_v.append(torch.cat([r.values[li], nv], 2) if r.past else nv.contiguous())
+                out_k.append(torch.cat([pk, nk], 2))
+                out_v.append(torch.cat([pv, nv], 2))
             r.out_keys, r.out_values = tuple(out_k), tuple(out_v)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.hf.get_output_embeddings()(hidden).float()
+
+
+class _InPlaceLayer(DynamicLayer):
+    """A cache layer over a buffer with room for the new columns: ``update`` writes them in place, where the
+    stock layer concatenates (a copy of the whole past per layer per forward)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+        super().__init__()
+        self._k, self._v, self._filled = keys, values, filled
+        self.keys, self.values = keys[:, :, :filled], values[:, :, :filled]
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        self._k[:, :, self._filled: self._filled + n] = key_states
+        self._v[:, :, self._filled: self._filled + n] = value_states
+        self._filled += n
+        self.keys, self.values = self._k[:, :, : self._filled], self._v[:, :, : self._filled]
+        return self.keys, self.values
+
+
+def _buffers(parts, rows: int, past: int, width: int):
+    """Per layer, a buffer ``[rows, heads, past + width, dim]`` holding each part's past (right-padded with
+    zeros) and room for the new columns; a cache whose layers write into them. ``parts``: (keys, values,
+    row slice, its past length or None for ``past``)."""
+    ref_k = parts[0][0]
+    layers = []
+    bufs = []
+    for li in range(len(ref_k)):
+        shape = (rows, ref_k[li].shape[1], past + width, ref_k[li].shape[3])
+        bk = torch.empty(shape, dtype=ref_k[li].dtype, device=ref_k[li].device)
+        bv = torch.empty_like(bk)
+        for keys, values, sl, own in parts:
+            own = past if own is None else own
+            bk[sl, :, :own] = keys[li]
+            bv[sl, :, :own] = values[li]
+            if own < past:  # padding columns must hold finite numbers (masked, but multiplied by 0)
+                bk[sl, :, own:past] = 0
+                bv[sl, :, own:past] = 0
+        bufs.append((bk, bv))
+        layers.append(_InPlaceLayer(bk, bv, past))
+    return Cache(layers=layers), bufs
 
 
 def _scatter(part: torch.Tensor, live: torch.Tensor, rows: int) -> torch.Tensor:
@@ -250,6 +289,8 @@ def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None =
         return []
     size = max(1, min(batch_size or len(jobs), len(jobs)))
     engine = model.engine
+    if engine.is_member():  # a batch inside a batch job: this thread's slot runs them one after another
+        size = 1
 
     def member(i, job):
         engine.join()
@@ -262,6 +303,12 @@ def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None =
         return result
 
     if size == 1:
+        if engine.is_member():
+            results = [job() for job in jobs]
+            for i, r in enumerate(results):
+                if on_done is not None:
+                    on_done(i, r)
+            return results
         return [member(i, job) for i, job in enumerate(jobs)]
     with ThreadPoolExecutor(max_workers=size, thread_name_prefix="kvmas-row") as pool:
         futures = [pool.submit(member, i, job) for i, job in enumerate(jobs)]

@@ -120,6 +120,7 @@ class Model:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self._derived: dict[str, Any] = {}
         self.engine = Engine(self)  # every forward of this model goes through it (batches concurrent runs)
+        self._tok_lock = threading.RLock()
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -169,10 +170,12 @@ class Model:
 
     # -- text helpers ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._tok_lock:  # a fast tokenizer used from several threads at once can raise "Already borrowed"
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render messages with the model's chat template (a plain fallback when it has none)."""
