@@ -303,8 +303,6 @@ def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None =
             on_done(i, result)
         return result
 
-    if size > 1:
-        _tune_allocator()
     if size == 1:
         if engine.is_member():
             results = [job() for job in jobs]

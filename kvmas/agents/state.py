@@ -159,7 +159,7 @@ class LatentState:
         new_next = self.next_pos + new_mask.sum(1)
         return dict(keys=out.out_keys, values=out.out_values, mask=full_mask,
                     positions=torch.cat([self.positions, pos], 1), next_pos=new_next, last_hidden=last_h,
-                    last_logits=last_logits), None
+                    last_logits=last_logits)
 
     # ------------------------------------------------------------------ algebra
     def _ids_per_row(self, content) -> list[list[int]]:
@@ -195,7 +195,7 @@ class LatentState:
                 ids[i, n - len(r):] = torch.tensor(r)
                 new_mask[i, n - len(r):] = 1
         ids, new_mask = ids.to(self.device), new_mask.to(self.device)  # built on the host, moved once
-        parts, _ = self._forward(new_mask, ids=ids)
+        parts = self._forward(new_mask, ids=ids)
         same = all(r == per_row[0] for r in per_row)
         seg = Segment(id=self.ids.take(), agent=agent, role=role, kind=kind, start=self.length, length=n,
                       rows=self.rows, token_ids=per_row,
@@ -217,7 +217,7 @@ class LatentState:
         for _ in range(steps):
             emb = realign(state.last_hidden)[:, None, :]
             inputs.append(emb)
-            parts, _ = state._forward(torch.ones(self.rows, 1, dtype=torch.long, device=self.device), embeds=emb)
+            parts = state._forward(torch.ones(self.rows, 1, dtype=torch.long, device=self.device), embeds=emb)
             state = state._with(**parts)
         seg = Segment(id=self.ids.take(), agent=agent, role=role, kind="latent", start=self.length,
                       length=steps, rows=self.rows)
@@ -278,7 +278,7 @@ class LatentState:
                 break
             live = (~done).long()[:, None].to(self.device)
             feed = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None].to(self.device)
-            parts, _ = state._forward(live, ids=feed)
+            parts = state._forward(live, ids=feed)
             state = state._with(**parts)
             cols.append(feed)
             masks.append(live)
@@ -430,13 +430,13 @@ class LatentState:
                         continue
                     if seg.kind == "latent":
                         emb = s.latent_inputs[seg.id]
-                        parts, _ = state._forward(torch.ones(1, seg.length, dtype=torch.long, device=dev), embeds=emb)
+                        parts = state._forward(torch.ones(1, seg.length, dtype=torch.long, device=dev), embeds=emb)
                         li = dict(state.latent_inputs)
                         li[seg.id] = emb
                         state = state._with(**parts, latent_inputs=li)
                     else:
                         ids = torch.tensor([seg.token_ids[0]], device=dev)
-                        parts, _ = state._forward(torch.ones_like(ids), ids=ids)
+                        parts = state._forward(torch.ones_like(ids), ids=ids)
                         state = state._with(**parts)
                     state = state._with(segments=state.segments + (seg.model_copy(
                         update={"start": state.length - seg.length, "branch": b}),))

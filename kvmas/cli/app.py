@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd
+from kvmas.cli.options import DEVICE, DTYPE
 from kvmas.errors import KvmasError
 
 app = typer.Typer(help="kvmas: multi-agent LLM systems whose agents talk through KV caches.", add_completion=False,
@@ -53,8 +54,8 @@ def run(
     pipeline: Path = typer.Option(None, "--pipeline", help="run a pipeline spec (JSON) instead of one primitive"),
     auto: bool = typer.Option(False, "--auto", help="let the organizer compose a pipeline for this question"),
     show_trace: bool = typer.Option(False, "--show-trace", help="render the trace after the answer"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ) -> None:
     """Answer a question with one primitive (or a pipeline) and print the answer and token usage."""
     from kvmas.cli.render import print_trace, usage_line

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvmas.cli.options import BATCH_SIZE, DEVICE, DTYPE
 from kvmas.errors import KvmasError
 
 app = typer.Typer(help="Benchmarks: accuracy (and efficiency) of single, primitives and auto.", no_args_is_help=True,
@@ -94,10 +95,9 @@ def accuracy(
     prompt: str = typer.Option("cot", "--prompt", help="answer instruction: cot (reason step by step, then "
                                                        "\\boxed{}) or direct (the answer alone)"),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="questions run as rows of shared forwards "
-                                   "(default: as many as fit; 1: one at a time)"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ) -> None:
     """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
     from kvmas.bench.harness import BenchConfig, parse_methods, run_bench
@@ -196,10 +196,9 @@ def efficiency(
     latent_steps: int = typer.Option(None, "--latent-steps", help="latent steps per agent (primitive default)"),
     out: Path = typer.Option(Path("bench_out/efficiency"), "--out", "-o", help="output dir"),
     merge_error: int = typer.Option(3, "--merge-error", help="questions on which Vote's merge error is measured"),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="questions run as rows of shared forwards "
-                                   "(default: as many as fit; 1: one at a time)"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    batch_size: int = BATCH_SIZE,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ) -> None:
     """Tokens, latent steps, wall time, peak memory and accuracy of each method on the same questions."""
     from kvmas.bench.efficiency import run_efficiency
@@ -293,8 +292,8 @@ def throughput(
     min_questions: int = typer.Option(8, "--min-questions", help="questions per batch size at the least"),
     compare_tokens: int = typer.Option(32, "--compare-tokens", help="tokens per row in the generate comparison"),
     out: Path = typer.Option(Path("bench_out/throughput"), "--out", "-o", help="output dir"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: $KVMAS_DEVICE or auto)"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
 ) -> None:
     """Aggregate tokens/s and questions/hour per method and batch size, against the compute-bound limit."""
     from kvmas.agents.model import Model
