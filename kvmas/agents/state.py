@@ -20,7 +20,6 @@ tensors a state holds are never grown in place). Layout::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
@@ -29,13 +28,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvmas.agents.engine import Request
-from kvmas.agents.fingerprint import ModelFingerprint
 from kvmas.agents.realign import Realigner
 from kvmas.agents.rope import inv_freq_of, rotate_keys
-from kvmas.errors import BadInputError, CacheCorruptError
-from kvmas.paths import atomic_write_bytes
+from kvmas.agents.state_file import read_state, write_state
+from kvmas.errors import BadInputError
 
-STATE_FORMAT = "kvmas.latent_state/1"
 MergePolicy = Literal["shared", "rerotate", "reprefill"]
 MERGE_POLICIES = ("shared", "rerotate", "reprefill")
 
@@ -534,9 +531,7 @@ class LatentState:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the state as safetensors with JSON metadata (model fingerprint, positions, segments)."""
-        import safetensors.torch as st
-
+        """Write the state as safetensors with checksummed JSON metadata (:mod:`kvmas.agents.state_file`)."""
         tensors = {"mask": self.mask, "positions": self.positions, "next_pos": self.next_pos}
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             tensors[f"layers.{i}.keys"] = k
@@ -546,48 +541,16 @@ class LatentState:
             tensors["last_logits"] = self.last_logits
         for sid, t in self.latent_inputs.items():
             tensors[f"latent_inputs.{sid}"] = t
-        meta = {
-            "format": STATE_FORMAT,
-            "fingerprint": self.model.fingerprint.model_dump_json(),
-            "segments": json.dumps([s.model_dump() for s in self.segments]),
-            "shared_cols": str(self.shared_cols),
-            "next_id": str(self.ids.value),
-        }
-        blob = st.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
-        return atomic_write_bytes(path, blob)
+        return write_state(path, tensors, self.model.fingerprint, [s.model_dump() for s in self.segments],
+                           self.shared_cols, self.ids.value)
 
     @classmethod
     def load(cls, path: str | Path, model) -> "LatentState":
-        """Read a saved state; refuse files that are not kvmas states or come from another model."""
-        import safetensors
-        import safetensors.torch as st
-
-        path = Path(path)
-        try:
-            with safetensors.safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = st.load_file(str(path), device=str(model.device))
-        except FileNotFoundError as exc:
-            raise BadInputError(f"state file not found: {path}") from exc
-        except Exception as exc:
-            raise CacheCorruptError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if meta.get("format") != STATE_FORMAT:
-            raise CacheCorruptError(f"{path} is not a kvmas latent state (format {meta.get('format')!r})")
-        fp = ModelFingerprint.model_validate_json(meta["fingerprint"])
-        model.fingerprint.check(fp, f"state file {path.name}")
-        n = model.fingerprint.num_layers
-        has_head = "last_hidden" in tensors
-        latent = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("latent_inputs.")}
-        return cls(
-            model=model,
-            keys=tuple(tensors[f"layers.{i}.keys"] for i in range(n)),
-            values=tuple(tensors[f"layers.{i}.values"] for i in range(n)),
-            mask=tensors["mask"], positions=tensors["positions"], next_pos=tensors["next_pos"],
-            segments=tuple(Segment.model_validate(s) for s in json.loads(meta["segments"])),
-            last_hidden=tensors["last_hidden"] if has_head else None,
-            last_logits=tensors["last_logits"] if has_head else None,
-            shared_cols=int(meta["shared_cols"]), latent_inputs=latent, ids=_Ids(int(meta["next_id"])),
-        )
+        """Read a saved state; anything not checksummed, shaped and tabled for ``model`` is a ``KvmasError``."""
+        f = read_state(path, model, Segment)
+        return cls(model=model, keys=f.keys, values=f.values, mask=f.mask, positions=f.positions,
+                   next_pos=f.next_pos, segments=f.segments, last_hidden=f.last_hidden, last_logits=f.last_logits,
+                   shared_cols=f.shared_cols, latent_inputs=f.latent_inputs, ids=_Ids(f.next_id))
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
