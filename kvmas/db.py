@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from kvmas.errors import BadInputError, CacheCorruptError, SchemaVersionError
+from kvmas.errors import BadInputError, CacheCorruptError, OutputError, SchemaVersionError, StoreBusyError
 
 
 def connect(path: str | Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -41,6 +41,24 @@ def connect(path: str | Path, busy_timeout_s: float) -> sqlite3.Connection:
     return conn
 
 
+_BUSY = ("locked", "busy")
+_DAMAGED = ("malformed", "not a database", "disk i/o error", "file is not a database")
+
+
+def store_error(exc: sqlite3.Error, path: str | Path) -> Exception:
+    """The typed error for an SQLite failure a user can cause: busy past the timeout, a damaged file, a full
+    disk; anything else (a bug in our SQL) is returned unchanged."""
+    msg = str(exc).lower()
+    if any(w in msg for w in _BUSY):
+        return StoreBusyError(f"{path} stayed locked by another writer past the busy timeout; nothing was "
+                              "written, try again")
+    if any(w in msg for w in _DAMAGED):
+        return CacheCorruptError(f"{path} is damaged ({exc})")
+    if "disk is full" in msg or "readonly database" in msg or "unable to open database" in msg:
+        return OutputError(f"cannot write {path} ({exc})")
+    return exc
+
+
 @contextlib.contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (write lock taken up front); rolled back on any exception."""
@@ -48,9 +66,15 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStore:
@@ -70,7 +94,10 @@ class SQLiteStore:
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._check_existing()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the {self.kind} {self.path}: {exc.strerror or exc}") from None
         self.created = self._init_schema()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -91,7 +118,10 @@ class SQLiteStore:
                 check = conn.execute("PRAGMA quick_check").fetchone()[0]
             finally:
                 conn.close()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            if isinstance(store_error(exc, self.path), StoreBusyError):
+                raise StoreBusyError(f"{self.path} stayed locked by another program past the busy timeout; "
+                                     "try again") from None
             raise CacheCorruptError(f"{self.path} is not a readable {self.kind} file ({exc}); left untouched") \
                 from None
         if check != "ok":
@@ -117,27 +147,63 @@ class SQLiteStore:
                 c.execute(stmt)
             c.execute(f"PRAGMA application_id={self.app_id}")
             c.execute(f"PRAGMA user_version={self.schema_version}")
+            self.on_create()
             return True
+
+    def on_create(self) -> None:
+        """Fill a new file; runs inside the transaction that creates the schema (override in a subclass)."""
 
     # -- connections and transactions --------------------------------------------------------------
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
+            try:
+                conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
+            except sqlite3.Error as exc:
+                raise store_error(exc, self.path) from None
+            self._local.conn, self._local.depth = conn, 0
         return conn
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction that takes the write lock up front. Never call a model inside."""
-        with immediate(self.connection()) as conn:
-            yield conn
+        """One write transaction that takes the write lock up front. Never call a model inside.
+
+        Nested calls (one logical operation built from smaller ones) join the outer transaction through a
+        savepoint: an inner failure undoes the inner part only, and nothing is committed before the outermost
+        block ends, so a kill at any point leaves all of the operation or none of it. A lock held past the
+        busy timeout is a :class:`StoreBusyError`, a damaged file a :class:`CacheCorruptError`.
+        """
+        conn = self.connection()
+        depth = self._local.depth
+        self._local.depth = depth + 1
+        try:
+            if depth:
+                name = f"kvmas_{depth}"
+                conn.execute(f"SAVEPOINT {name}")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute(f"ROLLBACK TO {name}")
+                    conn.execute(f"RELEASE {name}")
+                    raise
+                conn.execute(f"RELEASE {name}")
+            else:
+                with immediate(conn):
+                    yield conn
+        except sqlite3.Error as exc:
+            typed = store_error(exc, self.path)
+            if typed is exc:
+                raise
+            raise typed from None
+        finally:
+            self._local.depth = depth
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
-            self._local.conn = None
+            self._local.conn, self._local.depth = None, 0
 
     def integrity(self) -> str:
         """``PRAGMA integrity_check``: ``"ok"`` for a sound file."""

@@ -32,3 +32,21 @@ class CacheCorruptError(KvmasError):
 
 class SchemaVersionError(KvmasError):
     """A file or store was written by a newer kvmas (or an unknown format); refused, never overwritten."""
+
+
+class StoreBusyError(KvmasError):
+    """A store stayed locked by another writer past its busy timeout; nothing was written (try again)."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class OutputError(KvmasError, OSError):
+    """An output file could not be written (a directory in the way, no permission, disk full).
+
+    Also an ``OSError`` (with its ``errno``), so code that handles file-system errors keeps handling it.
+    """
+
+    exit_code = 1
+
+    def __str__(self) -> str:  # the one-line message, whatever errno and filename say
+        return str(self.args[0]) if self.args else ""

@@ -1,16 +1,26 @@
-"""Where kvmas keeps its data, and atomic file writes.
+"""Where kvmas keeps its data, file names made from data, and atomic file writes.
 
->>> from kvmas.paths import kvmas_home
+>>> from kvmas.paths import kvmas_home, safe_name
 >>> kvmas_home().name  # doctest: +SKIP
 'kvmas'
+>>> safe_name("../../etc/passwd")
+'etc_passwd-3754d6cb'
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import tempfile
+import re
+import secrets
+import time
 from pathlib import Path
+
+from kvmas.errors import BadInputError, OutputError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_STALE_UNTAGGED_S = 3600.0  # a temp file of an older kvmas (no writer pid in its name) is stale after an hour
 
 
 def kvmas_home() -> Path:
@@ -20,25 +30,106 @@ def kvmas_home() -> Path:
         root = Path(env).expanduser()
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "kvmas"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot use {root} as the kvmas data dir: {exc.strerror or exc}") from None
     return root
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def safe_name(text: str, *, max_len: int = 80) -> str:
+    """A file name made from data: a slug of ``[A-Za-z0-9_.-]`` (no leading dot, no ``..``) plus a short hash
+    of the whole text, so distinct texts never share a name and no text can name a path.
+
+    >>> safe_name("gsm8k/12"), safe_name("gsm8k_12")
+    ('gsm8k_12-b4a93a20', 'gsm8k_12-45e9cd9e')
+    """
+    digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    slug = _UNSAFE.sub("_", str(text))
+    slug = re.sub(r"\.{2,}", "_", slug).strip("._-")[: max(1, max_len - 9)].rstrip("._-")
+    return f"{slug}-{digest}" if slug else digest
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name``, refused (:class:`BadInputError`) unless it lands inside ``folder`` (symlinks followed)."""
+    folder = Path(folder)
+    path = folder / name
+    root = folder.resolve()
+    if path.resolve() == root or not path.resolve().is_relative_to(root):
+        raise BadInputError(f"file name {name!r} would leave its folder {folder}")
+    return path
+
+
+def _alive(pid: int) -> bool:
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_temps(path: str | os.PathLike) -> int:
+    """Delete temp files that killed writers of ``path`` left beside it; returns how many.
+
+    A temp file names its writer's pid (``.NAME.pPID.RANDOM.tmp``): it is stale once that process is gone.
+    Temp files of older kvmas versions (no pid) are stale after an hour.
+    """
+    path = Path(path)
+    tagged = re.compile(re.escape(f".{path.name}.") + r"p(\d+)\.[A-Za-z0-9_]+\.tmp")
+    untagged = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    removed = 0
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return 0
+    for name in names:
+        m = tagged.fullmatch(name)
+        try:
+            if m is not None:
+                stale = not _alive(int(m.group(1)))
+            elif untagged.fullmatch(name):
+                stale = time.time() - os.stat(path.parent / name).st_mtime > _STALE_UNTAGGED_S
+            else:
+                continue
+            if stale:
+                os.unlink(path.parent / name)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same directory and an atomic rename.
+
+    Temp files that killed writers left at the same place are removed first. Any file-system failure
+    (a directory in the way, no permission, disk full) is an :class:`OutputError` naming the path; a failed
+    write leaves the old file, if any, as it was.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.p{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        err = OutputError(f"cannot write {path}: {exc.strerror or exc}")
+        err.errno, err.filename = exc.errno, str(path)
+        raise err from None
     return path
 
 

@@ -177,3 +177,15 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     assert (e.trials, e.successes, e.tokens) == (100, 52, 100)
     learned = [x for x in pool.entries() if x.origin == "learned"]
     assert len(learned) == 5 and sum(x.trials for x in learned) == 100
+
+
+def test_a_failed_learn_records_nothing_so_its_retry_counts(pool):
+    e, _ = pool.add("q about eggs", VOTE)
+    with pytest.raises(BadInputError, match="no pool entry"):
+        pool.learn("q about eggs", VOTE, True, entry_id=e.id + 999, run_id="r1")
+    assert pool.connection().execute("SELECT COUNT(*) FROM outcomes").fetchone()[0] == 0
+    pool.learn("q about eggs", VOTE, True, entry_id=e.id, run_id="r1")
+    assert pool.get(e.id).trials == 1
+    with pytest.raises(BadInputError, match="already has a recorded outcome"):
+        pool.learn("q about eggs", VOTE, True, entry_id=e.id, run_id="r1")
+    assert pool.get(e.id).trials == 1

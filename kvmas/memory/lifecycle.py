@@ -112,15 +112,16 @@ class Learner:
         traces = []
         for j in range(cfg.episodes_per_iter):
             seed = cfg.seed_base + it * cfg.episodes_per_iter + j
-            tr = run_episode(make_env(self.env, seed, self.split), self.policy, mem, random.Random(seed), iteration=it)
-            traces.append(tr)
-            st.add_episode(tr.run_id, scope=scope, env=self.env, task_family=tr.outcome["task_family"], iteration=it,
-                           reward=tr.outcome["reward"], success=tr.outcome["success"], n_steps=len(tr.steps),
-                           trace_json=tr.model_dump_json())
+            traces.append(run_episode(make_env(self.env, seed, self.split), self.policy, mem, random.Random(seed),
+                                      iteration=it))
             if self.progress:
                 self.progress(j + 1, cfg.episodes_per_iter)
-        self._credit(traces)
-        st.age(scope)
+        uses, base = self._credit(traces)
+        episodes = [dict(ep_id=tr.run_id, env=self.env, task_family=tr.outcome["task_family"], iteration=it,
+                         reward=tr.outcome["reward"], success=tr.outcome["success"], n_steps=len(tr.steps),
+                         trace_json=tr.model_dump_json()) for tr in traces]
+        st.commit_iteration(scope, episodes=episodes, uses=uses,
+                            meta={f"baseline:{scope}": json.dumps(base, sort_keys=True)})
         promoted = self._review_probation()
         gated = self._propose_and_gate()
         archived = maintain(st, scope, cfg.maintain)
@@ -128,14 +129,16 @@ class Learner:
                 "success": statistics.fmean(t.outcome["success"] for t in traces),
                 "promoted": promoted, "gated": gated, "archived": archived}
 
-    def _credit(self, traces: list[Trace]) -> None:
+    def _credit(self, traces: list[Trace]) -> tuple[list[dict], dict[str, float]]:
         """Advantage A = G − b(family) (G: reward − step cost); each skill used gets c_k·A/m; then the EMA
-        baselines move."""
+        baselines move. Returns the skill uses to credit and the new baselines (written by the caller, with
+        the episodes, in one transaction)."""
         base = self.baselines()
         by_fam: dict[str, list[float]] = defaultdict(list)
         for tr in traces:
             by_fam[tr.outcome["task_family"]].append(episode_return(tr.outcome, self.cfg.step_cost))
         first = {f: statistics.fmean(v) for f, v in by_fam.items() if f not in base}
+        uses = []
         for tr in traces:
             fam = tr.outcome["task_family"]
             adv = episode_return(tr.outcome, self.cfg.step_cost) - base.get(fam, first.get(fam, 0.0))
@@ -145,12 +148,12 @@ class Learner:
             m = sum(counts.values())
             for sid, c in counts.items():
                 status = self.store.get(sid).status
-                self.store.record_use(sid, credit=c * adv / m, activations=c, success=tr.outcome["success"],
-                                      probation=status == "probation")
+                uses.append(dict(skill_id=sid, credit=c * adv / m, activations=c, success=tr.outcome["success"],
+                                 probation=status == "probation"))
         for f, v in by_fam.items():
             b = base.get(f, first.get(f, 0.0))
             base[f] = b + self.cfg.ema_alpha * (statistics.fmean(v) - b)
-        self.store.set_meta(f"baseline:{self.scope}", json.dumps(base, sort_keys=True))
+        return uses, base
 
     def _review_probation(self) -> list[tuple[str, str]]:
         out, t = [], self.store.iteration(self.scope)
@@ -219,9 +222,10 @@ class Learner:
                     why = f"{rep.reason}; not best of {len(group)} (best {best[0].id})"
                     rep = rep.model_copy(update={"decision": "reject", "reason": why})
                 ok = rep.decision == "accept"
-                st.add_gate_result(cand.id, cand.parent_id, ok, rep.model_dump())
-                st.set_status(cand.id, "probation" if ok else "rejected", expected="candidate", reason=rep.reason,
-                              actor="gate")
+                with st.transaction():  # the report and the decision it justifies: both or neither
+                    st.add_gate_result(cand.id, cand.parent_id, ok, rep.model_dump())
+                    st.set_status(cand.id, "probation" if ok else "rejected", expected="candidate",
+                                  reason=rep.reason, actor="gate")
                 out.append({"id": cand.id, "name": cand.name, "decision": rep.decision, "delta": rep.delta,
                             "reason": rep.reason})
         return out

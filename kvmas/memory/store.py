@@ -20,7 +20,7 @@ import json
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ValidationError
 
@@ -262,12 +262,14 @@ class SkillStore(SQLiteStore):
                    probation: bool = False) -> None:
         """Credit one episode to a skill."""
         with self.transaction() as c:
-            c.execute(
+            cur = c.execute(
                 "UPDATE skill_stats SET n_activations = n_activations + ?, n_episodes = n_episodes + 1,"
                 " n_success = n_success + ?, sum_credit = sum_credit + ?, sum_sq_credit = sum_sq_credit + ?,"
                 " probation_uses = probation_uses + ?, last_used_at = ? WHERE skill_id = ?",
                 (activations, int(success), credit, credit * credit, int(probation), utc_now(), skill_id),
             )
+            if cur.rowcount == 0:  # a credit is never dropped silently
+                raise BadInputError(f"no skill with id {skill_id!r} to credit")
 
     def age(self, scope: str) -> int:
         """One more iteration for every live skill of ``scope``; returns the scope's iteration counter."""
@@ -342,10 +344,30 @@ class SkillStore(SQLiteStore):
 
     # -- evidence -------------------------------------------------------------------------------
     def add_episode(self, ep_id: str, *, scope: str, env: str, task_family: str, iteration: int, reward: float,
-                    success: bool, n_steps: int, trace_json: str) -> None:
+                    success: bool, n_steps: int, trace_json: str) -> bool:
+        """Keep an episode as evidence; False (nothing written) when one with this id is already kept."""
         with self.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO episodes VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (ep_id, scope, env, task_family, iteration, reward, int(success), n_steps, trace_json, utc_now()))
+            cur = c.execute("INSERT OR IGNORE INTO episodes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                            (ep_id, scope, env, task_family, iteration, reward, int(success), n_steps, trace_json,
+                             utc_now()))
+            return cur.rowcount == 1
+
+    def commit_iteration(self, scope: str, *, episodes: Sequence[Mapping[str, Any]] = (),
+                         uses: Sequence[Mapping[str, Any]] = (), meta: Mapping[str, str] | None = None) -> int:
+        """One learning iteration's results as one transaction: its episodes (``add_episode`` arguments; an id
+        already kept refuses the whole commit), the credit of every skill use (``record_use`` arguments), meta
+        values (the baselines) and the scope's iteration counter. A kill leaves all of it or none of it, so the
+        counter always says how many iterations are fully counted. Returns the new counter."""
+        with self.transaction():
+            for ep in episodes:
+                if not self.add_episode(**{"scope": scope, **ep}):
+                    raise BadInputError(f"episode {ep['ep_id']} is already recorded; nothing of this iteration "
+                                        "was written")
+            for use in uses:
+                self.record_use(**use)
+            for key, value in (meta or {}).items():
+                self.set_meta(key, value)
+            return self.age(scope)
 
     def episodes(self, scope: str, *, since_iteration: int = 0, limit: int = 1000) -> list[str]:
         rows = self.connection().execute(

@@ -188,9 +188,13 @@ class KnowledgePool(SQLiteStore):
         EXPORT_FORMAT
 
     def __init__(self, path: str | Path | None = None, *, seed: bool = True, busy_timeout_s: float = 60.0):
+        self._seed_new = seed
         super().__init__(Path(path) if path is not None else kvmas_home() / "pool.sqlite",
                          busy_timeout_s=busy_timeout_s)
-        if self.created and seed:
+
+    def on_create(self) -> None:
+        """A new pool is seeded in the transaction that creates it (a kill never leaves it half-seeded)."""
+        if self._seed_new:
             self.seed()
 
     # -- reading -----------------------------------------------------------------------------
@@ -285,31 +289,32 @@ class KnowledgePool(SQLiteStore):
               run_id: str | None = None) -> Entry | None:
         """Learn from one verified run: count it on the entry it came from, and keep a success as a new entry.
 
-        ``run_id`` makes it idempotent per run: a second outcome for the same run is refused.
-        Returns the entry that now holds this query's success (None after a failure).
+        ``run_id`` makes it idempotent per run: a second outcome for the same run is refused. The outcome row,
+        its counts and the learned entry are one transaction, so a crash never records an outcome without
+        counting it (and the retry after one is accepted). Returns the entry that now holds this query's
+        success (None after a failure).
         """
-        if run_id is not None:
-            with self.transaction() as c:
+        key = entry_key(query, spec)
+        with self.transaction() as c:  # one logical operation: a kill leaves all of it or none of it
+            if run_id is not None:
                 try:
                     c.execute("INSERT INTO outcomes (run_id, entry_id, success, ts) VALUES (?, ?, ?, ?)",
                               (str(run_id), entry_id, int(bool(success)), utc_now()))
                 except sqlite3.IntegrityError:
                     raise BadInputError(f"run {run_id} already has a recorded outcome") from None
-        if entry_id is not None:
-            self.record(entry_id, success, tokens=tokens, time_s=time_s)
-        if not success:
-            return None
-        key = entry_key(query, spec)
-        if entry_id is not None:
-            used = self.connection().execute("SELECT key FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
-            if used is not None and used[0] == key:  # the stored query+spec itself: already counted
-                return self.get(entry_id)
-        entry, _ = self.add(query, spec, tags=tags, origin="learned", trials=1, successes=1)
-        if tokens or time_s:
-            with self.transaction() as c:
+            if entry_id is not None:
+                self.record(entry_id, success, tokens=tokens, time_s=time_s)
+            if not success:
+                return None
+            if entry_id is not None:
+                used = c.execute("SELECT key FROM entries WHERE id = ?", (int(entry_id),)).fetchone()
+                if used is not None and used[0] == key:  # the stored query+spec itself: already counted
+                    return self.get(entry_id)
+            entry, _ = self.add(query, spec, tags=tags, origin="learned", trials=1, successes=1)
+            if tokens or time_s:
                 c.execute("UPDATE entries SET tokens = tokens + ?, time_s = time_s + ? WHERE id = ?",
                           (int(tokens), float(time_s), entry.id))
-        if model is not None:
+        if model is not None:  # a model call never runs inside a transaction; a missing vector is filled later
             self.ensure_embeddings(model, [entry])
         return self.get(entry.id)
 
