@@ -50,3 +50,17 @@ class OutputError(KvmasError, OSError):
 
     def __str__(self) -> str:  # the one-line message, whatever errno and filename say
         return str(self.args[0]) if self.args else ""
+
+    @classmethod
+    def of(cls, exc: OSError, path, what: str = "write") -> "OutputError":
+        """``cannot WHAT PATH: reason`` for an ``OSError`` (a file where a folder is needed says so)."""
+        from pathlib import Path
+
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            parent = next((p for p in Path(path).parents if p.exists()), None)
+            if parent is not None and not parent.is_dir():
+                reason = f"{parent} is a file, not a folder"
+        err = cls(f"cannot {what} {path}: {reason}")
+        err.errno, err.filename = exc.errno, str(path)
+        return err

@@ -33,7 +33,7 @@ def kvmas_home() -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot use {root} as the kvmas data dir: {exc.strerror or exc}") from None
+        raise OutputError.of(exc, root, "use as the kvmas data dir") from None
     return root
 
 
@@ -127,9 +127,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
                 os.unlink(tmp)
             raise
     except OSError as exc:
-        err = OutputError(f"cannot write {path}: {exc.strerror or exc}")
-        err.errno, err.filename = exc.errno, str(path)
-        raise err from None
+        raise OutputError.of(exc, path) from None
     return path
 
 

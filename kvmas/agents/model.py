@@ -170,6 +170,12 @@ class Model:
 
     # -- text helpers ---------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise BadInputError(f"text to encode must be a string, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (argv, a file read leniently)
+            raise BadInputError("text is not valid UTF-8 (it holds undecodable bytes)") from None
         with self._tok_lock:  # a fast tokenizer used from several threads at once can raise "Already borrowed"
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 

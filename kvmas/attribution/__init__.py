@@ -5,7 +5,8 @@ JSONL reader), ``graph`` (data-dependency graph, exact or inferred, and its reve
 graph), ``shapley`` (exact / sampled Shapley values), ``blame`` (graph-surrogate agent blame for logs),
 ``features`` + ``scorer`` (learned critical-step scorer), ``attributor`` (LogAttributor: logs that cannot be
 re-run), ``replay`` (ReplayAttributor: real counterfactual replays of our primitives), ``planted``
-(planted-fault suite), ``evaluate`` (Who&When cross-validated evaluation), ``report`` (rich rendering).
+(planted-fault suite), ``evaluate`` (Who&When cross-validated evaluation). Terminal rendering lives in
+``kvmas.cli.render``, the CLI's one output boundary.
 
 >>> from kvmas.attribution import LogAttributor, from_generic
 >>> res = LogAttributor().attribute(from_generic([{"agent": "a", "content": "Assume 12."},

@@ -9,18 +9,21 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
 from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd
+from kvmas.cli.boundary import BoundaryGroup, describe
 from kvmas.cli.options import DEVICE, DTYPE
-from kvmas.errors import KvmasError
+from kvmas.cli.render import clean, console as make_console, print_error
+from kvmas.errors import BadInputError, KvmasError
 
-app = typer.Typer(help="kvmas: multi-agent LLM systems whose agents talk through KV caches.", add_completion=False,
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(cls=BoundaryGroup, help="kvmas: multi-agent LLM systems whose agents talk through KV caches.",
+                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 trace_app = typer.Typer(help="Inspect run traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 
@@ -31,14 +34,6 @@ app.add_typer(skills_cmd.app, name="skills")
 app.add_typer(pool_cmd.app, name="pool")
 app.add_typer(bench_cmd.app, name="bench")
 app.command("feedback")(pool_cmd.feedback_cmd)
-
-err_console = Console(stderr=True)
-
-
-def fail(exc: BaseException) -> None:
-    err_console.print(f"[red]error:[/] {exc}", highlight=False)
-    raise typer.Exit(getattr(exc, "exit_code", 1))
-
 
 @app.command()
 def run(
@@ -57,41 +52,40 @@ def run(
     device: str = DEVICE,
     dtype: str = DTYPE,
 ) -> None:
-    """Answer a question with one primitive (or a pipeline) and print the answer and token usage."""
+    """Answer a question with one primitive (or a pipeline) and print the answer and token usage.
+
+    The answer is printed before the trace is written, so a trace path that cannot be written costs an error
+    line and a non-zero exit, never the answer."""
     from kvmas.cli.render import print_trace, usage_line
 
-    console = Console()
-    try:
-        if not question.strip():
-            raise KvmasError("empty question")
-        from kvmas.agents.model import Model
+    console = make_console()
+    if not question.strip():
+        raise BadInputError("empty question")
+    from kvmas.agents.model import Model
 
-        with console.status("loading model…"):
-            m = Model.load(model, device=device, dtype=dtype)
-        if pipeline is not None or auto:
-            result = _run_pipeline(question, m, pipeline, auto, seed, max_new_tokens)
-        else:
-            from kvmas.primitives import build
+    with console.status("loading model…"):
+        m = Model.load(model, device=device, dtype=dtype)
+    if pipeline is not None or auto:
+        result = _run_pipeline(question, m, pipeline, auto, seed, max_new_tokens)
+    else:
+        from kvmas.primitives import build
 
-            params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-            if latent_steps is not None:
-                params["latent_steps"] = latent_steps
-            if primitive != "single":
-                params["comm"] = comm
-            prim = build(primitive, **params)
-            with console.status(f"running {prim.method}…"):
-                result = prim(question, model=m, seed=seed, trace_path=trace)
-        if trace is not None and not trace.exists():
-            result.trace.save(trace)
-    except KvmasError as exc:
-        fail(exc)
-    console.print(f"[bold green]answer:[/] {result.answer.strip()}", highlight=False)
-    console.print(f"[dim]{result.trace.method} · {usage_line(result.usage)} · {result.trace.wall_s:.2f}s"
-                  f" · run {result.trace.run_id}[/]")
-    if trace is not None:
-        console.print(f"[dim]trace written to {trace}[/]")
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+        if latent_steps is not None:
+            params["latent_steps"] = latent_steps
+        if primitive != "single":
+            params["comm"] = comm
+        prim = build(primitive, **params)
+        with console.status(f"running {prim.method}…"):
+            result = prim(question, model=m, seed=seed)
+    console.print(Text.assemble(("answer:", "bold green"), " ", clean(result.answer.strip())))
+    console.print(Text(f"{clean(result.trace.method)} · {usage_line(result.usage)} · {result.trace.wall_s:.2f}s"
+                       f" · run {clean(result.trace.run_id)}", style="dim"))
     if show_trace:
         print_trace(result.trace, console)
+    if trace is not None:
+        result.trace.save(trace)  # an OutputError here reaches the error boundary: one line, exit 1
+        console.print(Text(f"trace written to {clean(trace)}", style="dim"))
 
 
 def _run_pipeline(question, model, pipeline, auto, seed, max_new_tokens):
@@ -113,20 +107,20 @@ def trace_show(
     from kvmas.cli.render import print_trace
     from kvmas.trace import Trace
 
-    try:
-        t = Trace.load(file)
-    except KvmasError as exc:
-        fail(exc)
-    print_trace(t, Console(), full_text=full)
+    print_trace(Trace.load(file), make_console(), full_text=full)
 
 
 def main() -> None:
-    """Console-script entry point: typed errors become one line and a non-zero exit code."""
+    """Console-script entry point: anything raised outside a command body (the group boundary handles the
+    rest) still becomes one line and a non-zero exit code."""
     try:
         app()
-    except KvmasError as exc:  # errors raised outside a command body
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
-        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if os.environ.get("KVMAS_DEBUG") or isinstance(exc, SystemExit):
+            raise
+        message, code = describe(exc)
+        print_error(message)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

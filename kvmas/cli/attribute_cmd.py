@@ -16,9 +16,10 @@ from typing import Optional
 
 import click
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
+from kvmas.cli.boundary import fail as _fail
+from kvmas.cli.render import console, lit
 from kvmas.errors import KvmasError
 from kvmas.paths import atomic_write_text
 
@@ -36,11 +37,6 @@ app = typer.Typer(cls=_DefaultToReport, help="Failure attribution: which agent, 
                   no_args_is_help=True, add_completion=False)
 
 
-def _fail(exc: KvmasError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
 @app.command("report")
 def report(
     path: Path = typer.Argument(..., help="kvmas trace, Who&When record (.json) or generic [{agent, content}] list"),
@@ -55,7 +51,7 @@ def report(
     """Attribute one failed run: agent blame, critical step with neighbourhood, evidence, suggested fix."""
     from kvmas.attribution.attributor import LogAttributor
     from kvmas.attribution.log import load_log
-    from kvmas.attribution.report import render_attribution
+    from kvmas.cli.render import render_attribution
     from kvmas.attribution.scorer import StepScorer
     from kvmas.errors import BadInputError
 
@@ -73,7 +69,7 @@ def report(
     if as_json:
         typer.echo(res.model_dump_json(indent=2))
     else:
-        render_attribution(res, log, Console())
+        render_attribution(res, log, console())
 
 
 def _replay(path: Path, gold: Optional[str], max_replays: int, model=None):
@@ -112,17 +108,17 @@ def planted_cmd(
     from kvmas.errors import BadInputError
     from kvmas.primitives import parse_method
 
-    console = Console()
+    out = console()
     small = {"review": {"rounds": 1}, "plan": {"k": 2}, "vote": {"n": 2}}  # few agents: exact Shapley stays cheap
     try:
         if not 1 <= n <= len(TASKS):
             raise BadInputError(f"--n must be in 1..{len(TASKS)}")
         prims = {m: parse_method(m, max_new_tokens=max_new_tokens, **small.get(m.rpartition(":")[2], {}))
                  for m in [x.strip() for x in methods.split(",") if x.strip()]}
-        res = run_suite(prims, TASKS[:n], Model.load(model), plant=plant, progress=lambda c: console.print(
+        res = run_suite(prims, TASKS[:n], Model.load(model), plant=plant, progress=lambda c: out.print(lit(
             f"{c.primitive} planted {c.agent}@{c.step} effective={c.effective} -> {c.pred_agent}@{c.pred_step} "
-            f"({c.decided_by or 'not attributed'}, {c.replays} replays, {c.wall_s:.0f} s)"))
-        console.print({k: v for k, v in res.items() if k != "cases"})
+            f"({c.decided_by or 'not attributed'}, {c.replays} replays, {c.wall_s:.0f} s)")))
+        out.print({k: v for k, v in res.items() if k != "cases"})
         if json_out:
             atomic_write_text(json_out, json.dumps(res, indent=1))
     except KvmasError as exc:
@@ -139,10 +135,10 @@ def eval_cmd(
 ) -> None:
     """Agent / step accuracy (exact, ±1, ±3) beside trivial baselines, with exact McNemar tests."""
     from kvmas.attribution.evaluate import evaluate
-    from kvmas.attribution.report import render_eval
+    from kvmas.cli.render import render_eval
     from kvmas.errors import BadInputError
 
-    console = Console()
+    out = console()
     settings = [with_gt] if with_gt is not None else [False, True]
     results = {}
     try:
@@ -153,10 +149,10 @@ def eval_cmd(
             for gt in settings:
                 res = evaluate(data, with_gt=gt, folds=folds, seeds=tuple(range(seeds)))
                 results["with_gt" if gt else "without_gt"] = res
-                render_eval(res, console)
+                render_eval(res, out)
         if json_out:
             atomic_write_text(json_out, json.dumps(results, indent=1))
-            console.print(f"wrote {json_out}")
+            out.print(lit(f"wrote {json_out}"))
     except KvmasError as exc:
         _fail(exc)
 

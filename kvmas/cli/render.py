@@ -1,9 +1,27 @@
-"""Rich rendering of traces and usage (shared by `kvmas run` and `kvmas trace show`)."""
+"""The one output boundary: everything the CLI shows on a terminal is made and printed here.
+
+Data (questions, answers, model and agent names, dataset fields, store rows, file names, error messages)
+is shown literally: :func:`lit` makes it a rich ``Text`` (never parsed as markup), :func:`esc` escapes it
+for a markup string of ours, :class:`DataTable` treats every string cell as data. Every console made by
+:func:`console` strips control characters (ESC, BEL, CR, C1 codes, bidi overrides) from the text it writes,
+never from our own styling (rich adds that afterwards). Traces, usage and attributions render here too.
+
+>>> import io
+>>> c = console(file=io.StringIO(), width=60)
+>>> c.print(DataTable("t", ["name"]).row("[/]\\x1b]0;x\\x07"))
+>>> "[/]]0;x" in c.file.getvalue(), "\\x1b" in c.file.getvalue()
+(True, False)
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any, Iterable
+
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -11,12 +29,88 @@ from rich.tree import Tree
 from kvmas.trace import Trace, Usage
 
 ACTION_STYLE = {"read": "cyan", "think": "magenta", "speak": "green", "score": "yellow", "organize": "blue"}
+# C0 controls but newline and tab, DEL, C1 controls, bidi embeddings/overrides/isolates, line/para separators
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def clean(value: Any) -> str:
+    """``str(value)`` fit for a terminal: control characters removed, lone surrogates (undecodable input)
+    shown as U+FFFD; newlines and tabs kept."""
+    text = str(value)
+    if _SURROGATE.search(text):
+        text = _SURROGATE.sub("\ufffd", text)
+    return _CONTROL.sub("", text)
+
+
+def lit(value: Any, style: str = "") -> Text:
+    """Data as literal text (never markup), optionally styled by us."""
+    return value if isinstance(value, Text) else Text(clean(value), style=style)
+
+
+def esc(value: Any) -> str:
+    """Data to embed in a markup string of ours: cleaned and markup-escaped."""
+    return escape(clean(value))
+
+
+def one_line(value: Any) -> str:
+    """Data on one line (runs of whitespace, newlines included, become one space)."""
+    return " ".join(clean(value).split())
+
+
+class SafeConsole(Console):
+    """A console that strips control characters from every text segment it writes (data can never move the
+    cursor, clear the screen or retitle the terminal); rich's own control segments pass."""
+
+    def render(self, renderable, options=None) -> Iterable[Segment]:
+        for seg in super().render(renderable, options):
+            if seg.control or not (_CONTROL.search(seg.text) or _SURROGATE.search(seg.text)):
+                yield seg
+            else:
+                yield Segment(clean(seg.text), seg.style, seg.control)
+
+
+def console(*, stderr: bool = False, **kwargs: Any) -> SafeConsole:
+    """The console every command prints through (no automatic highlighting of data)."""
+    kwargs.setdefault("highlight", False)
+    return SafeConsole(stderr=stderr, **kwargs)
+
+
+def say(*parts: Any, err: bool = False, style: str = "") -> None:
+    """Print data (joined by spaces) literally, on stdout or stderr."""
+    console(stderr=err).print(lit(" ".join(clean(p) for p in parts), style=style), soft_wrap=True)
+
+
+def print_error(message: Any, prefix: str = "error") -> None:
+    """One line on stderr: ``error: message`` (the message is data: shown literally, on one line)."""
+    console(stderr=True).print(Text.assemble((f"{prefix}:", "red"), " ", one_line(message)), soft_wrap=True)
+
+
+class DataTable(Table):
+    """A table whose title, caption and string cells are data (literal text); pass ``Text`` for our styling."""
+
+    def __init__(self, title: Any = None, columns: Iterable[str] = (), **kwargs: Any):
+        if kwargs.get("caption") is not None:
+            kwargs["caption"] = lit(kwargs["caption"])
+        super().__init__(title=None if title is None else lit(title), **kwargs)
+        for col in columns:
+            self.add_column(col)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(c if c is None or isinstance(c, Text) or not isinstance(c, str) else lit(c)
+                          for c in cells), **kwargs)
+
+    def row(self, *cells: Any, **kwargs: Any) -> "DataTable":
+        """``add_row`` that returns the table (for one-liners)."""
+        self.add_row(*cells, **kwargs)
+        return self
+
+
+# -- traces ---------------------------------------------------------------------------------------------------
 def _clip(text: str | None, n: int = 90) -> str:
     if not text:
         return ""
-    one = " ".join(text.split())
+    one = one_line(text)
     return one if len(one) <= n else one[: n - 1] + "…"
 
 
@@ -25,41 +119,40 @@ def usage_line(u: Usage) -> str:
 
 
 def trace_tree(trace: Trace, full_text: bool = False) -> Tree:
-    """A tree: run -> agents -> steps with action, usage, time and text snippets."""
-    title = Text.assemble(("run ", "bold"), (trace.run_id, "bold cyan"), f"  {trace.method}  seed {trace.seed}  ",
-                          (f"{trace.wall_s:.2f}s", "dim"))
+    """A tree: run -> agents -> steps with action, usage, time and text snippets (all data literal)."""
+    title = Text.assemble(("run ", "bold"), (clean(trace.run_id), "bold cyan"),
+                          f"  {clean(trace.method)}  seed {trace.seed}  ", (f"{trace.wall_s:.2f}s", "dim"))
     root = Tree(title)
     root.add(Text.assemble(("question: ", "bold"), _clip(trace.question, 200)))
-    model = trace.model.get("name", "?")
-    root.add(f"model: {model} ({trace.model.get('arch', '')}, {trace.model.get('dtype', '')})")
+    m = trace.model
+    root.add(lit(f"model: {m.get('name', '?')} ({m.get('arch', '')}, {m.get('dtype', '')})"))
     steps = root.add(Text("steps", style="bold"))
     for s in trace.steps:
         style = ACTION_STYLE.get(s.action, "white")
         label = Text.assemble(
-            (f"#{s.index} ", "dim"), (s.agent, "bold"), f" [{s.role}] ", (s.action, style),
+            (f"#{s.index} ", "dim"), (clean(s.agent), "bold"), f" [{clean(s.role)}] ", (clean(s.action), style),
             f"  rows {s.rows}  " if s.rows > 1 else "  ",
             (usage_line(s.usage), "dim"), f"  {s.wall_s * 1000:.0f} ms",
         )
         if s.meta.get("intervention"):
-            label.append(f"  [intervention: {s.meta['intervention']}]", style="red")
+            label.append(f"  [intervention: {one_line(s.meta['intervention'])}]", style="red")
         node = steps.add(label)
         if s.writes or s.reads:
             node.add(Text(f"reads {s.reads} → writes {s.writes}", style="dim"))
         if s.text_in:
-            node.add(Text.assemble(("in: ", "cyan"), s.text_in if full_text else _clip(s.text_in)))
+            node.add(Text.assemble(("in: ", "cyan"), clean(s.text_in) if full_text else _clip(s.text_in)))
         if s.text_out is not None:
-            node.add(Text.assemble(("out: ", "green"), s.text_out if full_text else _clip(s.text_out)))
-    total = trace.usage
-    root.add(Text.assemble(("total: ", "bold"), usage_line(total)))
+            node.add(Text.assemble(("out: ", "green"), clean(s.text_out) if full_text else _clip(s.text_out)))
+    root.add(Text.assemble(("total: ", "bold"), usage_line(trace.usage)))
     if trace.answer is not None:
         root.add(Text.assemble(("answer: ", "bold green"), _clip(trace.answer, 300)))
     if trace.outcome:
-        root.add(Text.assemble(("outcome: ", "bold"), str(trace.outcome)))
+        root.add(Text.assemble(("outcome: ", "bold"), one_line(trace.outcome)))
     return root
 
 
 def agent_table(trace: Trace) -> Table:
-    table = Table(title="usage per agent")
+    table = DataTable("usage per agent")
     for col in ("agent", "steps", "prefilled", "reused", "latent", "generated", "time s"):
         table.add_column(col, justify="right" if col != "agent" else "left")
     for agent in trace.agents():
@@ -70,6 +163,87 @@ def agent_table(trace: Trace) -> Table:
     return table
 
 
-def print_trace(trace: Trace, console: Console | None = None, full_text: bool = False) -> None:
-    console = console or Console()
-    console.print(Panel(Group(trace_tree(trace, full_text), agent_table(trace)), title="kvmas trace"))
+def print_trace(trace: Trace, out: Console | None = None, full_text: bool = False) -> None:
+    out = out or console()
+    out.print(Panel(Group(trace_tree(trace, full_text), agent_table(trace)), title="kvmas trace"))
+
+
+# -- attribution ----------------------------------------------------------------------------------------------
+PUBLISHED = [  # (name, agent %, step %) on Who&When Algorithm-Generated, with ground truth, as published
+    ("GPT-4o all-at-once†", 54.33, 12.50),
+    ("GPT-4o step-by-step†", 35.20, 25.51),
+    ("CDC-MAS†", 48.5, 36.2),
+]
+
+
+def _bar(frac: float, width: int = 30) -> str:
+    n = max(0, min(width, round(frac * width)))
+    return "█" * n + "·" * (width - n)
+
+
+def render_attribution(res, log, out: Console, context: int = 2) -> None:
+    """Blame bar chart, the critical step with its neighbourhood, evidence and a suggested fix.
+
+    >>> import io
+    >>> from kvmas.attribution import LogAttributor, from_generic
+    >>> log = from_generic([{"agent": "a", "content": "Assume x = 12."}, {"agent": "b", "content": "So 12."}])
+    >>> con = console(record=True, width=100, file=io.StringIO())
+    >>> render_attribution(LogAttributor().attribute(log), log, con)
+    >>> "critical step" in con.export_text()
+    True
+    """
+    t = DataTable(f"agent blame — {res.log_id} ({res.method})", show_lines=False)
+    for col, just in (("agent", "left"), ("share", "right"), ("", "left"), ("phi", "right"), ("delta", "right")):
+        t.add_column(col, justify=just)
+    pos = [max(0.0, b.score) for b in res.blame]
+    tot = sum(pos) or 1.0
+    for b, p in zip(res.blame, pos):
+        t.add_row(b.agent, f"{100 * p / tot:.0f}%", _bar(p / tot), f"{b.phi:+.3f}", f"{b.delta:+.3f}",
+                  style="bold red" if b.agent == res.agent else "")
+    out.print(t)
+    lo, hi = max(0, res.step - context), min(len(log.steps), res.step + context + 1)
+    nb = DataTable(f"critical step {res.step} ({res.agent}) and its neighbourhood", show_lines=True)
+    nb.add_column("step", justify="right")
+    nb.add_column("agent")
+    nb.add_column("content")
+    for s in log.steps[lo:hi]:
+        text = one_line(s.content)
+        text = text[:240] + ("…" if len(text) > 240 else "")
+        nb.add_row(("▶ " if s.index == res.step else "") + str(s.index), s.agent, text,
+                   style="bold" if s.index == res.step else "")
+    out.print(nb)
+    rk = DataTable("ranked candidate steps")
+    for col, just in (("rank", "right"), ("step", "right"), ("agent", "left"), ("score", "right"),
+                      ("evidence", "left")):
+        rk.add_column(col, justify=just)
+    for i, r in enumerate(res.ranking[:5], 1):
+        rk.add_row(str(i), str(r.step), r.agent, f"{r.score:.3f}", "; ".join(r.evidence) or "-")
+    out.print(rk)
+    out.print(Panel(lit("\n".join(f"• {e}" for e in res.evidence) or "-"), title="evidence"))
+    out.print(Panel(lit(res.suggested_fix or "-"), title="suggested fix"))
+    out.print(lit(f"value function: {res.value_function}", style="dim"))
+
+
+def render_eval(summary: dict[str, Any], out: Console) -> None:
+    """Accuracy table: our held-out numbers, the trivial baselines, and the published reference rows."""
+    t = DataTable(f"Who&When attribution — {summary['data']} (n={summary['n']}, "
+                  f"{'with' if summary['with_gt'] else 'without'} gold answer, "
+                  f"{summary['folds']}-fold CV × {len(summary['seeds'])} seeds, held-out only)")
+    for c in ("method", "agent %", "step %", "±1 %", "±3 %", "p vs step1"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for name, m in summary["methods"].items():
+        p = m["mcnemar_seed0"]["step_vs_always_step1"]["p_mcnemar"]
+        t.add_row(f"ours: {name.removeprefix('cdc_')}", f"{m['agent_acc']:.2f} ± {m['agent_acc_sd']:.2f}",
+                  f"{m['step_acc']:.2f} ± {m['step_acc_sd']:.2f}", f"{m['step_acc_pm1']:.2f}",
+                  f"{m['step_acc_pm3']:.2f}", f"{p:.4f}", style="bold")
+    for name, b in summary["baselines"].items():
+        t.add_row(name.replace("_", " "), f"{b['agent_acc']:.2f}", f"{b['step_acc']:.2f}",
+                  f"{b['step_acc_pm1']:.2f}", f"{b['step_acc_pm3']:.2f}", "")
+    for name, a, s in PUBLISHED:
+        t.add_row(*(lit(x, "dim") for x in (name, f"{a:.2f}", f"{s:.2f}")), "", "", "")
+    out.print(t)
+    out.print("[dim]† published, with gold answer, GPT-4o; p vs step1: exact McNemar on step hits (seed 0)[/dim]")
+    if summary.get("warnings"):
+        w = summary["warnings"]
+        out.print(Text.assemble((f"{len(w)} warning(s)", "yellow"), ": ",
+                                one_line("; ".join(w[:5]) + (" …" if len(w) > 5 else ""))))

@@ -15,22 +15,18 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
+from kvmas.cli.boundary import fail as _fail
+from kvmas.cli.render import DataTable, console as make_console, lit
 from kvmas.errors import BadInputError, KvmasError
 from kvmas.paths import atomic_write_text
 
 app = typer.Typer(help="Procedural skill memory: learn, verify, score, prune and reuse skills.",
                   no_args_is_help=True, add_completion=False)
-console = Console()
+console = make_console()
 
 StoreOpt = typer.Option(None, "--store", help="skill store file (default: KVMAS_HOME/skills.sqlite)")
-
-
-def _fail(exc: KvmasError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 def _store(path: Optional[Path]):
@@ -56,7 +52,7 @@ def list_(scope: Optional[str] = typer.Option(None, help="only this scope"),
         st = _store(store)
         t = {sc: st.iteration(sc) for sc in st.scopes()}
         skills, nxt = st.list(scope, status, limit=page_size, after=after)
-        table = Table(title=f"skills in {st.path}")
+        table = DataTable(f"skills in {st.path}")
         for col in ("id", "scope", "name", "v", "status", "source", "tokens", "episodes", "mean credit", "lcb"):
             table.add_column(col)
         for s in skills:
@@ -65,7 +61,7 @@ def list_(scope: Optional[str] = typer.Option(None, help="only this scope"),
                           str(sts.n_episodes), f"{sts.mean_credit:+.3f}", f"{sts.lcb(t.get(s.scope, 0)):+.3f}")
         console.print(table)
         if nxt is not None:
-            console.print(f"more: --after {nxt}")
+            console.print(lit(f"more: --after {nxt}"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -76,15 +72,16 @@ def show(skill_id: str, store: Optional[Path] = StoreOpt) -> None:
     try:
         st = _store(store)
         s = st.get(skill_id)
-        console.print(f"[bold]{s.name}[/] v{s.version}  id={s.id}  scope={s.scope}  status={s.status}  "
-                      f"source={s.source}  lineage={s.lineage_id}  parent={s.parent_id}")
-        console.print(s.render(), markup=False, highlight=False)
-        console.print(f"stats: {st.stats(s.id).model_dump()}")
+        console.print(Text.assemble(lit(s.name, "bold"), lit(f" v{s.version}  id={s.id}  scope={s.scope}  "
+                                    f"status={s.status}  source={s.source}  lineage={s.lineage_id}  "
+                                    f"parent={s.parent_id}")))
+        console.print(lit(s.render()))
+        console.print(lit(f"stats: {st.stats(s.id).model_dump()}"))
         if s.provenance:
-            console.print(f"provenance: {json.dumps(s.provenance)[:400]}", markup=False)
+            console.print(lit(f"provenance: {json.dumps(s.provenance)[:400]}"))
         for g in st.gate_results(s.id):
-            console.print(f"gate: {g['decision']} delta={g['delta']:+.4f} |logr|={g['mean_abs_logratio']:.3f} "
-                          f"n={g['n_transitions']} — {g['reason']}", markup=False)
+            console.print(lit(f"gate: {g['decision']} delta={g['delta']:+.4f} "
+                              f"|logr|={g['mean_abs_logratio']:.3f} n={g['n_transitions']} — {g['reason']}"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -94,7 +91,7 @@ def history(skill_id: str, store: Optional[Path] = StoreOpt) -> None:
     """Every event of the skill's lineage (append-only), oldest first."""
     try:
         st = _store(store)
-        table = Table(title="history")
+        table = DataTable("history")
         for col in ("seq", "ts", "op", "skill", "actor", "change", "reason"):
             table.add_column(col)
         for e in st.history(skill_id):
@@ -111,7 +108,7 @@ def rollback(skill_id: str, to: int = typer.Option(..., "--to", help="version to
     """Re-activate a version of the lineage (archiving the other live versions) as new events."""
     try:
         s = _store(store).rollback(skill_id, to, actor="cli")
-        console.print(f"active: {s.name} v{s.version} ({s.id})")
+        console.print(lit(f"active: {s.name} v{s.version} ({s.id})"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -121,7 +118,7 @@ def export_(path: Path, scope: Optional[str] = typer.Option(None), store: Option
     """Write skills (with stats, without embeddings) as a deterministic JSON file."""
     try:
         out = _store(store).export_file(path, scope)
-        console.print(f"wrote {out}")
+        console.print(lit(f"wrote {out}"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -131,7 +128,8 @@ def import_(path: Path, dry_run: bool = typer.Option(False, "--dry-run"), store:
     """Validate a skill file (schema version, field limits) and add its skills; existing content is skipped."""
     try:
         counts = _store(store).import_file(path, dry_run=dry_run)
-        console.print(f"{'would create' if dry_run else 'created'} {counts['created']}, skipped {counts['skipped']}")
+        console.print(lit(f"{'would create' if dry_run else 'created'} {counts['created']}, "
+                          f"skipped {counts['skipped']}"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -145,7 +143,7 @@ def prune(scope: str = typer.Option(..., help="scope to maintain"), dry_run: boo
     try:
         gone = maintain(_store(store), scope, MaintainConfig(capacity=capacity), dry_run=dry_run, actor="cli")
         for sid, why in gone:
-            console.print(f"{'would archive' if dry_run else 'archived'} {sid}: {why}", markup=False)
+            console.print(lit(f"{'would archive' if dry_run else 'archived'} {sid}: {why}"))
         if not gone:
             console.print("nothing to prune")
     except KvmasError as exc:
@@ -160,7 +158,7 @@ def purge(scope: str = typer.Option(..., help="the scope to delete (required; th
         if not yes:
             raise BadInputError(f"purge deletes every skill of scope {scope!r}; add --yes to confirm")
         n = _store(store).purge(scope, actor="cli")
-        console.print(f"purged {n} skills from {scope}")
+        console.print(lit(f"purged {n} skills from {scope}"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -170,7 +168,7 @@ def stats(scope: Optional[str] = typer.Option(None), store: Optional[Path] = Sto
     """Per-scope pool size, tokens, usage and gate pass rate."""
     try:
         st = _store(store)
-        table = Table(title="skill memory")
+        table = DataTable("skill memory")
         for col in ("scope", "iter", "live", "live tokens", "archived", "rejected", "episodes credited",
                     "gated", "gate pass"):
             table.add_column(col)
@@ -222,9 +220,9 @@ def learn(env: str = typer.Argument(..., help="house | codebreaker"),
             lr.progress = lambda i, n: prog.advance(task)
             for _ in range(iterations):
                 rep = lr.iterate()
-                prog.console.print(f"iteration {rep['iteration']}: success {rep['success']:.2f}, "
-                                   f"gated {[(g['name'], g['decision']) for g in rep['gated']]}, "
-                                   f"promoted {rep['promoted']}, archived {len(rep['archived'])}", markup=False)
+                prog.console.print(lit(f"iteration {rep['iteration']}: success {rep['success']:.2f}, "
+                                       f"gated {[(g['name'], g['decision']) for g in rep['gated']]}, "
+                                       f"promoted {rep['promoted']}, archived {len(rep['archived'])}"))
     except KvmasError as exc:
         _fail(exc)
 
@@ -267,7 +265,7 @@ def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
                 prog.update(tasks[label], completed=i)
 
             results = run_eval(m, st, cfg, progress=progress)
-        table = Table(title=f"skills eval: {env}/{split}, {eval_episodes} paired held-out seeds, model {m.name}")
+        table = DataTable(f"skills eval: {env}/{split}, {eval_episodes} paired held-out seeds, model {m.name}")
         for col in ("condition", "success [95% CI]", "Δ vs none [95% CI]", "episode reuse", "step reuse",
                     "skill steps", "extra prompt tok/step", "prefilled/step", "pool (skills/tokens)", "gate pass"):
             table.add_column(col)
@@ -282,10 +280,10 @@ def eval_(env: str = typer.Argument(..., help="house | codebreaker"),
         console.print(table)
         act = activation_prefill(m, st, f"bench/{env}/{'ours' if 'ours' in conds else conds[-1]}", env)
         if act:
-            console.print(f"one decision under a skill: KV prefix prefills {act['kv']['prefilled']} tokens "
-                          f"(= {act['no_skill_prefilled']} without a skill), text block prefills "
-                          f"{act['text']['prefilled']}; "
-                          f"max |Δ log p| between the two = {act['max_abs_logp_diff']:.2e}")
+            console.print(lit(f"one decision under a skill: KV prefix prefills {act['kv']['prefilled']} tokens "
+                              f"(= {act['no_skill_prefilled']} without a skill), text block prefills "
+                              f"{act['text']['prefilled']}; "
+                              f"max |Δ log p| between the two = {act['max_abs_logp_diff']:.2e}"))
         console.print("anchor: ProcMEM reports reuse 0.925 with an 816-token memory (Mastermind/ALFWorld).")
         if json_out:
             atomic_write_text(json_out, json.dumps({"config": cfg.model_dump(mode="json"), "model": m.name,
