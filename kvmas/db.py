@@ -30,24 +30,16 @@ from typing import Any, Iterator
 from kvmas.errors import BadInputError, CacheCorruptError, OutputError, SchemaVersionError, StoreBusyError
 
 
-def connect(path: str | Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """An autocommit connection in WAL mode with a busy timeout, foreign keys on and Row results."""
-    conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
-_BUSY = ("locked", "busy")
-_DAMAGED = ("malformed", "not a database", "disk i/o error", "file is not a database")
+_BUSY = ("database is locked", "database table is locked", "database is busy")
+_DAMAGED = ("malformed", "not a database", "disk i/o error", "no such table", "no such column")
 
 
 def store_error(exc: sqlite3.Error, path: str | Path) -> Exception:
-    """The typed error for an SQLite failure a user can cause: busy past the timeout, a damaged file, a full
-    disk; anything else (a bug in our SQL) is returned unchanged."""
+    """The typed error for an SQLite failure a user can cause: busy past the timeout, a damaged (or altered)
+    file, a full disk, a read-only file; anything else is returned unchanged (constraint violations, which
+    callers handle, and bugs in our SQL)."""
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return exc
     msg = str(exc).lower()
     if any(w in msg for w in _BUSY):
         return StoreBusyError(f"{path} stayed locked by another writer past the busy timeout; nothing was "
@@ -60,19 +52,81 @@ def store_error(exc: sqlite3.Error, path: str | Path) -> Exception:
 
 
 @contextlib.contextmanager
+def _typed(path: str | Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        typed = store_error(exc, path)
+        if typed is exc:
+            raise
+        raise typed from None
+
+
+class _Cursor(sqlite3.Cursor):
+    """Rows are read lazily, so reading is where a damaged page shows: typed there too."""
+
+    def fetchone(self):
+        with _typed(self.connection.path):
+            return super().fetchone()
+
+    def fetchmany(self, *args):
+        with _typed(self.connection.path):
+            return super().fetchmany(*args)
+
+    def fetchall(self):
+        with _typed(self.connection.path):
+            return super().fetchall()
+
+    def __next__(self):
+        with _typed(self.connection.path):
+            return super().__next__()
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose SQLite failures a user can cause come out as typed kvmas errors."""
+
+    path = ""
+
+    def cursor(self, factory=_Cursor):
+        return super().cursor(factory)
+
+    def execute(self, *args):
+        with _typed(self.path):
+            return super().execute(*args)
+
+    def executemany(self, *args):
+        with _typed(self.path):
+            return super().executemany(*args)
+
+
+def connect(path: str | Path, busy_timeout_s: float) -> sqlite3.Connection:
+    """An autocommit connection in WAL mode with a busy timeout, foreign keys on and Row results; failures a
+    user can cause (lock past the timeout, damaged file) raise typed errors (:func:`store_error`)."""
+    with _typed(path):
+        conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, factory=_Connection)
+    conn.path = str(path)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+@contextlib.contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` … ``COMMIT`` (write lock taken up front); rolled back on any exception."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
     except BaseException:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(Exception):  # no transaction left to roll back
             conn.execute("ROLLBACK")
         raise
     try:
         conn.execute("COMMIT")
     except BaseException:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(Exception):  # no transaction left to roll back
             conn.execute("ROLLBACK")
         raise
 
@@ -97,7 +151,7 @@ class SQLiteStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create the {self.kind} {self.path}: {exc.strerror or exc}") from None
+            raise OutputError.of(exc, self.path, f"create the {self.kind}") from None
         self.created = self._init_schema()
 
     # -- opening ---------------------------------------------------------------------------------
@@ -158,10 +212,7 @@ class SQLiteStore:
         """This thread's connection (opened on first use)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            try:
-                conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
-            except sqlite3.Error as exc:
-                raise store_error(exc, self.path) from None
+            conn = connect(self.path, busy_timeout_s=self.busy_timeout_s)
             self._local.conn, self._local.depth = conn, 0
         return conn
 
@@ -191,11 +242,6 @@ class SQLiteStore:
             else:
                 with immediate(conn):
                     yield conn
-        except sqlite3.Error as exc:
-            typed = store_error(exc, self.path)
-            if typed is exc:
-                raise
-            raise typed from None
         finally:
             self._local.depth = depth
 

@@ -141,22 +141,35 @@ class Trace(BaseModel):
         path = Path(path)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise BadInputError(f"trace file not found: {path}") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"unreadable trace file {path}: {exc}") from exc
+        except FileNotFoundError:
+            raise BadInputError(f"trace file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise BadInputError(f"unreadable trace file {path}: {_why(exc)}") from None
         if not isinstance(raw, dict) or "schema_version" not in raw or "steps" not in raw:
             raise BadInputError(f"{path} is not a kvmas trace (no schema_version/steps)")
-        if int(raw["schema_version"]) > TRACE_SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{path} has trace schema {raw['schema_version']}, this kvmas reads up to {TRACE_SCHEMA_VERSION}"
-            )
+        version = raw["schema_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BadInputError(f"{path}: schema_version must be a positive integer, not {json.dumps(version)[:40]}")
+        if version > TRACE_SCHEMA_VERSION:
+            raise SchemaVersionError(f"{path} has trace schema {version}, this kvmas reads up to "
+                                     f"{TRACE_SCHEMA_VERSION}")
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
             raise BadInputError(f"invalid trace {path}: {loc}: {first['msg']}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    """One line on why a file could not be read."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at line {exc.lineno})"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 class Stopwatch:

@@ -47,7 +47,9 @@ def test_trace_names_stay_inside_their_folder():
     from kvmas.bench.harness import trace_name
 
     name = trace_name("latent:vote", 3, "../../../etc/passwd")
-    assert "/" not in name and ".." not in name and name.endswith(".json")
+    assert "/" not in name and ".." not in name and name.endswith(".json") and not name.startswith(".")
+    ids = ["gsm8k/1", "gsm8k_1", "gsm8k?1", "../x", "..\\x", "", "." * 300]
+    assert len({trace_name("single", 0, i) for i in ids}) == len(ids)  # distinct items never share a file
 
 
 def test_merge_policy_error_is_measured():

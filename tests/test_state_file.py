@@ -32,7 +32,7 @@ def parts(path):
 def rewrite(path, tensors, meta, *, rehash_with=None):
     """Write tensors + metadata as they are (or with a valid checksum for ``rehash_with``'s key)."""
     if rehash_with is not None:
-        meta = {**meta, "checksum": checksum(rehash_with.key, tensors)}
+        meta = {**meta, "checksum": checksum(rehash_with.key, tensors, meta)}
     st.save_file(tensors, str(path), metadata=meta)
     return path
 
@@ -56,11 +56,21 @@ def test_a_bit_flip_in_any_tensor_is_refused(model, saved):
             LatentState.load(path, model)
 
 
+def test_an_altered_segment_table_is_refused(model, saved, tmp_path):
+    _, path = saved
+    tensors, meta = parts(path)
+    table = segs(path)
+    table[0]["role"] = "system"  # provenance rewritten, tensors untouched
+    bad = rewrite(tmp_path / "t.safetensors", tensors, {**meta, "segments": json.dumps(table)})
+    with pytest.raises(CacheCorruptError, match="checksum"):
+        LatentState.load(bad, model)
+
+
 def test_tensors_spliced_from_another_model_are_refused(model, tmp_path):
     other = tiny_model("llama", seed=5)  # same shapes, other weights
     a = LatentState.empty(model).extend("Same text.").save(tmp_path / "a.safetensors")
     b = LatentState.empty(other).extend("Same text.").save(tmp_path / "b.safetensors")
-    (ta, ma), (tb, mb) = parts(a), parts(b)
+    (_, ma), (tb, mb) = parts(a), parts(b)
     spliced = rewrite(tmp_path / "x.safetensors", tb, ma)  # b's tensors under a's whole metadata
     with pytest.raises(CacheCorruptError, match="checksum"):
         LatentState.load(spliced, model)
@@ -114,9 +124,13 @@ def segs(path):
 def test_malformed_metadata_is_a_typed_error(model, saved, tmp_path, change, match, err):
     _, path = saved
     tensors, meta = parts(path)
-    bad = rewrite(tmp_path / "meta.safetensors", tensors, change(meta, segs(path)))
+    bad = rewrite(tmp_path / "meta.safetensors", tensors, change(meta, segs(path)), rehash_with=model.fingerprint)
     with pytest.raises(err, match=match):
         LatentState.load(bad, model)
+    unhashed = rewrite(tmp_path / "meta2.safetensors", tensors, {**change(meta, segs(path)),
+                                                                 "checksum": meta["checksum"]})
+    with pytest.raises(KvmasError):  # without a fresh checksum, the checksum refuses it (or the check before)
+        LatentState.load(unhashed, model)
 
 
 def test_paths_that_are_not_state_files(model, tmp_path):
@@ -136,5 +150,6 @@ def test_write_state_is_what_save_uses(model, tmp_path):
                "last_hidden": s.last_hidden, "last_logits": s.last_logits,
                **{f"layers.{i}.{kv}": t for i, (k, v) in enumerate(zip(s.keys, s.values))
                   for kv, t in (("keys", k), ("values", v))}}
-    a = write_state(tmp_path / "a", tensors, model.fingerprint, [g.model_dump() for g in s.segments], 0, s.ids.value)
+    a = write_state(tmp_path / "a", tensors, model.fingerprint, [g.model_dump() for g in s.segments],
+                    s.shared_cols, s.ids.value)
     assert parts(a)[1]["checksum"] == parts(s.save(tmp_path / "b"))[1]["checksum"]

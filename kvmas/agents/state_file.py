@@ -2,8 +2,8 @@
 
 A state file holds the per-layer keys/values, mask, positions, next positions, the optional last hidden
 state and logits, latent input embeddings and, as metadata, the model fingerprint, the segment table, a
-segment-id counter and a sha256 over the model's fingerprint key and every tensor's name, dtype, shape and
-bytes. :func:`read_state` refuses anything it cannot vouch for (a :class:`KvmasError` every time): a file that
+segment-id counter and a sha256 over the model's fingerprint key, that metadata and every tensor's name,
+dtype, shape and bytes. :func:`read_state` refuses anything it cannot vouch for (a :class:`KvmasError` every time): a file that
 is not a kvmas state, a newer or checksum-less format, another model's fingerprint, a failed checksum (bit
 flips, tensors spliced in from another file), shapes or dtypes that do not match the fingerprint, and a
 segment table that does not fit the tensors.
@@ -56,9 +56,11 @@ class StateFile:
     next_id: int
 
 
-def checksum(fingerprint_key: str, tensors: dict[str, torch.Tensor]) -> str:
-    """``sha256:`` over the fingerprint key and every tensor (name, dtype, shape, bytes), in name order."""
-    h = hashlib.sha256(f"kvmas-state\0{fingerprint_key}\0".encode())
+def checksum(fingerprint_key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """``sha256:`` over the fingerprint key, the metadata (all but the checksum itself) and every tensor
+    (name, dtype, shape, bytes), in name order."""
+    fields = {k: v for k, v in (meta or {}).items() if k != "checksum"}
+    h = hashlib.sha256(f"kvmas-state\0{fingerprint_key}\0{json.dumps(fields, sort_keys=True)}\0".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
@@ -73,7 +75,8 @@ def write_state(path: str | Path, tensors: dict[str, torch.Tensor], fingerprint:
 
     host = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": STATE_FORMAT, "fingerprint": fingerprint.model_dump_json(), "segments": json.dumps(segments),
-            "shared_cols": str(shared_cols), "next_id": str(next_id), "checksum": checksum(fingerprint.key, host)}
+            "shared_cols": str(shared_cols), "next_id": str(next_id)}
+    meta["checksum"] = checksum(fingerprint.key, host, meta)
     return atomic_write_bytes(path, st.save(host, metadata=meta))
 
 
@@ -107,8 +110,8 @@ def read_state(path: str | Path, model, segment_type) -> StateFile:
     except ValidationError:
         raise bad("has an unreadable model fingerprint") from None
     model.fingerprint.check(fp, f"state file {path.name}")
-    if meta.get("checksum") != checksum(fp.key, tensors):
-        raise bad("failed its checksum (damaged, or its tensors were altered or come from another file)")
+    if meta.get("checksum") != checksum(fp.key, tensors, meta):
+        raise bad("failed its checksum (damaged, or its tensors or table were altered or come from another file)")
     shared_cols, next_id = bad.integer(meta, "shared_cols"), bad.integer(meta, "next_id")
     raw_segments = bad.json(meta, "segments")
 

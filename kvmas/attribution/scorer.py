@@ -11,6 +11,7 @@ L2-regularised Newton steps in numpy, with k-fold cross-validation helpers. Weig
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,16 +73,30 @@ class StepScorer:
 
     @classmethod
     def load(cls, path: str | Path) -> "StepScorer":
+        """Weights written by :meth:`save`; anything else is a :class:`BadInputError` naming the field."""
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
-            names = list(raw["weights"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BadInputError(f"unreadable scorer weights {path}: {exc}") from exc
-        if int(raw.get("schema", 0)) > WEIGHTS_SCHEMA:
-            raise SchemaVersionError(f"{path}: weights schema {raw['schema']} is newer than {WEIGHTS_SCHEMA}")
-        sc = cls(names, l2=float(raw.get("l2", 1.0)))
-        sc.w = np.array([float(raw["weights"][k]) for k in names])
+        except (OSError, ValueError, RecursionError) as exc:
+            raise BadInputError(f"unreadable scorer weights {path}: {type(exc).__name__}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("weights"), dict):
+            raise BadInputError(f"{path}: not scorer weights (no 'weights' object)")
+        schema, l2, weights = raw.get("schema", 0), raw.get("l2", 1.0), raw["weights"]
+        if not _number(schema) or int(schema) != schema:
+            raise BadInputError(f"{path}: schema must be an integer")
+        if schema > WEIGHTS_SCHEMA:
+            raise SchemaVersionError(f"{path}: weights schema {schema} is newer than {WEIGHTS_SCHEMA}")
+        if not _number(l2) or l2 < 0:
+            raise BadInputError(f"{path}: l2 must be a non-negative number")
+        bad = next((k for k, v in weights.items() if not _number(v)), None)
+        if bad is not None:
+            raise BadInputError(f"{path}: weights.{bad} must be a finite number")
+        sc = cls(list(weights), l2=float(l2))
+        sc.w = np.array([float(v) for v in weights.values()])
         return sc
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def kfold(n: int, k: int = 5, seed: int = 0) -> list[np.ndarray]:

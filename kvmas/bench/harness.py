@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from kvmas.errors import BadInputError, KvmasError
 from kvmas.organizer import KnowledgePool, Organizer
 from kvmas.organizer.pipeline import Pipeline
 from kvmas.organizer.spec import PipelineSpec
-from kvmas.paths import atomic_write_text
+from kvmas.paths import atomic_write_text, inside, safe_name
 from kvmas.primitives import PRIMITIVES, parse_method
 from kvmas.primitives.echo import echoes_role_prompt
 from kvmas.stats import mcnemar_exact, paired_bootstrap, wilson
@@ -159,8 +158,9 @@ class BenchConfig:
 
 
 def trace_name(method: str, index: int, task_id: str) -> str:
-    """A trace file name that stays inside its folder whatever the task id holds (``../x`` included)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{method}__{index:05d}__{task_id}").replace("..", "_")[:150] + ".json"
+    """A trace file name that stays inside its folder whatever the task id holds (``../x`` included): a slug
+    plus a short hash of method, index and task id, so distinct items never share a file."""
+    return safe_name(f"{method}__{index:05d}__{task_id}", max_len=150) + ".json"
 
 
 class _Runner:
@@ -223,7 +223,7 @@ class _Runner:
                 self.org.feedback(result, ok, model=self.model)
         if self.cfg.trace_dir:
             result.trace.outcome = {"correct": ok, "gold": task.answer, "pred": pred, "rule": rule, "task_id": task.id}
-            result.trace.save(Path(self.cfg.trace_dir) / trace_name(self.method.name, index, task.id))
+            result.trace.save(inside(self.cfg.trace_dir, trace_name(self.method.name, index, task.id)))
         return ItemResult(self.method.name, task.id, task.kind, task.answer, pred, ok, answer, usage, wall,
                           len(self.model.encode(answer)) if answer else 0, meta, rule=rule,
                           echo=echoes_role_prompt(answer))
@@ -405,8 +405,8 @@ def _run_isolated(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out
     spec_cfg = asdict(cfg)
     if not isinstance(model, str):  # the worker loads the same weights on the same device, in the same dtype
         spec_cfg.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."))
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", m.name)
-    spec_path, result_path = out / f".{stem}.spec.json", out / f".{stem}.result.json"
+    stem = safe_name(m.name)
+    spec_path, result_path = inside(out, f".{stem}.spec.json"), inside(out, f".{stem}.result.json")
     atomic_write_text(spec_path, json.dumps({
         "method": asdict(m), "model": ref, "cfg": spec_cfg, "out": str(out), "result": str(result_path),
         "tasks": [t.model_dump(mode="json") for t in tasks]}))

@@ -447,13 +447,20 @@ class KnowledgePool(SQLiteStore):
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise BadInputError(f"pool export is not JSON: {exc.msg} at line {exc.lineno}") from None
+        except RecursionError:
+            raise BadInputError("pool export is nested too deeply") from None
         self.open_envelope(data, legacy_version_key="schema")  # exports before kvmas 0.2 named it "schema"
         parsed: list[tuple[Entry, list[dict[str, Any]]]] = []
-        for i, raw in enumerate(data.get("entries") or []):
+        entries = data.get("entries") or []
+        if not isinstance(entries, list):
+            raise BadInputError("entries: expected a list")
+        for i, raw in enumerate(entries):
             if not isinstance(raw, dict):
                 raise BadInputError(f"entries[{i}]: expected an object")
             raw = dict(raw)
             embs = raw.pop("embeddings", []) or []
+            if not isinstance(embs, list) or not all(isinstance(em, dict) for em in embs):
+                raise BadInputError(f"entries[{i}].embeddings: expected a list of objects")
             try:
                 e = Entry.model_validate(raw)
             except ValidationError as exc:
