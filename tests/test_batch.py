@@ -138,3 +138,42 @@ def test_a_batch_inside_a_batch_job_runs_in_its_slot(model):
     outer = run_batched(model, [lambda: [r.answer for r in prim.batch(QS[:2], model=model)],
                                 lambda: prim(QS[2], model=model).answer])
     assert outer[0] == inner and outer[1] == prim(QS[2], model=model).answer
+
+
+def test_decode_ticks_continue_the_batch_buffer_and_equal_runs_alone(model):
+    """Decode ticks write into the previous tick's KV buffer (no copy of the past) and still equal the runs
+    alone; the state a run keeps after speaking owns its memory (it does not pin the batch's buffer)."""
+    from kvmas.agents.state import LatentState
+
+    def one(q):
+        return LatentState.empty(model).extend(q).speak(6, min_new_tokens=6)
+
+    alone = [one(q).token_ids for q in QS]
+    before = model.engine.continued
+    speeches = run_batched(model, [lambda q=q: one(q) for q in QS])
+    assert [s.token_ids for s in speeches] == alone
+    assert model.engine.continued - before >= 4  # the ticks after the first continued the buffer
+    for s in speeches:
+        for t in s.state.keys + s.state.values:
+            assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_a_state_continued_twice_keeps_each_continuation_exact(model):
+    """Copy-on-use in the engine's buffer: the first continuation of a state writes into the buffer it views,
+    a second one of the same state gets a fresh buffer; both equal a recomputation from scratch, and the
+    state itself is unchanged."""
+    from kvmas.agents.state import LatentState
+
+    s = LatentState.empty(model).extend([5, 6, 7]).extend([8])  # a 1-column forward: a decode buffer
+    keys = [t.clone() for t in s.keys]
+    before = model.engine.continued
+    a = s.extend([9])
+    assert model.engine.continued == before + 1  # written in place after s's columns
+    b = s.extend([10])
+    assert model.engine.continued == before + 1  # s no longer ends where the buffer does
+    for state, ids in ((a, [5, 6, 7, 8, 9]), (b, [5, 6, 7, 8, 10])):
+        fresh = LatentState.empty(model).extend(ids)
+        assert (state.last_logits - fresh.last_logits).abs().max() < 1e-4
+        for x, y in zip(state.keys, fresh.keys):
+            assert (x - y).abs().max() < 1e-4
+    assert all(bool((x == y).all()) for x, y in zip(s.keys, keys))

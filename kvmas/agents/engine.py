@@ -10,6 +10,9 @@ primitives) needs nothing special. Requests of very different widths (one run pr
 others decode one token) run as separate forwards of the same tick, so no one pays for another's padding.
 Rows whose new columns are all padding (finished rows of a multi-row decode) are left out of the forward.
 A run that finishes frees its slot, and the next question takes it (refill, not drain).
+The rows of a forward share one KV buffer per layer (:class:`_Arena`), each past left-padded so that new
+columns follow it; a decode tick whose rows all continue the previous tick's writes into that buffer in place
+(room for ``DECODE_SPARE`` columns), so the past is copied once per that many ticks, not once or twice per tick.
 
 >>> from kvmas.testing import tiny_model
 >>> from kvmas.agents.engine import run_batched
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
@@ -34,6 +38,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 T = TypeVar("T")
 # Requests whose padded cost stays within this factor of their real cost share one forward.
 PAD_SLACK = 1.25
+# Columns of room a decoding batch's KV buffer keeps for the next ticks (one copy of the past per this many).
+DECODE_SPARE = 32
 
 
 @dataclass(eq=False)
@@ -77,7 +83,10 @@ class Engine:
         self._cv = threading.Condition()
         self._members: set[int] = set()
         self._waiting: list[Request] = []
+        self._arena: _Arena | None = None  # the last decode tick's KV buffer, for the next tick to continue
+        self._exec = threading.Lock()  # one forward at a time (a batch tick, or a call from outside a batch)
         self.forwards = 0  # decoder calls made (a measure of batching: fewer calls for the same work)
+        self.continued = 0  # of those, how many wrote into the previous tick's KV buffer (no copy of the past)
 
     # -- the public call ---------------------------------------------------------------------------
     def forward(self, req: Request) -> Request:
@@ -113,6 +122,8 @@ class Engine:
     def leave(self) -> None:
         with self._cv:
             self._members.discard(threading.get_ident())
+            if not self._members:
+                self._arena = None  # nothing left to continue it; let its memory go
             ready = self._take_if_ready()
         if ready:
             self._execute(ready)
@@ -126,7 +137,7 @@ class Engine:
 
     def _execute(self, reqs: list[Request]) -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._exec:
                 for group in _groups(reqs):
                     self._run(group)
         except BaseException as exc:  # every waiting run gets the error, none hangs
@@ -147,19 +158,21 @@ class Engine:
     def _run(self, group: list[Request]) -> None:
         live = [r.mask[:, r.past:].sum(1) > 0 for r in group]
         self.forwards += 1
-        if len(group) == 1 and bool(live[0].all()):  # alone, every row live: the plain call
-            r = group[0]
-            cache, bufs = _buffers([(r.keys, r.values, slice(0, r.rows), None)], r.rows, r.past, r.width)
-            out = self._decoder()(input_ids=r.ids, inputs_embeds=r.embeds, attention_mask=r.mask,
-                                  position_ids=r.positions, cache=cache, use_cache=True)
-            r.hidden = out.last_hidden_state
-            r.last_logits = self._head(r.hidden[:, -1])
-            r.out_keys, r.out_values = tuple(k for k, _ in bufs), tuple(v for _, v in bufs)
-            return
-        past = max(r.past for r in group)
-        width = max(r.width for r in group)
         rows = [int(m.sum()) for m in live]
-        total = sum(rows)
+        total, width = sum(rows), max(r.width for r in group)
+        arena = self._arena
+        found = arena.continues(group, rows, width) if arena is not None else None
+        if found is not None:
+            self.continued += 1
+            bufs, order = found
+            group, live, rows = [group[i] for i in order], [live[i] for i in order], [rows[i] for i in order]
+        else:
+            # a new arena: each part's past copied in, left-padded so that its new columns follow it directly
+            arena, bufs = _Arena.build(group, live, rows, width, spare=DECODE_SPARE if width == 1 else 0)
+        keys, values = bufs
+        if arena.spare:  # only decode arenas are worth continuing (a prefill's buffer is exactly its own)
+            self._arena = arena
+        past = arena.filled
         device = self.model.embedding.weight.device
         hidden_size, emb_dtype = self.model.embedding.weight.shape[1], self.model.embedding.weight.dtype
         mask = torch.zeros(total, past + width, dtype=group[0].mask.dtype, device=device)
@@ -167,7 +180,6 @@ class Engine:
         use_embeds = any(r.embeds is not None for r in group)
         ids = torch.full((total, width), self.model.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
         embeds = torch.zeros(total, width, hidden_size, dtype=emb_dtype, device=device) if use_embeds else None
-        parts = []
         at = 0
         for r, m, k in zip(group, live, rows):
             sl = slice(at, at + k)
@@ -175,7 +187,7 @@ class Engine:
             if k == 0:
                 continue
             pick = (lambda t: t) if k == r.rows else (lambda t, m=m: t[m])  # noqa: E731 (no copy when all live)
-            mask[sl, : r.past] = pick(r.mask[:, : r.past])
+            mask[sl, past - r.past: past] = pick(r.mask[:, : r.past])
             mask[sl, past + width - r.width:] = pick(r.mask[:, r.past:])
             pos[sl, width - r.width:] = pick(r.positions)
             if use_embeds:
@@ -183,12 +195,14 @@ class Engine:
                     self.model.embedding(pick(r.ids))
             else:
                 ids[sl, width - r.width:] = pick(r.ids)
-            parts.append((tuple(pick(t) for t in r.keys), tuple(pick(t) for t in r.values), sl, r.past))
-        cache, bufs = _buffers(parts, total, past, width)
         out = self._decoder()(input_ids=None if use_embeds else ids, inputs_embeds=embeds, attention_mask=mask,
-                              position_ids=pos, cache=cache, use_cache=True)
+                              position_ids=pos, cache=arena.cache(keys, values), use_cache=True)
+        arena.filled += width
         hidden = out.last_hidden_state
         logits = self._head(hidden[:, -1])  # one head matmul for every row of the tick
+        # a part's outputs are views of the arena when they are contiguous there and the arena is theirs (one
+        # part) or meant to be continued; else copies, so that no long-lived state pins a many-row buffer
+        alone = len(group) == 1
         at = 0
         for r, m, k in zip(group, live, rows):
             src, cols = slice(at, at + k), slice(past + width - r.width, past + width)
@@ -197,11 +211,15 @@ class Engine:
             hcols = slice(width - r.width, width)
             r.hidden = hidden[src, hcols] if every else _scatter(hidden[src, hcols], m, r.rows)
             r.last_logits = logits[src] if every else _scatter(logits[src], m, r.rows)
+            own = slice(past - r.past, past + width)
             out_k, out_v = [], []
-            for (bk, bv), pk, pv in zip(bufs, r.keys, r.values):
-                if every and r.past == past and r.width == width:  # its columns are the buffer's: no copy
-                    out_k.append(bk[src])
-                    out_v.append(bv[src])
+            for bk, bv, pk, pv in zip(keys, values, r.keys, r.values):
+                if every and r.width == width:
+                    nk, nv = bk[src, :, own], bv[src, :, own]
+                    if not (alone or arena.spare):
+                        nk, nv = nk.clone(), nv.clone()
+                    out_k.append(nk)
+                    out_v.append(nv)
                     continue
                 nk, nv = bk[src, :, cols], bv[src, :, cols]
                 if not every:
@@ -233,27 +251,90 @@ class _InPlaceLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _buffers(parts, rows: int, past: int, width: int):
-    """Per layer, a buffer ``[rows, heads, past + width, dim]`` holding each part's past (right-padded with
-    zeros) and room for the new columns; a cache whose layers write into them. ``parts``: (keys, values,
-    row slice, its past length or None for ``past``)."""
-    ref_k = parts[0][0]
-    layers = []
-    bufs = []
-    for li in range(len(ref_k)):
-        shape = (rows, ref_k[li].shape[1], past + width, ref_k[li].shape[3])
-        bk = torch.empty(shape, dtype=ref_k[li].dtype, device=ref_k[li].device)
-        bv = torch.empty_like(bk)
-        for keys, values, sl, own in parts:
-            own = past if own is None else own
-            bk[sl, :, :own] = keys[li]
-            bv[sl, :, :own] = values[li]
-            if own < past:  # padding columns must hold finite numbers (masked, but multiplied by 0)
-                bk[sl, :, own:past] = 0
-                bv[sl, :, own:past] = 0
-        bufs.append((bk, bv))
-        layers.append(_InPlaceLayer(bk, bv, past))
-    return Cache(layers=layers), bufs
+class _Arena:
+    """Per layer a KV buffer ``[rows, heads, capacity, dim]`` for the rows of one forward: each part's past sits
+    left-padded (zeros, masked) so that it ends at column ``filled``, and new columns are written in place after
+    it. A tick whose every request continues exactly where the previous tick's rows left off (the same rows, in
+    order, their KV views of this buffer ending at ``filled``) reuses it: no copy of the past at all. Columns
+    before ``filled`` are never written again, so every state viewing them stays valid (copy-on-use: a second
+    continuation of the same state no longer ends at ``filled`` and gets a fresh arena)."""
+
+    def __init__(self, keys: list, values: list, filled: int, spare: int):
+        # held weakly: the states viewing the buffers keep them alive, and when they are gone so is the arena
+        self._refs = [(weakref.ref(k), weakref.ref(v)) for k, v in zip(keys, values)]
+        self.filled, self.spare = filled, spare
+        self.rows, self.capacity = keys[0].shape[0], keys[0].shape[2]
+
+    def buffers(self) -> tuple[list, list] | None:
+        """The per-layer key and value buffers, or None when no state holds them any more."""
+        keys, values = [], []
+        for rk, rv in self._refs:
+            k, v = rk(), rv()
+            if k is None or v is None:
+                return None
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    @classmethod
+    def build(cls, group, live, rows, width: int, spare: int) -> "_Arena":
+        past = max(r.past for r in group)
+        total = sum(rows)
+        ref = group[0].keys
+        keys, values = [], []
+        for li in range(len(ref)):
+            shape = (total, ref[li].shape[1], past + width + spare, ref[li].shape[3])
+            bk = torch.empty(shape, dtype=ref[li].dtype, device=ref[li].device)
+            bv = torch.empty_like(bk)
+            at = 0
+            for r, m, k in zip(group, live, rows):
+                sl = slice(at, at + k)
+                at += k
+                if k == 0:
+                    continue
+                pk, pv = (r.keys[li], r.values[li]) if k == r.rows else (r.keys[li][m], r.values[li][m])
+                bk[sl, :, past - r.past: past] = pk
+                bv[sl, :, past - r.past: past] = pv
+                if r.past < past:  # padding columns must hold finite numbers (masked, but multiplied by 0)
+                    bk[sl, :, : past - r.past] = 0
+                    bv[sl, :, : past - r.past] = 0
+            keys.append(bk)
+            values.append(bv)
+        return cls(keys, values, past, spare), (keys, values)
+
+    def continues(self, group, rows, width: int) -> tuple[tuple[list, list], list[int]] | None:
+        """``(buffers, order)`` if the group is every row of this arena once (``order``: the group's requests
+        in arena row order), each request's KV ending at ``filled``, with room for ``width`` more columns."""
+        if self.filled + width > self.capacity or sum(rows) != self.rows:
+            return None
+        bufs = self.buffers()
+        if bufs is None:
+            return None
+        k0, v0, kl = bufs[0][0], bufs[1][0], bufs[0][-1]
+        base = k0.untyped_storage().data_ptr(), v0.untyped_storage().data_ptr(), kl.untyped_storage().data_ptr()
+        starts = []
+        for r, k in zip(group, rows):
+            if k != r.rows or r.width != width or not r.keys:
+                return None
+            t = r.keys[0]
+            if ((t.untyped_storage().data_ptr(), r.values[0].untyped_storage().data_ptr(),
+                 r.keys[-1].untyped_storage().data_ptr()) != base or t.stride() != k0.stride()):
+                return None
+            row, rest = divmod(t.storage_offset() - k0.storage_offset(), k0.stride(0))
+            if rest != (self.filled - r.past) * k0.stride(2) or r.values[0].storage_offset() != \
+                    t.storage_offset() or r.keys[-1].storage_offset() != t.storage_offset():
+                return None
+            starts.append(row)
+        order = sorted(range(len(group)), key=starts.__getitem__)
+        row = 0
+        for i in order:  # the requests tile the arena's rows exactly
+            if starts[i] != row:
+                return None
+            row += rows[i]
+        return (bufs, order) if row == self.rows else None
+
+    def cache(self, keys: list, values: list) -> Cache:
+        return Cache(layers=[_InPlaceLayer(k, v, self.filled) for k, v in zip(keys, values)])
 
 
 def _scatter(part: torch.Tensor, live: torch.Tensor, rows: int) -> torch.Tensor:

@@ -138,6 +138,15 @@ class LatentState:
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.hf.get_output_embeddings()(hidden).float()
 
+    def _settled(self) -> "LatentState":
+        """This state with its KV in memory of its own: a decode loop's states are views of the engine's batch
+        buffer, which a state kept after the loop would otherwise hold (every row of it) for as long as it
+        lives."""
+        def own(t: torch.Tensor) -> torch.Tensor:
+            whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            return t if whole else t.clone(memory_format=torch.contiguous_format)
+        return self._with(keys=tuple(own(t) for t in self.keys), values=tuple(own(t) for t in self.values))
+
     # ------------------------------------------------------------------ the one forward helper
     @torch.no_grad()
     def _forward(self, new_mask: torch.Tensor, ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
@@ -220,7 +229,7 @@ class LatentState:
                       length=steps, rows=self.rows)
         latent_inputs = dict(self.latent_inputs)
         latent_inputs[seg.id] = torch.cat(inputs, dim=1)
-        return state._with(segments=self.segments + (seg,), latent_inputs=latent_inputs)
+        return state._with(segments=self.segments + (seg,), latent_inputs=latent_inputs)._settled()
 
     def next_logprobs(self) -> torch.Tensor:
         if self.last_logits is None:
@@ -297,7 +306,7 @@ class LatentState:
                       length=total, rows=rows, token_ids=out, text=texts)
         if total:
             state = state._with(segments=self.segments + (seg,))
-        return Speech(texts=texts, token_ids=out, state=state)
+        return Speech(texts=texts, token_ids=out, state=state._settled())
 
     def fork(self, k: int) -> "LatentState":
         """k batch rows per row sharing the prefix (row i of the result came from row i // k)."""
