@@ -31,7 +31,7 @@ from kvmas.errors import BadInputError, CacheCorruptError, OutputError, SchemaVe
 
 
 _BUSY = ("database is locked", "database table is locked", "database is busy")
-_DAMAGED = ("malformed", "not a database", "disk i/o error", "no such table", "no such column")
+_DAMAGED = ("malformed", "not a database", "disk i/o error", "no such table", "no such column", "could not decode")
 
 
 def store_error(exc: sqlite3.Error, path: str | Path) -> Exception:
@@ -60,6 +60,8 @@ def _typed(path: str | Path) -> Iterator[None]:
         if typed is exc:
             raise
         raise typed from None
+    except UnicodeDecodeError:  # a TEXT cell that is not UTF-8
+        raise CacheCorruptError(f"{path} holds text that is not UTF-8 (damaged or altered outside kvmas)") from None
 
 
 class _Cursor(sqlite3.Cursor):
@@ -92,11 +94,11 @@ class _Connection(sqlite3.Connection):
 
     def execute(self, *args):
         with _typed(self.path):
-            return super().execute(*args)
+            return self.cursor().execute(*args)
 
     def executemany(self, *args):
         with _typed(self.path):
-            return super().executemany(*args)
+            return self.cursor().executemany(*args)
 
 
 def connect(path: str | Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -129,6 +131,12 @@ def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         with contextlib.suppress(Exception):  # no transaction left to roll back
             conn.execute("ROLLBACK")
         raise
+
+
+def _columns(conn: sqlite3.Connection, tables: set[str]) -> dict[str, list[str]]:
+    """Column names of each table, in order."""
+    return {t: [r[1] for r in conn.execute(f"PRAGMA table_info(\"{t.replace(chr(34), chr(34) * 2)}\")")]
+            for t in tables}
 
 
 class SQLiteStore:
@@ -170,14 +178,15 @@ class SQLiteStore:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 check = conn.execute("PRAGMA quick_check").fetchone()[0]
+                columns = _columns(conn, tables) if check == "ok" else {}
             finally:
                 conn.close()
-        except sqlite3.Error as exc:
-            if isinstance(store_error(exc, self.path), StoreBusyError):
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
+            if isinstance(exc, sqlite3.Error) and isinstance(store_error(exc, self.path), StoreBusyError):
                 raise StoreBusyError(f"{self.path} stayed locked by another program past the busy timeout; "
                                      "try again") from None
-            raise CacheCorruptError(f"{self.path} is not a readable {self.kind} file ({exc}); left untouched") \
-                from None
+            raise CacheCorruptError(f"{self.path} is not a readable {self.kind} file ({type(exc).__name__}: "
+                                    f"{str(exc)[:80]}); left untouched") from None
         if check != "ok":
             raise CacheCorruptError(f"{self.path} failed its integrity check ({check}); left untouched")
         ours = app == self.app_id or (app == 0 and bool(self.legacy_tables) and self.legacy_tables <= tables)
@@ -186,6 +195,27 @@ class SQLiteStore:
         if version > self.schema_version:
             raise SchemaVersionError(f"{self.path} has {self.kind} schema {version}, this kvmas reads up to "
                                      f"{self.schema_version}; left untouched")
+        if version == self.schema_version:
+            for table, want in self._schema_columns().items():
+                if columns.get(table) != want:
+                    raise CacheCorruptError(f"{self.path}: table {table} does not have the columns of a kvmas "
+                                            f"{self.kind} (altered outside kvmas); left untouched")
+
+    @classmethod
+    def _schema_columns(cls) -> dict[str, list[str]]:
+        """The columns of every table :attr:`schema` creates (made once per class, in memory)."""
+        cached = cls.__dict__.get("_columns_cache")
+        if cached is None:
+            conn = sqlite3.connect(":memory:")
+            try:
+                for stmt in filter(str.strip, cls.schema.split(";")):
+                    conn.execute(stmt)
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                cached = _columns(conn, tables)
+            finally:
+                conn.close()
+            cls._columns_cache = cached
+        return cached
 
     def _init_schema(self) -> bool:
         """Create the tables in a new file (True), or stamp an older kvmas file's ``application_id``."""

@@ -1,4 +1,4 @@
-"""Where kvmas keeps its data, file names made from data, and atomic file writes.
+"""Where kvmas keeps its data, file names made from data, strict JSON reading, and atomic file writes.
 
 >>> from kvmas.paths import kvmas_home, safe_name
 >>> kvmas_home().name  # doctest: +SKIP
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from kvmas.errors import BadInputError, OutputError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _STALE_UNTAGGED_S = 3600.0  # a temp file of an older kvmas (no writer pid in its name) is stale after an hour
 
 
@@ -35,6 +38,55 @@ def kvmas_home() -> Path:
     except OSError as exc:
         raise OutputError.of(exc, root, "use as the kvmas data dir") from None
     return root
+
+
+def loads_json(text: str | bytes, what: str = "JSON") -> Any:
+    """Parse JSON text strictly: :class:`BadInputError` (one line) for text that is not UTF-8, not JSON,
+    nested too deeply, or holding a lone surrogate escape (text no file or store can hold).
+
+    >>> loads_json('{"a": [1, 2]}')
+    {'a': [1, 2]}
+    >>> loads_json('"\\ud800"')
+    Traceback (most recent call last):
+    kvmas.errors.BadInputError: JSON: holds a lone surrogate (\\ud800...), which is not text
+    """
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text)
+    except UnicodeDecodeError:
+        raise BadInputError(f"{what}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{what}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise BadInputError(f"{what}: nested too deeply") from None
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                raise BadInputError(f"{what}: holds a lone surrogate (\\ud800...), which is not text")
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a JSON file strictly (:func:`loads_json`); a missing, unreadable or non-file path is a
+    :class:`BadInputError` naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInputError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{what} {path} is a directory") from None
+    except OSError as exc:
+        raise BadInputError(f"unreadable {what} {path}: {exc.strerror or exc}") from None
+    return loads_json(data, f"{what} {path}")
 
 
 def safe_name(text: str, *, max_len: int = 80) -> str:

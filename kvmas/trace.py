@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, SchemaVersionError
-from kvmas.paths import atomic_write_text
+from kvmas.paths import atomic_write_text, read_json
 
 TRACE_SCHEMA_VERSION = 1
 
@@ -139,12 +139,7 @@ class Trace(BaseModel):
     def load(cls, path: str | Path) -> "Trace":
         """Read a trace; a missing, unreadable or foreign file raises :class:`BadInputError`."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInputError(f"trace file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise BadInputError(f"unreadable trace file {path}: {_why(exc)}") from None
+        raw = read_json(path, "trace file")
         if not isinstance(raw, dict) or "schema_version" not in raw or "steps" not in raw:
             raise BadInputError(f"{path} is not a kvmas trace (no schema_version/steps)")
         version = raw["schema_version"]
@@ -159,17 +154,6 @@ class Trace(BaseModel):
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
             raise BadInputError(f"invalid trace {path}: {loc}: {first['msg']}") from exc
-
-
-def _why(exc: BaseException) -> str:
-    """One line on why a file could not be read."""
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not JSON ({exc.msg} at line {exc.lineno})"
-    if isinstance(exc, UnicodeDecodeError):
-        return "not UTF-8 text"
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 class Stopwatch:

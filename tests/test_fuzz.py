@@ -2,7 +2,9 @@
 another exception (trace, pipeline spec, attribution log, task file, scorer weights, pool and skill exports,
 state files, store files)."""
 
+import contextlib
 import copy
+import itertools
 import json
 import sqlite3
 import tempfile
@@ -22,6 +24,8 @@ SCALAR = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allo
 JSON = st.recursive(SCALAR, lambda c: st.lists(c, max_size=4) | st.dictionaries(TEXT, c, max_size=4),
                     max_leaves=12)
 DIR = Path(tempfile.mkdtemp(prefix="kvmas-fuzz-"))
+COUNT = itertools.count()
+HOSTILE = ["[/]", "[bold]x[/bold", "\x1b]0;t\x07", "\x1b[2J", "\r", "\u202e", "\x00", "\ud800", "../../x", "", " "]
 
 
 def paths(doc, prefix=()):
@@ -42,7 +46,7 @@ def mutated(data, doc):
         parent = doc
         for k in path[:-1]:
             parent = parent[k]
-        op = data.draw(st.sampled_from(["json", "delete", "string", "null", "big", "add"]))
+        op = data.draw(st.sampled_from(["json", "delete", "string", "null", "big", "add", "hostile"]))
         key = path[-1]
         if op == "delete":
             del parent[key]
@@ -50,8 +54,15 @@ def mutated(data, doc):
             parent[data.draw(TEXT)] = data.draw(JSON)
         else:
             parent[key] = {"json": lambda: data.draw(JSON), "string": lambda: str(parent[key]), "null": lambda: None,
-                           "big": lambda: 10 ** 30, "add": lambda: data.draw(JSON)}[op]()
+                           "big": lambda: 10 ** 30, "add": lambda: data.draw(JSON),
+                           "hostile": lambda: data.draw(st.sampled_from(HOSTILE))}[op]()
     return doc
+
+
+def random_or_mutated(data, *valid):
+    """Random JSON, or one of the ``valid`` documents with random edits."""
+    pick = data.draw(st.integers(0, len(valid)))
+    return data.draw(JSON) if pick == len(valid) else mutated(data, valid[pick])
 
 
 def write(name, content):
@@ -95,7 +106,7 @@ def valid_whowhen():
 def test_trace_loader(data):
     from kvmas.trace import Trace
 
-    doc = data.draw(st.one_of(JSON, st.just(valid_trace()).map(lambda d: mutated(data, d))))
+    doc = random_or_mutated(data, valid_trace())
     t = typed_or_valid(Trace.load, write("t.json", doc))
     if t is not None:
         again = Trace.load(t.save(DIR / "t2.json"))  # what was accepted can be written and read back
@@ -123,7 +134,7 @@ def test_trace_render_is_literal_for_any_accepted_trace(data):
 def test_pipeline_spec_parser(data):
     from kvmas.organizer.spec import PipelineSpec
 
-    doc = data.draw(st.one_of(JSON, st.just(valid_spec()).map(lambda d: mutated(data, d))))
+    doc = random_or_mutated(data, valid_spec())
     spec = typed_or_valid(PipelineSpec.load, write("s.json", doc))
     if spec is not None:
         assert PipelineSpec.from_json(spec.to_json()) == spec
@@ -136,8 +147,7 @@ def test_attribution_log_parser(data):
     from kvmas.attribution.attributor import LogAttributor
     from kvmas.attribution.log import load_log
 
-    doc = data.draw(st.one_of(JSON, st.just(valid_whowhen()).map(lambda d: mutated(data, d)),
-                              st.just(valid_trace()).map(lambda d: mutated(data, d))))
+    doc = random_or_mutated(data, valid_whowhen(), valid_trace())
     log = typed_or_valid(load_log, write("log.json", doc))
     if log is not None:
         assert log.agents()
@@ -162,29 +172,37 @@ def test_task_file_parser(records, junk):
 def test_scorer_weights_parser(data):
     from kvmas.attribution.scorer import StepScorer
 
-    doc = data.draw(st.one_of(JSON, st.just({"schema": 1, "l2": 1.0, "weights": {"bias": 0.5}})
-                              .map(lambda d: mutated(data, d))))
+    doc = random_or_mutated(data, {"schema": 1, "l2": 1.0, "weights": {"bias": 0.5}})
     typed_or_valid(StepScorer.load, write("w.json", doc))
+
+
+@pytest.fixture(scope="module")
+def export_docs():
+    from kvmas.organizer.pool import KnowledgePool
+
+    pool = KnowledgePool(DIR / "export-source.sqlite")
+    skills = {"format": "kvmas-skills", "schema_version": 1, "skills": [
+        {"scope": "s", "name": "N", "activation": "a", "steps": ["x"], "termination": "t", "stats": {}}]}
+    return json.loads(pool.export_json()), skills
 
 
 @FAST
 @given(st.data())
-def test_store_export_parsers(data):
+def test_store_export_parsers(export_docs, data):
     from kvmas.memory.store import SkillStore
     from kvmas.organizer.pool import KnowledgePool
 
-    pool = KnowledgePool(DIR / "pool.sqlite")
-    skills = SkillStore(DIR / "skills.sqlite")
-    pool_doc = json.loads(pool.export_json())
-    skills_doc = {"format": "kvmas-skills", "schema_version": 1, "skills": [
-        {"scope": "s", "name": "N", "activation": "a", "steps": ["x"], "termination": "t", "stats": {}}]}
-    doc = data.draw(st.one_of(JSON, st.just(pool_doc).map(lambda d: mutated(data, d))))
-    typed_or_valid(pool.import_json, write("pool.json", doc))
-    assert pool.entries(include_retired=True) is not None
-    doc = data.draw(st.one_of(JSON, st.just(skills_doc).map(lambda d: mutated(data, d))))
-    typed_or_valid(skills.import_file, write("skills.json", doc))
+    pool_doc, skills_doc = export_docs
+    n = next(COUNT)
+    pool, skills = KnowledgePool(DIR / f"pool-{n}.sqlite", seed=False), SkillStore(DIR / f"skills-{n}.sqlite")
+    typed_or_valid(pool.import_json, write("pool.json", random_or_mutated(data, pool_doc)))
+    for e in pool.entries(include_retired=True):  # what was imported reads back
+        assert e.spec.describe()
+    typed_or_valid(skills.import_file, write("skills.json", random_or_mutated(data, skills_doc)))
     for s in skills.all():
         skills.stats(s.id)
+    pool.close()
+    skills.close()
 
 
 # -- binary loaders ---------------------------------------------------------------------------------------
@@ -203,7 +221,7 @@ def test_state_loader(state_bytes, data):
     from kvmas.agents.state import LatentState
 
     model, valid = state_bytes
-    blob = data.draw(st.one_of(st.binary(max_size=300), st.just(valid).map(lambda b: bytes_mutated(data, b))))
+    blob = bytes_mutated(data, valid) if data.draw(st.booleans()) else data.draw(st.binary(max_size=300))
     s = typed_or_valid(LatentState.load, write("s.safetensors", blob), model)
     if s is not None:
         assert blob == valid  # only the untouched file is accepted
@@ -248,10 +266,8 @@ def store_files():
 @given(st.data(), st.sampled_from(["pool", "skills"]))
 def test_store_loaders(store_files, data, kind):
     make, valid = store_files[kind]
-    blob = data.draw(st.one_of(st.binary(max_size=600), st.just(valid).map(lambda b: bytes_mutated(data, b))))
-    for suffix in ("-wal", "-shm"):
-        Path(f"{DIR}/x-{kind}.sqlite{suffix}").unlink(missing_ok=True)
-    path = write(f"x-{kind}.sqlite", blob)
+    blob = bytes_mutated(data, valid) if data.draw(st.booleans()) else data.draw(st.binary(max_size=600))
+    path = write(f"x-{kind}-{next(COUNT)}.sqlite", blob)
     store = typed_or_valid(make, path)
     if store is None:
         return
@@ -267,6 +283,45 @@ def test_store_loaders(store_files, data, kind):
             typed_or_valid(store.scopes)
     finally:
         store.close()
+
+
+CELLS = {"pool": [("entries", c) for c in ("query", "tags", "spec", "trials", "weight", "name", "origin", "tokens")]
+         + [("embeddings", "vec"), ("embeddings", "dim")],
+         "skills": [("skills", c) for c in ("body", "name", "scope", "status", "version", "id", "lineage_id")]
+         + [("skill_stats", "n_episodes"), ("skill_stats", "sum_credit"), ("events", "after_json"),
+            ("events", "before_json"), ("meta", "value")]}
+
+
+@FAST
+@given(st.data(), st.sampled_from(["pool", "skills"]))
+def test_store_rows_altered_outside_kvmas(store_files, data, kind):
+    """A sound SQLite file whose rows another program rewrote: every read is valid or a typed refusal."""
+    make, valid = store_files[kind]
+    path = write(f"rows-{kind}-{next(COUNT)}.sqlite", valid)  # a fresh file: no connection of an earlier example
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as c:
+        for table, col in data.draw(st.lists(st.sampled_from(CELLS[kind]), min_size=1, max_size=3)):
+            value = data.draw(st.one_of(SCALAR.filter(lambda v: not isinstance(v, str) or "\ud800" not in v),
+                                        st.binary(max_size=8), JSON.map(json.dumps)))
+            if isinstance(value, int) and abs(value) >= 2**63:
+                value = str(value)
+            try:
+                c.execute(f"UPDATE {table} SET {col} = ?", (value,))
+            except sqlite3.IntegrityError:  # a constraint of the schema refuses it: that alteration is impossible
+                pass
+    store = typed_or_valid(make, path)
+    if store is None:
+        return
+    if kind == "pool":
+        typed_or_valid(store.entries, True)
+        typed_or_valid(store.search, "eggs")
+        typed_or_valid(store.stats)
+    else:
+        for s in typed_or_valid(store.all) or []:
+            typed_or_valid(store.stats, s.id)
+            typed_or_valid(store.history, s.id)
+        typed_or_valid(store.events)
+        typed_or_valid(store.export)
+    store.close()
 
 
 def test_a_refused_store_file_is_left_byte_identical(store_files):

@@ -59,7 +59,7 @@ def test_invalid_specs_name_the_field(data, path):
 
 
 def test_not_json_and_too_many_nodes():
-    with pytest.raises(BadInputError, match="not JSON"):
+    with pytest.raises(BadInputError, match="not valid JSON"):
         PipelineSpec.from_json("{nodes: ")
     nodes = [{"id": f"n{i}", "type": "single"} for i in range(40)]
     with pytest.raises(BadInputError, match="at most 32"):

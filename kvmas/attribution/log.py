@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvmas.errors import BadInputError
+from kvmas.paths import read_json
 from kvmas.trace import Trace
 
 TERMINAL_HINTS = frozenset({"terminal", "executor", "tool", "interpreter", "shell", "console"})
@@ -266,12 +267,7 @@ def iter_logs(path: str | Path) -> Iterator[AttributionLog]:
 def load_log(path: str | Path) -> AttributionLog:
     """Read one log file: a kvmas trace, a Who&When record, or a generic ``[{agent, content}]`` list."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BadInputError(f"log file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"unreadable log file {path}: {exc}") from exc
+    raw = read_json(path, "log file")
     if isinstance(raw, dict) and "schema_version" in raw and "steps" in raw:
         return from_trace(Trace.load(path))
     if isinstance(raw, dict) and "history" in raw:

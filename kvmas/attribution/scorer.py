@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kvmas.errors import BadInputError, SchemaVersionError
-from kvmas.paths import atomic_write_text
+from kvmas.paths import atomic_write_text, read_json
 
 WEIGHTS_SCHEMA = 1
 
@@ -74,10 +74,7 @@ class StepScorer:
     @classmethod
     def load(cls, path: str | Path) -> "StepScorer":
         """Weights written by :meth:`save`; anything else is a :class:`BadInputError` naming the field."""
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise BadInputError(f"unreadable scorer weights {path}: {type(exc).__name__}") from None
+        raw = read_json(path, "scorer weights")
         if not isinstance(raw, dict) or not isinstance(raw.get("weights"), dict):
             raise BadInputError(f"{path}: not scorer weights (no 'weights' object)")
         schema, l2, weights = raw.get("schema", 0), raw.get("l2", 1.0), raw["weights"]

@@ -26,9 +26,9 @@ from pydantic import BaseModel, ValidationError
 
 from kvmas.db import SQLiteStore
 from kvmas.clock import utc_now
-from kvmas.errors import BadInputError
+from kvmas.errors import BadInputError, CacheCorruptError
 from kvmas.memory.skill import LIVE, TRANSITIONS, Skill, SkillStats
-from kvmas.paths import atomic_write_text, kvmas_home
+from kvmas.paths import atomic_write_text, kvmas_home, read_json
 
 STORE_SCHEMA_VERSION = 1
 STORE_APP_ID = 0x6B766D73  # "kvms": marks a kvmas skill store file
@@ -134,18 +134,25 @@ class SkillStore(SQLiteStore):
             sql += " AND scope=?"
             args.append(scope)
         rows = self.connection().execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-        return [Event(seq=r["seq"], ts=r["ts"], actor=r["actor"], op=r["op"], scope=r["scope"],
-                      skill_id=r["skill_id"], reason=r["reason"],
-                      before=json.loads(r["before_json"]) if r["before_json"] else None,
-                      after=json.loads(r["after_json"]) if r["after_json"] else None) for r in rows]
+        try:
+            return [Event(seq=r["seq"], ts=r["ts"], actor=r["actor"], op=r["op"], scope=r["scope"],
+                          skill_id=r["skill_id"], reason=r["reason"],
+                          before=json.loads(r["before_json"]) if r["before_json"] else None,
+                          after=json.loads(r["after_json"]) if r["after_json"] else None) for r in rows]
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise CacheCorruptError(f"an event row of {self.path} is unreadable ({type(exc).__name__})") from None
 
     # -- skills --------------------------------------------------------------------------------
     @staticmethod
     def _row_to_skill(r: sqlite3.Row) -> Skill:
-        body = json.loads(r["body"])
-        return Skill(id=r["id"], lineage_id=r["lineage_id"], parent_id=r["parent_id"], version=r["version"],
-                     scope=r["scope"], name=r["name"], status=r["status"], pinned=bool(r["pinned"]),
-                     source=r["source"], created_at=r["created_at"], **body)
+        try:
+            body = json.loads(r["body"])
+            return Skill(id=r["id"], lineage_id=r["lineage_id"], parent_id=r["parent_id"], version=r["version"],
+                         scope=r["scope"], name=r["name"], status=r["status"], pinned=bool(r["pinned"]),
+                         source=r["source"], created_at=r["created_at"], **body)
+        except (ValueError, TypeError, RecursionError) as exc:  # JSON and pydantic errors are ValueErrors
+            raise CacheCorruptError(f"skill row {str(r['id'])[:32]!r} is unreadable "
+                                    f"({type(exc).__name__}); the store was altered outside kvmas") from None
 
     def _insert(self, c: sqlite3.Connection, skill: Skill, stats: SkillStats | None, *, actor: str,
                 reason: str, op: str = "create") -> tuple[str, bool]:
@@ -192,7 +199,10 @@ class SkillStore(SQLiteStore):
         r = self.connection().execute("SELECT * FROM skill_stats WHERE skill_id=?", (skill_id,)).fetchone()
         if r is None:
             raise BadInputError(f"no stats for skill {skill_id!r}")
-        return SkillStats(**{k: r[k] for k in _STAT_COLS})
+        try:
+            return SkillStats(**{k: r[k] for k in _STAT_COLS})
+        except ValidationError as exc:
+            raise CacheCorruptError(f"the stats of skill {skill_id!r} are unreadable ({field_error(exc)})") from None
 
     def list(self, scope: str | None = None, status: str | tuple[str, ...] | None = None, *,
              limit: int = 50, after: int = 0) -> tuple[list[Skill], int | None]:
@@ -384,7 +394,11 @@ class SkillStore(SQLiteStore):
         sql = ("SELECT g.* FROM gate_results g JOIN skills s ON s.id = g.skill_id WHERE (? IS NULL OR g.skill_id=?)"
                " AND (? IS NULL OR s.scope=?) ORDER BY g.seq")
         rows = self.connection().execute(sql, (skill_id, skill_id, scope, scope)).fetchall()
-        return [dict(json.loads(r["report_json"]), accepted=bool(r["accepted"]), skill_id=r["skill_id"]) for r in rows]
+        try:
+            return [dict(json.loads(r["report_json"]), accepted=bool(r["accepted"]), skill_id=r["skill_id"])
+                    for r in rows]
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise CacheCorruptError(f"a gate report of {self.path} is unreadable ({type(exc).__name__})") from None
 
     # -- history & rollback -------------------------------------------------------------------
     def history(self, skill_or_lineage: str) -> list[Event]:
@@ -495,11 +509,5 @@ class SkillStore(SQLiteStore):
         return counts
 
     def import_file(self, path: str | Path, **kw: Any) -> dict[str, int]:
-        try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise BadInputError(f"skill file not found: {path}") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"unreadable skill file {path}: {exc}") from exc
-        return self.import_doc(doc, **kw)
+        return self.import_doc(read_json(path, "skill file"), **kw)
 

@@ -47,7 +47,7 @@ from kvmas.clock import utc_now
 from kvmas.db import SQLiteStore
 from kvmas.errors import BadInputError, CacheCorruptError
 from kvmas.organizer.spec import PipelineSpec
-from kvmas.paths import atomic_write_text, kvmas_home
+from kvmas.paths import atomic_write_text, kvmas_home, loads_json, read_json
 
 POOL_SCHEMA_VERSION = 1
 POOL_APP_ID = 0x6B766D70  # "kvmp": marks a kvmas pool file
@@ -207,8 +207,9 @@ class KnowledgePool(SQLiteStore):
                 successes=row["successes"], fail_streak=row["fail_streak"], weight=min(1.0, max(0.0, row["weight"])),
                 retired=bool(row["retired"]), tokens=row["tokens"], time_s=row["time_s"], created=row["created"],
                 updated=row["updated"])
-        except (ValidationError, json.JSONDecodeError) as exc:
-            raise CacheCorruptError(f"pool entry {row['id']} is unreadable: {exc}") from None
+        except (ValueError, TypeError, RecursionError) as exc:  # JSON and pydantic errors are ValueErrors
+            raise CacheCorruptError(f"pool entry {str(row['id'])[:20]} is unreadable ({type(exc).__name__}); the "
+                                    "pool was altered outside kvmas") from None
 
     def entries(self, include_retired: bool = False) -> list[Entry]:
         """All entries (oldest first)."""
@@ -437,18 +438,10 @@ class KnowledgePool(SQLiteStore):
     def import_json(self, source: str | Path) -> dict[str, int]:
         """Merge an export (a path or JSON text). Counts of an existing entry take the larger of the two values,
         so importing the same file twice changes nothing. Returns ``{"added", "updated"}``."""
-        text = source
         if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
-            try:
-                text = Path(source).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise BadInputError(f"cannot read pool export {source}: {exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"pool export is not JSON: {exc.msg} at line {exc.lineno}") from None
-        except RecursionError:
-            raise BadInputError("pool export is nested too deeply") from None
+            data = read_json(source, "pool export")
+        else:
+            data = loads_json(source, "pool export")
         self.open_envelope(data, legacy_version_key="schema")  # exports before kvmas 0.2 named it "schema"
         parsed: list[tuple[Entry, list[dict[str, Any]]]] = []
         entries = data.get("entries") or []

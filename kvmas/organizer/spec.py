@@ -20,7 +20,6 @@ kvmas.errors.BadInputError: invalid pipeline spec: nodes[0].type: unknown primit
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +28,7 @@ import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvmas.errors import BadInputError
-from kvmas.paths import atomic_write_text
+from kvmas.paths import atomic_write_text, loads_json
 
 SPEC_VERSION = 1
 MAX_NODES = 32
@@ -162,11 +161,7 @@ class PipelineSpec(BaseModel):
     @classmethod
     def from_json(cls, text: str) -> "PipelineSpec":
         """Parse and validate JSON text."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"invalid pipeline spec: not JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(loads_json(text, "invalid pipeline spec"))
 
     @classmethod
     def chain(cls, *steps: tuple[str, dict[str, Any]] | str) -> "PipelineSpec":

@@ -22,7 +22,6 @@ licence) and ``arc-easy-sample`` (ARC-Easy test items 0-19, AI2 ARC, CC BY-SA 4.
 
 from __future__ import annotations
 
-import json
 import random
 from importlib import resources
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvmas.errors import BadInputError
+from kvmas.paths import loads_json
 from kvmas.tasks.generator import generate_tasks
 from kvmas.tasks.task import Task
 
@@ -142,10 +142,7 @@ def _read_lines(text: str, where: str, adapter: TaskAdapter | str | None, limit:
             continue
         if limit is not None and len(tasks) >= limit:
             break
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from exc
+        record = loads_json(line, f"{where}:{lineno}")
         if not isinstance(record, dict):
             raise BadInputError(f"{where}:{lineno}: expected a JSON object, got {type(record).__name__}")
         chosen = chosen or _detect(record, f"{where}:{lineno}")
