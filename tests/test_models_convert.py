@@ -274,8 +274,10 @@ def test_corruption_is_detected_by_checksum(tiny_gguf, tmp_path):
         verify_cache(out, full=True)  # ...a full check catches it
     with open(weights, "r+b") as fh:
         fh.truncate(st.st_size - 1)
+    with pytest.raises(CacheCorruptError, match="failed verification"):
+        verify_cache(out)  # marked damaged by the failures above
     with pytest.raises(CacheCorruptError, match="bytes"):
-        verify_cache(out)
+        verify_cache(out, full=True)
 
 
 def test_touched_but_intact_file_is_rehashed_once(tiny_gguf, tmp_path):
@@ -309,3 +311,26 @@ def test_foreign_manifest_is_not_ours(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"kind": "something-else", "schema_version": 1}))
     with pytest.raises(CacheCorruptError, match="not a kvmas"):
         read_manifest(tmp_path)
+
+
+def test_a_failed_verification_sticks_until_a_full_one_passes(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    out = tmp_path / "tiny"
+    convert_gguf(path, out, name="tiny")
+    weights = out / "model.safetensors"
+    st = weights.stat()
+    good = weights.read_bytes()
+    bad = bytearray(good)
+    bad[-100] ^= 0xFF
+    weights.write_bytes(bytes(bad))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the flip hides behind the old mtime
+    verify_cache(out)  # the quick check trusts the mtime...
+    with pytest.raises(CacheCorruptError, match="sha256"):
+        verify_cache(out, full=True)  # ...the full one does not
+    for _ in range(2):  # and from now on neither does the quick one
+        with pytest.raises(CacheCorruptError, match="failed verification"):
+            verify_cache(out)
+    assert "sha256" in read_manifest(out).damaged
+    weights.write_bytes(good)  # repaired: a full verification clears the mark
+    assert verify_cache(out, full=True).damaged == ""
+    assert verify_cache(out).damaged == "" and read_manifest(out).damaged == ""

@@ -306,3 +306,22 @@ def test_hub_id_resolves_only_from_the_local_hf_cache(tmp_path, monkeypatch):
     assert directory.resolve() == snap.resolve() and name == "someorg/tiny"
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
         inst.model_dir("someorg/other")
+
+
+def test_a_cache_that_failed_verify_is_not_used_even_with_its_old_mtime(gguf_bytes, tmp_path, home):
+    import os
+
+    sources = DirSources(split_parts(gguf_bytes, tmp_path / "parts"))
+    entry = tiny_entry(gguf_bytes)
+    inst.install(entry.name, entry=entry, sources=sources)
+    weights = cache_dir(entry.name) / "model.safetensors"
+    st, raw = weights.stat(), bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CacheCorruptError):
+        verify_cache(cache_dir(entry.name), full=True)  # `kvmas models verify` fails once...
+    with pytest.raises(ModelNotFoundError, match="damaged"):  # ...and it sticks: never used as it is
+        inst.ensure_cache(entry, sources=DirSources(None))
+    assert inst.ensure_cache(entry, sources=sources) == cache_dir(entry.name)  # rebuilt from its sources
+    assert verify_cache(cache_dir(entry.name), full=True).damaged == ""

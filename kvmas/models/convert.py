@@ -64,6 +64,7 @@ class CacheManifest(BaseModel):
     load_s: float | None = None  # warm load of the converted dir (tokenizer + fp32 model), measured here
     files: dict[str, FileSum]
     stamps: dict[str, int] = {}  # mtime_ns at last verification: unchanged files skip re-hashing
+    damaged: str = ""  # why the last verification failed; sticks until a full verification passes or a rebuild
 
 
 def _version(dist: str) -> str:
@@ -115,7 +116,9 @@ def verify_cache(directory: str | os.PathLike, *, full: bool = False) -> CacheMa
     """Check a cache dir against its manifest; return the manifest or raise :class:`CacheCorruptError`.
 
     Every file must exist with its recorded size. A file is re-hashed when its mtime differs from the one
-    recorded at its last verification (the git-index rule), or always with ``full=True``.
+    recorded at its last verification (the git-index rule), or always with ``full=True``. A failure is
+    recorded in the manifest (``damaged``): the cache stays refused, whatever the mtimes say, until a full
+    verification passes again (``kvmas models verify``) or it is rebuilt.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -123,24 +126,35 @@ def verify_cache(directory: str | os.PathLike, *, full: bool = False) -> CacheMa
         raise CacheCorruptError(f"{directory} has no {MANIFEST}: not a complete kvmas model cache")
     if manifest.schema_version < SCHEMA_VERSION:
         raise CacheCorruptError(f"{directory} uses the old cache schema {manifest.schema_version}; rebuild it")
+    if manifest.damaged and not full:
+        raise CacheCorruptError(f"{directory} failed verification ({manifest.damaged}); rebuild it, or run "
+                                "`kvmas models verify` to check it again")
     rehashed: dict[str, int] = {}
-    for rel, want in manifest.files.items():
-        path = directory / rel
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise CacheCorruptError(f"{path} is missing from the model cache") from None
-        if st.st_size != want.size:
-            raise CacheCorruptError(f"{path} has {st.st_size} bytes, the manifest says {want.size}")
-        if full or manifest.stamps.get(rel) != st.st_mtime_ns:
-            if sha256_file(path) != want.sha256:
-                raise CacheCorruptError(f"{path} failed its sha256 check")
-            rehashed[rel] = st.st_mtime_ns
-    if rehashed and any(manifest.stamps.get(k) != v for k, v in rehashed.items()):
-        manifest = manifest.model_copy(update={"stamps": {**manifest.stamps, **rehashed}})
-        with contextlib.suppress(OSError):  # a read-only cache stays valid; we just re-hash next time
-            atomic_write_text(directory / MANIFEST, manifest.model_dump_json(indent=2))
+    try:
+        for rel, want in manifest.files.items():
+            path = directory / rel
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise CacheCorruptError(f"{path} is missing from the model cache") from None
+            if st.st_size != want.size:
+                raise CacheCorruptError(f"{path} has {st.st_size} bytes, the manifest says {want.size}")
+            if full or manifest.stamps.get(rel) != st.st_mtime_ns:
+                if sha256_file(path) != want.sha256:
+                    raise CacheCorruptError(f"{path} failed its sha256 check")
+                rehashed[rel] = st.st_mtime_ns
+    except CacheCorruptError as exc:
+        _write_manifest(directory, manifest.model_copy(update={"damaged": str(exc)}))
+        raise
+    if manifest.damaged or (rehashed and any(manifest.stamps.get(k) != v for k, v in rehashed.items())):
+        manifest = manifest.model_copy(update={"stamps": {**manifest.stamps, **rehashed}, "damaged": ""})
+        _write_manifest(directory, manifest)
     return manifest
+
+
+def _write_manifest(directory: Path, manifest: CacheManifest) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache: the check is just repeated next time
+        atomic_write_text(directory / MANIFEST, manifest.model_dump_json(indent=2))
 
 
 def refuse_newer(directory: str | os.PathLike) -> None:
