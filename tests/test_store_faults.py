@@ -102,47 +102,51 @@ def skill_problems(st, skill_id, writers, n):
 
 # -- the harness ----------------------------------------------------------------------------------------------
 def run_with_kills(target, args_of, writers, *, kills, seed=0, deadline_s=60.0):
-    """Start ``writers`` processes, SIGKILL a random one (inside its loop) until ``kills`` kills, restart each
-    killed one; returns the kills made. Every writer must finish with exit code 0."""
+    """Start ``writers`` processes on ``args_of(k, n)``, SIGKILL a random one (inside its loop) and restart it,
+    until ``kills`` kills are made; a round that finishes first is followed by one with ``ITERATIONS`` more
+    iterations (writers resume where the store says). Every writer must end with exit code 0. Returns
+    ``(kills made, iterations per writer)``."""
     rng = random.Random(seed)
     progress = [CTX.RawValue("i", 0) for _ in range(writers)]
+    made, n, t0 = 0, 0, time.monotonic()
 
     def start(k):
-        p = CTX.Process(target=target, args=(*args_of(k), progress[k]))
+        p = CTX.Process(target=target, args=(*args_of(k, n), progress[k]))
         p.start()
         return p
 
-    procs = [start(k) for k in range(writers)]
-    made, t0 = 0, time.monotonic()
-    while any(p.is_alive() for p in procs):
-        assert time.monotonic() - t0 < deadline_s, "writers did not finish in time"
-        time.sleep(rng.uniform(0.0005, 0.01))
-        live = [k for k, p in enumerate(procs) if p.is_alive() and progress[k].value > 0]
-        if made < kills and live:
-            k = rng.choice(live)
-            os.kill(procs[k].pid, signal.SIGKILL)
-            procs[k].join()
-            made += 1
-            progress[k].value = 0
-            procs[k] = start(k)
-    assert [p.exitcode for p in procs] == [0] * writers
-    return made
+    while made < kills:
+        n += ITERATIONS
+        procs = [start(k) for k in range(writers)]
+        while any(p.is_alive() for p in procs):
+            assert time.monotonic() - t0 < deadline_s, "writers did not finish in time"
+            time.sleep(rng.uniform(0.0005, 0.01))
+            live = [k for k, p in enumerate(procs) if p.is_alive() and progress[k].value > 0]
+            if made < kills and live:
+                k = rng.choice(live)
+                os.kill(procs[k].pid, signal.SIGKILL)
+                procs[k].join()
+                made += 1
+                progress[k].value = 0
+                procs[k] = start(k)
+        assert [p.exitcode for p in procs] == [0] * writers
+    return made, n
 
 
 def test_killed_pool_writers_lose_no_outcome(tmp_path):
     path = tmp_path / "pool.sqlite"
     entry, _ = KnowledgePool(path, seed=False).add("shared question", SPEC)
-    made = run_with_kills(pool_writer, lambda k: (path, k, ITERATIONS, entry.id), WRITERS, kills=KILLS, seed=1)
+    made, n = run_with_kills(pool_writer, lambda k, n: (path, k, n, entry.id), WRITERS, kills=KILLS, seed=1)
     assert made == KILLS
-    assert pool_problems(KnowledgePool(path, seed=False), entry.id, WRITERS, ITERATIONS) == []
+    assert pool_problems(KnowledgePool(path, seed=False), entry.id, WRITERS, n) == []
 
 
 def test_killed_skill_writers_lose_no_credit(tmp_path):
     path = tmp_path / "skills.sqlite"
     shared, _ = SkillStore(path).add(Skill(scope="c", name="Shared", activation="x", steps=["y"], termination="z"))
-    made = run_with_kills(skill_writer, lambda k: (path, k, ITERATIONS, shared.id), WRITERS, kills=KILLS, seed=2)
+    made, n = run_with_kills(skill_writer, lambda k, n: (path, k, n, shared.id), WRITERS, kills=KILLS, seed=2)
     assert made == KILLS
-    assert skill_problems(SkillStore(path), shared.id, WRITERS, ITERATIONS) == []
+    assert skill_problems(SkillStore(path), shared.id, WRITERS, n) == []
 
 
 def test_the_checks_catch_a_split_transaction(tmp_path):
