@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from kvmas.agents.state import LatentState, MergePolicy
+from kvmas.agents.stream import TextStream
 from kvmas.errors import BadInputError
 from kvmas.trace import Step, Trace, Usage
 
@@ -62,6 +63,9 @@ class RunContext:
     skills: SkillSource | None = None
     started: float = field(default_factory=time.perf_counter)
     trace_path: Any = None  # where close_run writes the trace, if anywhere
+    # called as listener(agent, text_delta, final) while an agent speaks (one row: its text as it is decoded;
+    # several rows: "" per tick); ``final``: the speech is the run's answer. Raising from it stops the run.
+    listener: Any = None
     _credited: dict[str, set[int]] = field(default_factory=dict)
 
     def intervention(self, agent: str) -> Intervention | None:
@@ -225,8 +229,11 @@ class Agent:
         return merged
 
     def speak(self, ctx: RunContext, state: LatentState, *, max_new_tokens: int | None = None,
-              seed: int | None = None) -> tuple[list[str] | str, LatentState]:
-        """Decode from every row; returns (text, or a list of texts for several rows) and the new state."""
+              seed: int | None = None, final: bool = False) -> tuple[list[str] | str, LatentState]:
+        """Decode from every row; returns (text, or a list of texts for several rows) and the new state.
+
+        ``final``: this speech is the run's answer (``ctx.listener`` is told so with every delta).
+        """
         t0 = time.perf_counter()
         iv = ctx.intervention(self.name)
         if iv is not None:
@@ -235,12 +242,27 @@ class Agent:
             pre = 0 if after is state else sum(len(r) for r in after.segments[-1].token_ids)
             self._record(ctx, "speak", state, after, t0, Usage(prefilled=pre), text_out=texts[0],
                          intervention=iv.kind)
+            if ctx.listener is not None and state.rows == 1 and texts[0]:
+                ctx.listener(self.name, texts[0], final)
             return (texts[0] if state.rows == 1 else texts), after
         reused = ctx.reused_for(self.name, state)
+        on_token, stream = None, None
+        if ctx.listener is not None:
+            listener = ctx.listener
+            if state.rows == 1:
+                stream = TextStream(ctx.model, self.stop)
+                on_token = lambda row, tok: listener(self.name, stream.push(tok), final)  # noqa: E731
+            else:
+                on_token = lambda row, tok: listener(self.name, "", final)  # noqa: E731
         sp = state.speak(
             max_new_tokens or self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=ctx.seed if seed is None else seed, stop=self.stop, agent=self.name, role=self.role,
+            on_token=on_token,
         )
+        if stream is not None:
+            rest = stream.close(sp.texts[0])
+            if rest:
+                ctx.listener(self.name, rest, final)
         gen = sum(len(r) for r in sp.token_ids)
         shown = sp.texts[0] if state.rows == 1 else "\n---\n".join(sp.texts)
         self._record(ctx, "speak", state, sp.state, t0, Usage(generated=gen, reused=reused), text_out=shown,

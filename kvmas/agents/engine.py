@@ -29,6 +29,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
@@ -114,6 +115,19 @@ class Engine:
     def is_member(self) -> bool:
         with self._cv:
             return threading.get_ident() in self._members
+
+    @contextmanager
+    def member(self):
+        """This thread's forwards join the batch while inside (a server's request threads use it: each
+        request joins the running batch at its next tick and leaves when done)."""
+        if self.is_member():
+            yield
+            return
+        self.join()
+        try:
+            yield
+        finally:
+            self.leave()
 
     def join(self) -> None:
         with self._cv:
@@ -375,11 +389,8 @@ def run_batched(model, jobs: Sequence[Callable[[], T]], batch_size: int | None =
         size = 1
 
     def member(i, job):
-        engine.join()
-        try:
+        with engine.member():
             result = job()
-        finally:
-            engine.leave()
         if on_done is not None:
             on_done(i, result)
         return result

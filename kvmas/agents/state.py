@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -239,10 +239,11 @@ class LatentState:
     @torch.no_grad()
     def speak(self, max_new_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
               stop: Sequence[str] = (), agent: str = "agent", role: str = "agent",
-              min_new_tokens: int = 0) -> Speech:
+              min_new_tokens: int = 0, on_token: Callable[[int, int], None] | None = None) -> Speech:
         """Decode text from every row (greedy, or sampled with ``seed``); the state itself is never changed.
 
         Stops per row at EOS, at any ``stop`` string (cut from the text), or after ``max_new_tokens``.
+        ``on_token(row, token_id)`` is called for every token a row emits, as it is emitted.
         """
         if max_new_tokens <= 0:
             raise BadInputError(f"max_new_tokens must be > 0, got {max_new_tokens}")
@@ -273,6 +274,8 @@ class LatentState:
                     done[i] = True
                     continue
                 out[i].append(tok)
+                if on_token is not None:
+                    on_token(i, tok)
                 if stop:
                     text = self.model.decode(out[i])
                     hit = min((text.find(s) for s in stop if s in text), default=-1)

@@ -184,7 +184,8 @@ class Organizer:
         n_conts = sum(max(0, len(model.encode(c)) - 1) for c in conts)  # last token of each is never fed
         return prompt, conts, Usage(prefilled=n_prompt + n_conts)
 
-    def run(self, question: str, model=None, *, seed: int = 0, interventions=None, trace_path=None):
+    def run(self, question: str, model=None, *, seed: int = 0, interventions=None, trace_path=None,
+            listener=None):
         """Choose a pipeline and run it; the returned trace starts with the organizer's step.
 
         ``result.meta["organizer"]`` holds the decision (entry id, spec) for :meth:`feedback`.
@@ -200,7 +201,7 @@ class Organizer:
                        params={"pipeline": decision.spec.model_dump(mode="json"), "entry_id": decision.entry_id,
                                "decision": decision.how, "chosen_method": pipe.method},
                        positions=pipe.positions_needed(len(model.encode(question))), prelude=[decision.step()],
-                       trace_path=trace_path, started=t0)
+                       trace_path=trace_path, started=t0, listener=listener)
         out = pipe.forward(ctx, Output.start(model), final=True)
         return close_run(ctx, out, organizer={"entry_id": decision.entry_id,
                                               "spec": decision.spec.model_dump(mode="json"),

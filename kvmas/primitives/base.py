@@ -76,13 +76,16 @@ class Primitive:
     # -- running ---------------------------------------------------------------------------------------
     def __call__(self, question: str, model=None, *, seed: int = 0,
                  interventions: dict[str, Intervention] | None = None, trace_path: str | Path | None = None,
-                 skills=None) -> RunResult:
-        """Run on one question. ``model``: a Model, a registry name/path, or None for the default."""
+                 skills=None, listener=None) -> RunResult:
+        """Run on one question. ``model``: a Model, a registry name/path, or None for the default.
+
+        ``listener(agent, text_delta, final)`` hears every speech as it is decoded; ``final`` marks the answer.
+        """
         if not isinstance(question, str) or not question.strip():
             raise BadInputError("empty question")
         model = resolve_model(model)
         ctx = open_run(model, question, method=self.method, params=self.params(), seed=seed,
-                       interventions=interventions, skills=skills, trace_path=trace_path,
+                       interventions=interventions, skills=skills, trace_path=trace_path, listener=listener,
                        positions=self.positions_needed(len(model.encode(question))))
         return close_run(ctx, self.forward(ctx, Output.start(model), final=True))
 
@@ -162,11 +165,11 @@ class Primitive:
         return self.handoff(agent.merge(ctx, rows, merge_policy))
 
     def conclude(self, ctx: RunContext, agent: Agent, inp: Output, state: LatentState, *, speak: bool,
-                 label: str | None = None, **facts) -> Output:
-        """The output agent's last move: speak the answer (a ``label``ed message too, for text readers) or,
-        when a later primitive answers, leave latent thoughts."""
+                 final: bool = True, label: str | None = None, **facts) -> Output:
+        """The output agent's last move: speak (the run's answer when ``final``; a ``label``ed message too, for
+        text readers) or, when a later primitive answers, leave latent thoughts."""
         if speak:
-            text, state = agent.speak(ctx, state)
+            text, state = agent.speak(ctx, state, final=final)
             return inp.then(state, answer=text, message=(label, text) if label else None, **facts)
         return inp.then(agent.think(ctx, state), **facts)
 

@@ -58,4 +58,4 @@ class PlanExecute(Primitive):
         shown += [(f"Executor {i + 1}'s work", r) for i, r in enumerate(results)]
         state = integrator.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
                                 + self.final_instruction(ctx, INTEGRATE))
-        return self.conclude(ctx, integrator, inp, state, speak=True, label="Integrated solution")
+        return self.conclude(ctx, integrator, inp, state, speak=True, final=final, label="Integrated solution")

@@ -59,7 +59,7 @@ class Review(Primitive):
 
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         if self.comm == "text":
-            return self._text(ctx, inp)
+            return self._text(ctx, inp, final)
         solver, critic = self._agents()
         state = self.shared_prefix(ctx, inp)
         state = solver.think(ctx, solver.read(ctx, state, SOLVE))
@@ -91,7 +91,7 @@ class Review(Primitive):
             facts["review_verdict_margins"] = margins
         return facts
 
-    def _text(self, ctx: RunContext, inp: Output) -> Output:
+    def _text(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver, critic = self._agents()
         empty = LatentState.empty(ctx.model)
         margins: list[float] = []
@@ -106,5 +106,6 @@ class Review(Primitive):
             critique, _ = critic.speak(ctx, cstate)
             shown.append(("Critic's feedback", critique))
             draft, state = solver.speak(ctx, solver.read(
-                ctx, empty, self.text_context(ctx, inp, shown) + "\n\n" + self.final_instruction(ctx, REFINE)))
+                ctx, empty, self.text_context(ctx, inp, shown) + "\n\n" + self.final_instruction(ctx, REFINE)),
+                final=final and r == self.rounds - 1)  # the last refinement is the answer
         return inp.then(state, answer=draft, message=("Reviewed solution", draft), **self._facts(margins, stopped))

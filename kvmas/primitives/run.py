@@ -95,11 +95,12 @@ def open_run(model, question: str, *, method: str, params: dict | None = None, s
              interventions: dict[str, Intervention | list[Intervention]] | None = None,
              skills: SkillSource | None = None, positions: int | None = None, prelude: list[Step] = (),
              trace_path: str | Path | None = None, system: str = TEAM_SYSTEM,
-             started: float | None = None) -> RunContext:
+             started: float | None = None, listener=None) -> RunContext:
     """Validate the question, check the context fits ``positions``, start the trace (``prelude`` steps first).
 
     ``started`` (a ``time.perf_counter()`` value) counts work done before opening, such as the organizer's
-    decision, in the run's wall time.
+    decision, in the run's wall time. ``listener(agent, text_delta, final)`` hears every speech as it is
+    decoded (see :class:`~kvmas.agents.agent.RunContext`).
     """
     if not isinstance(question, str) or not question.strip():
         raise BadInputError("empty question")
@@ -112,7 +113,8 @@ def open_run(model, question: str, *, method: str, params: dict | None = None, s
         trace.add(step)
     return RunContext(model=model, question=question, seed=seed, trace=trace, system=system,
                       interventions=interventions or {}, skills=skills,
-                      started=time.perf_counter() if started is None else started, trace_path=trace_path)
+                      started=time.perf_counter() if started is None else started, trace_path=trace_path,
+                      listener=listener)
 
 
 def close_run(ctx: RunContext, out: Output, **extra_facts: Any) -> RunResult:

@@ -31,5 +31,5 @@ class Single(Primitive):
                                 self.text_context(ctx, inp) + "\n\nSolve the problem.")
         state = solver.think(ctx, state)
         if final or self.comm == "text":
-            return self.conclude(ctx, solver, inp, state, speak=True, label="Solver")
+            return self.conclude(ctx, solver, inp, state, speak=True, final=final, label="Solver")
         return inp.then(state)

@@ -103,4 +103,5 @@ class Vote(Primitive):
                             vote_candidates=keys, vote_majority=top)
         state = selector.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
                               + self.final_instruction(ctx, SELECT))
-        return self.conclude(ctx, selector, inp, state, speak=True, label="Selected solution", vote_candidates=keys)
+        return self.conclude(ctx, selector, inp, state, speak=True, final=final, label="Selected solution",
+                             vote_candidates=keys)
