@@ -136,8 +136,6 @@ class Engine:
     def leave(self) -> None:
         with self._cv:
             self._members.discard(threading.get_ident())
-            if not self._members:
-                self._arena = None  # nothing left to continue it; let its memory go
             ready = self._take_if_ready()
         if ready:
             self._execute(ready)
@@ -194,10 +192,7 @@ class Engine:
         use_embeds = any(r.embeds is not None for r in group)
         ids = torch.full((total, width), self.model.tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
         embeds = torch.zeros(total, width, hidden_size, dtype=emb_dtype, device=device) if use_embeds else None
-        at = 0
-        for r, m, k in zip(group, live, rows):
-            sl = slice(at, at + k)
-            at += k
+        for r, m, k, sl in zip(group, live, rows, _row_slices(rows)):
             if k == 0:
                 continue
             pick = (lambda t: t) if k == r.rows else (lambda t, m=m: t[m])  # noqa: E731 (no copy when all live)
@@ -217,10 +212,8 @@ class Engine:
         # a part's outputs are views of the arena when they are contiguous there and the arena is theirs (one
         # part) or meant to be continued; else copies, so that no long-lived state pins a many-row buffer
         alone = len(group) == 1
-        at = 0
-        for r, m, k in zip(group, live, rows):
-            src, cols = slice(at, at + k), slice(past + width - r.width, past + width)
-            at += k
+        for r, m, k, src in zip(group, live, rows, _row_slices(rows)):
+            cols = slice(past + width - r.width, past + width)
             every = k == r.rows
             hcols = slice(width - r.width, width)
             r.hidden = hidden[src, hcols] if every else _scatter(hidden[src, hcols], m, r.rows)
@@ -300,10 +293,7 @@ class _Arena:
             shape = (total, ref[li].shape[1], past + width + spare, ref[li].shape[3])
             bk = torch.empty(shape, dtype=ref[li].dtype, device=ref[li].device)
             bv = torch.empty_like(bk)
-            at = 0
-            for r, m, k in zip(group, live, rows):
-                sl = slice(at, at + k)
-                at += k
+            for r, m, k, sl in zip(group, live, rows, _row_slices(rows)):
                 if k == 0:
                     continue
                 pk, pv = (r.keys[li], r.values[li]) if k == r.rows else (r.keys[li][m], r.values[li][m])
@@ -349,6 +339,14 @@ class _Arena:
 
     def cache(self, keys: list, values: list) -> Cache:
         return Cache(layers=[_InPlaceLayer(k, v, self.filled) for k, v in zip(keys, values)])
+
+
+def _row_slices(rows: list[int]):
+    """The batch rows of each part, in order: ``rows`` are the parts' live row counts."""
+    at = 0
+    for k in rows:
+        yield slice(at, at + k)
+        at += k
 
 
 def _scatter(part: torch.Tensor, live: torch.Tensor, rows: int) -> torch.Tensor:
