@@ -19,6 +19,7 @@ FLOORS = [
     {"agents"},
     {"primitives", "memory", "attribution", "testing"},
     {"organizer"},
+    {"serve"},
     {"bench"},
     {"cli"},
 ]

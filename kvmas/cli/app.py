@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, skills_cmd
+from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, serve_cmd, skills_cmd
 from kvmas.cli.boundary import BoundaryGroup, describe
 from kvmas.cli.options import DEVICE, DTYPE
 from kvmas.cli.render import clean, console as make_console, print_error
@@ -34,6 +34,7 @@ app.add_typer(skills_cmd.app, name="skills")
 app.add_typer(pool_cmd.app, name="pool")
 app.add_typer(bench_cmd.app, name="bench")
 app.command("feedback")(pool_cmd.feedback_cmd)
+app.command("serve")(serve_cmd.serve)
 
 @app.command()
 def run(
