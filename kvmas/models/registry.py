@@ -11,6 +11,7 @@ the exact byte size and sha256 of the assembled GGUF, and whether upstream ties 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,17 @@ from pydantic import BaseModel, ConfigDict
 from kvmas.errors import ModelNotFoundError
 from kvmas.paths import kvmas_home
 
-DEFAULT_MODEL = "smollm2-135m"
+# the default answers easy GSM8K items; smollm2-135m (embedded, 98 MB) stays for tests and `--model smollm2-135m`
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+def default_model() -> str:
+    """The model used when none is named: ``$KVMAS_MODEL``, else :data:`DEFAULT_MODEL`.
+
+    >>> DEFAULT_MODEL
+    'qwen2.5-coder-0.5b'
+    """
+    return os.environ.get("KVMAS_MODEL", "").strip() or DEFAULT_MODEL
 
 
 class ModelSource(BaseModel):
@@ -109,7 +120,7 @@ REGISTRY: dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
 
 
 def known_names() -> list[str]:
-    """Registry names, the default first."""
+    """Registry names, smallest first."""
     return list(REGISTRY)
 
 
@@ -159,14 +170,14 @@ class ModelRef(BaseModel):
 def resolve(name_or_path: str | None) -> ModelRef:
     """What ``name_or_path`` refers to, without installing, converting or downloading anything.
 
-    ``None`` means the default (``smollm2-135m``). A registry name gives its entry and cache dir; a local HF
-    directory is itself; a hub id is used only when the local HF cache already holds it (no download).
+    ``None`` means the default (:func:`default_model`: ``$KVMAS_MODEL`` or ``qwen2.5-coder-0.5b``). A registry
+    name gives its entry and cache dir; a local HF directory is itself; a hub id is used only when the local HF cache already holds it (no download).
 
     >>> resolve("no-such-model")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     kvmas.errors.ModelNotFoundError: unknown model 'no-such-model'; known: ...
     """
-    name = (name_or_path or DEFAULT_MODEL).strip() or DEFAULT_MODEL
+    name = (name_or_path or "").strip() or default_model()
     if name in REGISTRY:
         return ModelRef(name=name, entry=REGISTRY[name], directory=cache_dir(name))
     path = Path(name).expanduser()
