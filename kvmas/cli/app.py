@@ -35,6 +35,7 @@ app.add_typer(pool_cmd.app, name="pool")
 app.add_typer(bench_cmd.app, name="bench")
 app.command("feedback")(pool_cmd.feedback_cmd)
 app.command("serve")(serve_cmd.serve)
+bench_cmd.app.command("serve")(serve_cmd.bench_serve)
 
 @app.command()
 def run(

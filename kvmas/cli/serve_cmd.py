@@ -88,3 +88,69 @@ def serve(
     console.print(Text(f"kvmas serve · {clean(m.name)} · http://{clean(host)}:{port}/v1"
                        f"{' · API key required' if key else ''}", style="bold"))
     uvicorn.run(create_app(m, cfg), host=host, port=port, log_level="info")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise BadInputError(f"{what} takes comma-separated integers, got {text!r}") from exc
+    if not out:
+        raise BadInputError(f"{what} is empty")
+    return out
+
+
+def bench_serve(
+    model: str = typer.Option(None, "--model", "-m", help="registry name or HF dir (default: embedded)"),
+    data: str = typer.Option("gsm8k-sample", "--data", "-d", help="GSM8K JSONL path or a task name"),
+    method: str = typer.Option("single", "--method", help="what every request runs (the request's model field)"),
+    concurrency: str = typer.Option("1,8,32", "--concurrency", "-c", help="concurrent clients per level"),
+    requests: str = typer.Option("32,64,128", "--requests", "-r",
+                                 help="requests per level (one number: the same for every level)"),
+    baseline: int = typer.Option(16, "--baseline", help="questions run one after another in process"),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="decode budget per speaking agent"),
+    n: int = typer.Option(128, "--n", help="distinct questions (request i asks question i mod n)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(None, "--out", "-o", help="output folder (default runs/bench-serve-<time>)"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+) -> None:
+    """Load-test kvmas serve over loopback: C concurrent clients per level, p50/p95 latency, requests/s and
+    tokens/s, against the same questions run sequentially in process; every response matched to its request."""
+    _need_extra()
+    from datetime import datetime, timezone
+
+    from kvmas.agents.model import Model
+    from kvmas.bench.serve import LoadConfig, run_load_bench
+    from kvmas.cli.bench_cmd import _bars, _progress
+    from kvmas.cli.render import DataTable
+    from kvmas.tasks import load_tasks
+
+    levels = _ints(concurrency, "--concurrency")
+    counts = _ints(requests, "--requests")
+    counts = counts * len(levels) if len(counts) == 1 else counts
+    cfg = LoadConfig(concurrency=levels, requests=counts, baseline=baseline, method=method,
+                     max_new_tokens=max_new_tokens, seed=seed, data=data).check()
+    tasks = load_tasks(data, n=n)
+    out = out or Path("runs") / f"bench-serve-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    console = make_console()
+    with console.status("loading model…"):
+        m = Model.load(model, device=device, dtype=dtype)
+    with _progress(console) as progress:
+        summary = run_load_bench(m, tasks, out, cfg, _bars(progress))
+    table = DataTable(f"bench serve · {m.name} · {method} · max_new_tokens={max_new_tokens}")
+    for col in ("clients", "requests", "ok", "lost", "dup", "mismatched", "same as in-process", "req/s",
+                "× 1 client", "× in-process", "tokens/s", "p50 s", "p95 s"):
+        table.add_column(col, no_wrap=True)
+    for lv in summary["levels"]:
+        table.add_row(str(lv["concurrency"]), str(lv["requests"]), str(lv["ok"]), str(lv["lost"]),
+                      str(lv["duplicated"]), str(lv["mismatched"]),
+                      f"{lv['answers_same_as_in_process']}/{lv['answers_compared']}", f"{lv['requests_per_s']:.3f}",
+                      str(lv["vs_first_level"]), str(lv["vs_in_process"]), f"{lv['tokens_per_s']:.1f}",
+                      str(lv["latency_p50_s"]), str(lv["latency_p95_s"]))
+    console.print(table)
+    b = summary["in_process"]
+    console.print(Text(f"in process, sequential: {b['requests']} runs, {b['requests_per_s']:.3f} req/s, "
+                       f"{b['tokens_per_s']:.1f} tokens/s · results in {clean(out)}", style="dim"))
+    if summary["lost_or_duplicated"]:
+        raise KvmasError(f"{summary['lost_or_duplicated']} requests lost, duplicated or answered for another question")
