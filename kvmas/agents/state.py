@@ -96,6 +96,8 @@ class LatentState:
     # ------------------------------------------------------------------ construction / views
     @classmethod
     def empty(cls, model, rows: int = 1) -> "LatentState":
+        if getattr(model, "remote", False):  # served elsewhere, no KV here: its states are its own
+            return model.empty_state(rows)
         fp = model.fingerprint
         dev = model.device
         kv = torch.zeros(rows, fp.num_kv_heads, 0, fp.head_dim, dtype=model.dtype, device=dev)

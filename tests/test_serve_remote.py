@@ -1,0 +1,72 @@
+"""Text-mode primitives on an OpenAI-compatible endpoint (RemoteModel), tested against kvmas serve itself:
+each agent's turn is a `single` request to the server, so a run gives the answers, messages and decoded token
+counts of the same run in process; latent and kv hand-offs refuse, endpoint errors are typed."""
+
+import pytest
+
+from kvmas.agents.remote import RemoteError, RemoteModel, RemoteTextOnly
+from kvmas.primitives import parse_method
+from kvmas.serve import BackgroundServer, ServeConfig, create_app
+from kvmas.testing import tiny_model
+
+KEY = "remote-key"
+QS = ["What is 12 times 7?", "Tom has 5 apples and eats 2. How many are left?"]
+BUDGET = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen", seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    with BackgroundServer(create_app(model, ServeConfig(api_key=KEY, trace_dir=tmp_path_factory.mktemp("t")))) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    return RemoteModel(server.url + "/v1", "single", api_key=KEY)
+
+
+def speeches(trace):
+    return [(s.agent, s.text_out, s.usage.generated) for s in trace.steps if s.action == "speak"]
+
+
+@pytest.mark.parametrize("method", ["single", "text:review", "text:vote", "text:plan"])
+@pytest.mark.parametrize("question", QS)
+def test_remote_text_run_equals_local(model, remote, method, question):
+    prim = parse_method(method, max_new_tokens=BUDGET)
+    got, want = prim(question, model=remote), prim(question, model=model)
+    assert got.answer == want.answer
+    assert speeches(got.trace) == speeches(want.trace)  # every agent's message and its decoded tokens
+    assert got.trace.model == {"backend": "openai", "base_url": remote.base_url, "model": "single"}
+
+
+def test_batch_of_remote_runs(model, remote):
+    prim = parse_method("text:vote", max_new_tokens=BUDGET, n=2)
+    assert [r.answer for r in prim.batch(QS, model=remote, batch_size=2)] == [prim(q, model=model).answer for q in QS]
+
+
+def test_majority_vote_streams_nothing_but_answers(model, remote):
+    prim = parse_method("text:vote", max_new_tokens=BUDGET, aggregate="majority")
+    assert prim(QS[0], model=remote).answer == prim(QS[0], model=model).answer
+
+
+@pytest.mark.parametrize("method, kw", [("latent:review", {}), ("latent:vote", {}), ("latent:plan", {}),
+                                        ("single", {"latent_steps": 2}), ("text:review", {"early_stop": True})])
+def test_latent_needs_local_kv(remote, method, kw):
+    with pytest.raises(RemoteTextOnly, match="text-mode primitives only"):
+        parse_method(method, max_new_tokens=BUDGET, **kw)(QS[0], model=remote)
+
+
+def test_endpoint_errors_are_typed(server):
+    with pytest.raises(RemoteError, match="401"):
+        parse_method("single", max_new_tokens=BUDGET)(QS[0], model=RemoteModel(server.url + "/v1", "single"))
+    with pytest.raises(RemoteError, match="404"):
+        parse_method("single", max_new_tokens=BUDGET)(QS[0], model=RemoteModel(server.url + "/v1", "nope",
+                                                                               api_key=KEY))
+    with pytest.raises(RemoteError, match="cannot reach"):
+        parse_method("single", max_new_tokens=BUDGET)(QS[0], model=RemoteModel("http://127.0.0.1:9/v1", "single"))
+
