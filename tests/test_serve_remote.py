@@ -70,3 +70,25 @@ def test_endpoint_errors_are_typed(server):
     with pytest.raises(RemoteError, match="cannot reach"):
         parse_method("single", max_new_tokens=BUDGET)(QS[0], model=RemoteModel("http://127.0.0.1:9/v1", "single"))
 
+
+
+def test_bench_accuracy_on_the_endpoint_equals_local(model, remote, server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvmas.bench.harness import BenchConfig, run_bench
+    from kvmas.cli.app import app
+    from kvmas.tasks import load_tasks
+
+    tasks = load_tasks("gsm8k-sample", n=2)
+    cfg = BenchConfig(max_new_tokens=BUDGET, batch_size=2)
+    got = run_bench(tasks, "single,text:vote", remote, tmp_path / "remote", cfg)
+    want = run_bench(tasks, "single,text:vote", model, tmp_path / "local", cfg)
+    for name in ("single", "text:vote"):
+        assert got["methods"][name]["correct"] == want["methods"][name]["correct"]
+        assert got["methods"][name]["samples"] == want["methods"][name]["samples"]
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    res = CliRunner().invoke(app, ["bench", "accuracy", "--backend", "openai", "--base-url", server.url + "/v1",
+                                   "--model", "single", "--data", "gsm8k-sample", "--n", "1", "--methods",
+                                   "text:review", "--max-new-tokens", str(BUDGET), "-o", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "results.json").is_file()

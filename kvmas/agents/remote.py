@@ -74,6 +74,10 @@ class _Fingerprint:
     base_url: str
     model: str
 
+    @property
+    def key(self) -> str:
+        return f"{self.backend}:{self.base_url}:{self.model}"
+
     def model_dump(self) -> dict:
         return {"backend": self.backend, "base_url": self.base_url, "model": self.model}
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from kvmas.cli.backend import BACKEND, BASE_URL, open_backend
 from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.options import BATCH_SIZE, DEVICE, DTYPE
 from kvmas.cli.render import DataTable, console as make_console, esc, lit
@@ -95,6 +96,8 @@ def accuracy(
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
     dtype: str = DTYPE,
+    backend: str = BACKEND,
+    base_url: str = BASE_URL,
 ) -> None:
     """Accuracy of each method on the same tasks, with 95% intervals, paired tests, tokens and time."""
     from kvmas.bench.harness import BenchConfig, parse_methods, run_bench
@@ -107,7 +110,10 @@ def accuracy(
         from kvmas.agents.model import Model
 
         with console.status("loading model…"):
-            m = Model.load(model, threads=threads, device=device, dtype=dtype)
+            if backend == "local" and not base_url:
+                m = Model.load(model, threads=threads, device=device, dtype=dtype)
+            else:  # the endpoint batches: 8 questions in flight unless told otherwise
+                m, batch_size = open_backend(backend, model, base_url=base_url), batch_size or 8
         out_dir = out or Path("runs") / f"bench-accuracy-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
                           pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring,
