@@ -232,3 +232,18 @@ def test_client_disconnect_stops_the_run(model, tmp_path):
             time.sleep(0.05)
         assert sched.running == 0
         assert list(tmp_path.iterdir()) == []  # a cancelled run writes no trace: it did not run to its end
+
+
+def test_run_errors_are_json(model, tmp_path):
+    """A question too long for the context is a 400 with its code; a run that fails in a way kvmas did not
+    plan for is a 500 with the same body shape, and the server keeps serving."""
+    with BackgroundServer(create_app(model, ServeConfig(trace_dir=tmp_path, max_request_bytes=1 << 16))) as srv:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(cl, "single", "1+" * (model.max_context // 2))
+        assert err.value.body["code"] == "context_length_exceeded"
+        srv.server.config.app.state.methods.pipelines["broken"] = None  # with_params on None: AttributeError
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(cl, "broken", QS[0])
+        assert err.value.body["code"] == "internal_error"
+        assert ask(cl, "single", QS[0]).choices[0].message.content == local("single", QS[0], model).answer

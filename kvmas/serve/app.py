@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -29,13 +30,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvmas.errors import BadInputError, ContextOverflowError, KvmasError
+from kvmas.errors import BadInputError, ContextOverflowError, KvmasError, OutputError
 from kvmas.paths import loads_json
 from kvmas.serve import wire
 from kvmas.serve.methods import Methods, UnknownMethod
 from kvmas.serve.scheduler import Cancelled, QueueFull, Scheduler
 from kvmas.serve.traces import TraceNotFound, TraceStore
 
+log = logging.getLogger("kvmas.serve")
 POLL_S = 0.1  # how often a waiting request looks for its client having gone
 
 
@@ -77,10 +79,13 @@ def _api_error(exc: BaseException) -> ApiError:
         return ApiError(404, str(exc), code="trace_not_found")
     if isinstance(exc, QueueFull):
         return ApiError(429, str(exc), "rate_limit_error", "queue_full")
+    if isinstance(exc, OutputError):  # the server could not write (a trace): not the client's fault
+        return ApiError(500, str(exc), "server_error", "output_error")
     if isinstance(exc, ContextOverflowError):
         return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, (BadInputError, KvmasError)):
         return ApiError(400, str(exc), code="invalid_request")
+    log.error("request failed", exc_info=exc)
     return ApiError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
 
 
@@ -115,9 +120,6 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     async def _on_kvmas_error(_request, exc: KvmasError):
         return _error_response(_api_error(exc))
 
-    @app.exception_handler(Exception)  # anything else: a 500 with the same body (and the traceback logged)
-    async def _on_error(_request, exc: Exception):
-        return _error_response(_api_error(exc))
 
     def authorize(request: Request) -> None:
         if key is None:
@@ -182,6 +184,14 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        try:
+            return await _chat(request)
+        except ApiError:
+            raise
+        except Exception as exc:  # raised past the route, an unplanned error would end the connection unanswered
+            raise _api_error(exc) from exc
+
+    async def _chat(request: Request):
         authorize(request)
         req = parse(await read_body(request))
         budget = req.budget() if req.budget() is not None else config.max_tokens
@@ -222,6 +232,8 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
         except (asyncio.CancelledError, ApiError):
             job.cancel()
             raise
+        except Exception as exc:  # the run's error, as the client should see it (handled here, not re-raised)
+            raise _api_error(exc) from exc
         return wire.completion(cid, req.model, result, budget)
 
     async def _stream(request, job, deltas: asyncio.Queue, cid: str, req: wire.ChatRequest, budget: int):
