@@ -20,13 +20,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, SchemaVersionError
 from kvmas.paths import atomic_write_text, read_json
 
 TRACE_SCHEMA_VERSION = 1
+#: How a method's agents hand each other their work (the ``comm`` of ``comm:primitive``): latent thoughts,
+#: messages re-encoded as text, or messages decoded into the shared KV cache and read there.
+COMMS: tuple[str, ...] = ("latent", "text", "kv")
 
 
 class Usage(BaseModel):
@@ -111,11 +114,26 @@ class Trace(BaseModel):
     outcome: dict[str, Any] = Field(default_factory=dict)
     wall_s: float = 0.0
 
+    _watchers: list = PrivateAttr(default_factory=list)  # not data: never saved
+
     def add(self, step: Step) -> Step:
-        """Append a step, numbering it. Returns the step."""
+        """Append a step, numbering it, and tell the watchers. Returns the step."""
         step.index = len(self.steps)
         self.steps.append(step)
+        for watcher in self._watchers:
+            watcher(step)
         return step
+
+    def watch(self, on_step) -> None:
+        """Call ``on_step(step)`` for every step added from now on (live output; raising stops the run).
+
+        >>> t, seen = Trace(), []
+        >>> t.watch(lambda s: seen.append(s.action))
+        >>> _ = t.add(Step(agent="a", role="a", action="read"))
+        >>> seen
+        ['read']
+        """
+        self._watchers.append(on_step)
 
     @property
     def usage(self) -> Usage:

@@ -93,6 +93,18 @@ class LatentState:
     latent_inputs: dict = field(default_factory=dict)  # segment id -> [rows, n, d] input embeddings
     ids: _Ids = field(default_factory=_Ids, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        """Short: shape and provenance, never the tensors.
+
+        >>> from kvmas.testing import tiny_model
+        >>> LatentState.empty(tiny_model()).extend("hi", agent="user", role="question")
+        LatentState(model='tiny-llama-s0', rows=1, length=2, segments=[#0 user/prompt:2])
+        """
+        segs = ", ".join(f"#{s.id} {s.agent}/{s.kind}:{s.length}" for s in self.segments[:8])
+        more = f", … {len(self.segments) - 8} more" if len(self.segments) > 8 else ""
+        name = getattr(self.model, "name", "?")
+        return f"LatentState(model={name!r}, rows={self.rows}, length={self.length}, segments=[{segs}{more}])"
+
     # ------------------------------------------------------------------ construction / views
     @classmethod
     def empty(cls, model, rows: int = 1) -> "LatentState":

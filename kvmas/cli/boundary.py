@@ -23,6 +23,10 @@ from kvmas.db import store_error
 from kvmas.errors import KvmasError
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE
+try:  # newer typer parses with its own copy of click: its usage errors are not click's
+    from typer.exceptions import TyperException as _TyperClickError
+except ImportError:  # pragma: no cover - older typer raises click's own
+    _TyperClickError = click.ClickException
 
 
 def describe(exc: BaseException) -> tuple[str, int]:
@@ -60,7 +64,8 @@ class BoundaryGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort,
+                _TyperClickError):  # usage errors: the parser prints them (exit 2)
             raise
         except BrokenPipeError:  # `kvmas ... | head`: the reader left, nothing to report
             raise typer.Exit(1) from None

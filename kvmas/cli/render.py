@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from kvmas.errors import BadInputError
 from kvmas.trace import Trace, Usage
 
 ACTION_STYLE = {"read": "cyan", "think": "magenta", "speak": "green", "score": "yellow", "organize": "blue"}
@@ -86,6 +87,19 @@ def print_error(message: Any, prefix: str = "error") -> None:
     console(stderr=True).print(Text.assemble((f"{prefix}:", "red"), " ", one_line(message)), soft_wrap=True)
 
 
+def print_json(obj: Any) -> None:
+    """One JSON object on stdout, machine-readable (ASCII: every control character of the data escaped).
+
+    >>> print_json({"answer": "5\\x1b[2J"})
+    {"answer": "5\\u001b[2J"}
+    """
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
 class DataTable(Table):
     """A table whose title, caption and string cells are data (literal text); pass ``Text`` for our styling."""
 
@@ -115,34 +129,125 @@ def _clip(text: str | None, n: int = 90) -> str:
 
 
 def usage_line(u: Usage) -> str:
-    return f"prefilled {u.prefilled} · reused {u.reused} · latent {u.latent} · generated {u.generated}"
+    """The counters of a usage that are not zero (``no tokens`` when all are).
+
+    >>> usage_line(Usage(prefilled=12, generated=3))
+    'prefilled 12 · generated 3'
+    """
+    parts = [f"{k} {v}" for k, v in (("prefilled", u.prefilled), ("reused", u.reused), ("latent", u.latent),
+                                     ("generated", u.generated)) if v]
+    return " · ".join(parts) or "no tokens"
 
 
-def trace_tree(trace: Trace, full_text: bool = False) -> Tree:
-    """A tree: run -> agents -> steps with action, usage, time and text snippets (all data literal)."""
+# chat-template markup: ChatML (<|im_start|>role ... <|im_end|>), Llama 3 headers, and bare special tokens
+_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)|<\|start_header_id\|>(\w+)<\|end_header_id\|>\s*(.*?)"
+                   r"(?:<\|eot_id\|>|$)", re.S)
+_SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>|</?s>")
+
+
+def message_text(text: str | None) -> str:
+    """The messages in chat-template text, without the markup: the user and assistant turns' contents (the
+    run's system prompt, the same in every turn, left out); text with no markup is returned as it is.
+
+    >>> message_text("<|im_start|>system\\nBe kind.<|im_end|>\\n<|im_start|>user\\nWhat is 2+3?<|im_end|>\\n")
+    'What is 2+3?'
+    """
+    if not text:
+        return ""
+    turns = [(m.group(1) or m.group(3), (m.group(2) if m.group(1) else m.group(4)) or "")
+             for m in _TURN.finditer(text)]
+    if not turns:
+        return _SPECIAL.sub("", text).strip()
+    return "\n\n".join(body.strip() for role, body in turns if role != "system" and body.strip())
+
+
+SEGMENT_KIND = {"read": "prompt", "think": "thought", "speak": "message", "score": "scored", "merge": "merged",
+                "organize": "decision"}
+SEGMENT_LEGEND = ("segments are #id agent/kind: prompt = an agent's instruction, question = the problem, "
+                  "thought = latent steps, message = decoded text")
+
+
+def segment_labels(trace: Trace) -> dict[int, str]:
+    """``{segment id: "agent/kind"}`` from the step that first wrote each segment."""
+    labels: dict[int, str] = {}
+    for s in trace.steps:
+        kind = "question" if s.role == "question" else SEGMENT_KIND.get(s.action, s.action)
+        for sid in s.writes:
+            labels.setdefault(sid, f"{s.agent}/{kind}")
+    return labels
+
+
+def _segments(ids: list[int], labels: dict[int, str]) -> str:
+    return ", ".join(f"#{i} {labels.get(i, '?')}" for i in ids) or "-"
+
+
+def _step_label(s) -> Text:
+    style = ACTION_STYLE.get(s.action, "white")
+    label = Text.assemble((f"{s.index:>2} ", "dim"), (clean(s.agent), "bold"),
+                          (f" [{clean(s.role)}]" if s.role != s.agent else ""), " ", (clean(s.action), style),
+                          f"  rows {s.rows}" if s.rows > 1 else "", "  ", (usage_line(s.usage), "dim"),
+                          f"  {s.wall_s * 1000:.0f} ms")
+    if s.usage.generated and s.wall_s > 0:
+        label.append(f"  {s.usage.generated / s.wall_s:.1f} tok/s", style="dim")
+    if s.meta.get("intervention"):
+        label.append(f"  [intervention: {one_line(s.meta['intervention'])}]", style="red")
+    return label
+
+
+def step_line(s) -> Text:
+    """One line for a step as it finishes (live output): agent, action, nonzero counters, ms, tokens/s."""
+    return _step_label(s)
+
+
+def pick_steps(trace: Trace, steps: str | None = None, agent: str | None = None) -> list:
+    """The steps ``steps`` (``3``, ``2-5``, ``0,4-6``) of agent ``agent`` (either may be None: all).
+
+    >>> from kvmas.trace import Step
+    >>> t = Trace()
+    >>> for a in "abab": _ = t.add(Step(agent=a, role=a, action="read"))
+    >>> [s.index for s in pick_steps(t, "1-3", "b")]
+    [1, 3]
+    """
+    wanted: set[int] | None = None
+    if steps:
+        wanted = set()
+        for part in steps.split(","):
+            lo, _, hi = part.strip().partition("-")
+            try:
+                a, b = int(lo), int(hi) if hi else int(lo)
+            except ValueError:
+                raise BadInputError(f"--steps takes numbers and ranges such as 0,3-5, not {steps!r}") from None
+            wanted.update(range(a, b + 1))
+    return [s for s in trace.steps if (wanted is None or s.index in wanted) and (agent is None or s.agent == agent)]
+
+
+def trace_tree(trace: Trace, full_text: bool = False, steps: list | None = None) -> Tree:
+    """A tree: run -> steps with agent, action, nonzero usage, time, provenance and the texts each step read
+    (the role's message, not chat-template markup) and wrote (all data literal)."""
     title = Text.assemble(("run ", "bold"), (clean(trace.run_id), "bold cyan"),
                           f"  {clean(trace.method)}  seed {trace.seed}  ", (f"{trace.wall_s:.2f}s", "dim"))
     root = Tree(title)
     root.add(Text.assemble(("question: ", "bold"), _clip(trace.question, 200)))
     m = trace.model
     root.add(lit(f"model: {m.get('name', '?')} ({m.get('arch', '')}, {m.get('dtype', '')})"))
-    steps = root.add(Text("steps", style="bold"))
-    for s in trace.steps:
-        style = ACTION_STYLE.get(s.action, "white")
-        label = Text.assemble(
-            (f"#{s.index} ", "dim"), (clean(s.agent), "bold"), f" [{clean(s.role)}] ", (clean(s.action), style),
-            f"  rows {s.rows}  " if s.rows > 1 else "  ",
-            (usage_line(s.usage), "dim"), f"  {s.wall_s * 1000:.0f} ms",
-        )
-        if s.meta.get("intervention"):
-            label.append(f"  [intervention: {one_line(s.meta['intervention'])}]", style="red")
-        node = steps.add(label)
+    labels = segment_labels(trace)
+    shown = trace.steps if steps is None else steps
+    node_steps = root.add(Text.assemble(("steps", "bold"), (f"  ({SEGMENT_LEGEND})", "dim")))
+    for s in shown:
+        node = node_steps.add(_step_label(s))
         if s.writes or s.reads:
-            node.add(Text(f"reads {s.reads} → writes {s.writes}", style="dim"))
-        if s.text_in:
-            node.add(Text.assemble(("in: ", "cyan"), clean(s.text_in) if full_text else _clip(s.text_in)))
+            others = [i for i in s.reads if not labels.get(i, "").startswith(f"{s.agent}/")]
+            own = len(s.reads) - len(others)
+            reads = _segments(others, labels) + (f" (+{own} of its own)" if own else "")
+            node.add(Text(f"merges {len(s.reads)} segments → writes {len(s.writes)}" if s.action == "merge"
+                          else f"reads {reads} → writes {_segments(s.writes, labels)}", style="dim"))
+        text_in = s.meta.get("message") or message_text(s.text_in)
+        if text_in:
+            node.add(Text.assemble(("in: ", "cyan"), clean(text_in) if full_text else _clip(text_in)))
         if s.text_out is not None:
             node.add(Text.assemble(("out: ", "green"), clean(s.text_out) if full_text else _clip(s.text_out)))
+    if steps is not None and len(steps) < len(trace.steps):
+        node_steps.add(Text(f"{len(steps)} of {len(trace.steps)} steps shown", style="dim"))
     root.add(Text.assemble(("total: ", "bold"), usage_line(trace.usage)))
     if trace.answer is not None:
         root.add(Text.assemble(("answer: ", "bold green"), _clip(trace.answer, 300)))
@@ -152,20 +257,23 @@ def trace_tree(trace: Trace, full_text: bool = False) -> Tree:
 
 
 def agent_table(trace: Trace) -> Table:
+    """Usage per agent (zero columns left out)."""
     table = DataTable("usage per agent")
-    for col in ("agent", "steps", "prefilled", "reused", "latent", "generated", "time s"):
+    totals = trace.usage
+    counters = [c for c in ("prefilled", "reused", "latent", "generated") if getattr(totals, c)]
+    for col in ("agent", "steps", *counters, "time s"):
         table.add_column(col, justify="right" if col != "agent" else "left")
     for agent in trace.agents():
         steps = [s for s in trace.steps if s.agent == agent]
         u = sum((s.usage for s in steps), Usage())
-        table.add_row(agent, str(len(steps)), str(u.prefilled), str(u.reused), str(u.latent), str(u.generated),
+        table.add_row(agent, str(len(steps)), *(str(getattr(u, c)) for c in counters),
                       f"{sum(s.wall_s for s in steps):.2f}")
     return table
 
 
-def print_trace(trace: Trace, out: Console | None = None, full_text: bool = False) -> None:
+def print_trace(trace: Trace, out: Console | None = None, full_text: bool = False, steps: list | None = None) -> None:
     out = out or console()
-    out.print(Panel(Group(trace_tree(trace, full_text), agent_table(trace)), title="kvmas trace"))
+    out.print(Panel(Group(trace_tree(trace, full_text, steps), agent_table(trace)), title="kvmas trace"))
 
 
 # -- attribution ----------------------------------------------------------------------------------------------

@@ -64,6 +64,28 @@ class Output:
         """The input of a run's first primitive: an empty state and no messages."""
         return cls(LatentState.empty(model))
 
+    @classmethod
+    def resume(cls, ctx: RunContext, state: LatentState) -> "Output":
+        """The input of a run that continues a saved state: the question read on top of it, as a user turn.
+
+        The state must come from this run's model (same fingerprint); its segments keep their provenance.
+        """
+        ctx.model.fingerprint.check(state.model.fingerprint, "the saved state")
+        if not state.length:
+            return cls(state)
+        full = ctx.model.chat_text([{"role": "system", "content": ctx.system},
+                                    {"role": "user", "content": f"Problem:\n{ctx.question}"}],
+                                   add_generation_prompt=False)
+        head = ctx.model.chat_text([{"role": "system", "content": ctx.system}], add_generation_prompt=False)
+        text = full[len(head):] if full.startswith(head) else full
+        t0 = time.perf_counter()
+        after = state.extend(text, agent="user", role="question")
+        ctx.trace.add(Step(agent="user", role="question", action="read", reads=state.segment_ids(),
+                           writes=[after.segments[-1].id], text_in=text,
+                           usage=Usage(prefilled=after.length - state.length), wall_s=time.perf_counter() - t0,
+                           meta={"resumed_from": state.length, "message": f"Problem:\n{ctx.question}"}))
+        return cls(after)
+
     def then(self, state: LatentState, *, answer: str | None = None, message: Message | None = None,
              **facts: Any) -> "Output":
         """This output continued: a new state, optionally a spoken answer, a message and new facts."""
@@ -85,6 +107,12 @@ class RunResult:
     def usage(self) -> Usage:
         return self.trace.usage
 
+    def __repr__(self) -> str:
+        answer = self.answer if len(self.answer) <= 60 else self.answer[:59] + "…"
+        u = self.usage
+        return (f"RunResult(answer={answer!r}, method={self.trace.method!r}, steps={len(self.trace.steps)}, "
+                f"computed={u.computed}, reused={u.reused}, wall_s={self.trace.wall_s:.2f})")
+
 
 def resolve_model(model) -> Model:
     """A :class:`Model` from a Model, a registry name or path, or None (the default model)."""
@@ -100,7 +128,8 @@ def open_run(model, question: str, *, method: str, params: dict | None = None, s
 
     ``started`` (a ``time.perf_counter()`` value) counts work done before opening, such as the organizer's
     decision, in the run's wall time. ``listener(agent, text_delta, final)`` hears every speech as it is
-    decoded (see :class:`~kvmas.agents.agent.RunContext`).
+    decoded (see :class:`~kvmas.agents.agent.RunContext`); a listener with an ``on_step(step)`` method hears
+    every step as it is recorded, too.
     """
     if not isinstance(question, str) or not question.strip():
         raise BadInputError("empty question")
@@ -109,6 +138,8 @@ def open_run(model, question: str, *, method: str, params: dict | None = None, s
         model.check_fits(positions, f"{method} on this question")
     trace = Trace(method=method, question=question, seed=seed, model=model.fingerprint.model_dump(),
                   params=dict(params or {}))
+    if getattr(listener, "on_step", None) is not None:  # a listener may hear every recorded step too
+        trace.watch(listener.on_step)
     for step in prelude:
         trace.add(step)
     return RunContext(model=model, question=question, seed=seed, trace=trace, system=system,

@@ -1,0 +1,132 @@
+"""`kvmas run` as a user meets it: live steps and speech, --quiet, --json, choices, per-primitive options,
+saving and resuming a state; `kvmas trace show` readable (no template markup, labelled segments, no zero
+counters, filters); help on every option; a fast `kvmas --help`."""
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kvmas.cli.app import app
+from kvmas.testing import tiny_hf_model, tiny_tokenizer
+from kvmas.trace import COMMS, Trace
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = tiny_tokenizer()
+    tiny_hf_model("llama", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def run(*args, env=None):
+    return runner.invoke(app, ["run", *args], env={"COLUMNS": "120", **(env or {})})
+
+
+def test_live_output_shows_every_step_and_the_streamed_answer(model_dir, tmp_path):
+    res = run("What is 2+3?", "--model", model_dir, "-p", "review", "--rounds", "1", "--max-new-tokens", "6",
+              "--trace", str(tmp_path / "t.json"))
+    assert res.exit_code == 0, res.output
+    trace = Trace.load(tmp_path / "t.json")
+    lines = res.output.splitlines()
+    step_lines = [ln for ln in lines if ln[:2].strip().isdigit()]
+    shown = [[w for w in ln.split() if not w.startswith("[")][:3] for ln in step_lines]  # [role] when not the agent
+    assert shown == [[str(s.index), s.agent, s.action] for s in trace.steps]
+    assert all(ln.rstrip().endswith(("ms", "tok/s")) for ln in step_lines)
+    spoken = next(ln for ln in lines if ln.startswith("solver ▸ "))
+    assert spoken.removeprefix("solver ▸ ") == trace.answer.strip()  # the stream adds up to the answer
+    assert "reused 0" not in res.output and "latent 0" not in res.output  # zero counters hidden
+    assert lines.index(spoken) < next(i for i, ln in enumerate(lines) if ln.startswith("answer:"))
+
+
+def test_quiet_prints_the_answer_alone_and_json_one_object(model_dir):
+    quiet = run("What is 2+3?", "--model", model_dir, "--max-new-tokens", "5", "-q")
+    loud = run("What is 2+3?", "--model", model_dir, "--max-new-tokens", "5", "--json")
+    assert quiet.exit_code == loud.exit_code == 0, quiet.output + loud.output
+    data = json.loads(loud.stdout)
+    assert quiet.stdout == data["answer"].strip() + "\n"
+    assert data["method"] == "single" and data["usage"]["generated"] == data["agents"]["solver"]["generated"] > 0
+    assert set(data) >= {"answer", "run_id", "wall_s", "usage", "agents", "model", "steps"}
+
+
+def test_choices_and_per_primitive_options(model_dir):
+    res = run("Q?", "--model", model_dir, "-c", "telepathy")
+    assert res.exit_code == 2 and all(c in res.output for c in COMMS)
+    assert run("Q?", "--model", model_dir, "-p", "debate").exit_code == 2
+    assert run("Q?", "--model", model_dir, "-p", "vote", "--merge-policy", "glue").exit_code == 2
+    wrong = run("Q?", "--model", model_dir, "-p", "review", "--n", "3")
+    assert wrong.exit_code == 2 and "--n is for vote" in wrong.output
+    ok = run("Q?", "--model", model_dir, "-p", "vote", "--n", "2", "--merge-policy", "rerotate",
+             "--max-new-tokens", "2", "--latent-steps", "1", "--json")
+    assert ok.exit_code == 0, ok.output
+    trace = json.loads(ok.stdout)
+    assert trace["method"] == "latent:vote" and trace["steps"] > 0
+
+
+def test_save_state_then_resume_from_it(model_dir, tmp_path):
+    state = tmp_path / "s.safetensors"
+    first = run("What is 2+3?", "--model", model_dir, "--max-new-tokens", "4", "--save-state", str(state), "-q")
+    assert first.exit_code == 0 and state.is_file(), first.output
+    again = run("And 3+4?", "--model", model_dir, "-p", "review", "--rounds", "1", "--max-new-tokens", "4",
+                "--from-state", str(state), "--trace", str(tmp_path / "t.json"), "-q")
+    assert again.exit_code == 0, again.output
+    steps = Trace.load(tmp_path / "t.json").steps
+    assert steps[0].meta["resumed_from"] > 0 and steps[0].usage.reused == 0
+    assert steps[0].reads  # the saved segments are read, not recomputed
+    bad = run("Q?", "--model", model_dir, "--from-state", str(tmp_path / "t.json"))
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1
+
+
+def test_trace_show_is_readable_and_filters(model_dir, tmp_path):
+    path = tmp_path / "t.json"
+    assert run("What is 2+3?", "--model", model_dir, "-p", "review", "--rounds", "1", "--max-new-tokens", "4",
+               "--trace", str(path), "-q").exit_code == 0
+    shown = runner.invoke(app, ["trace", "show", str(path)], env={"COLUMNS": "100"})
+    out = shown.output
+    assert shown.exit_code == 0 and "<|" not in out and "You are the Critic." in out
+    assert "agent/kind" in out and "critic/thought" in out and "solver/prompt" in out
+    assert " 0 ·" not in out and "· 0 " not in out
+    only = runner.invoke(app, ["trace", "show", str(path), "--agent", "critic"], env={"COLUMNS": "100"})
+    trace = Trace.load(path)
+    critic = [s for s in trace.steps if s.agent == "critic"]
+    assert f"{len(critic)} of {len(trace.steps)} steps shown" in only.output and "Solver. Work out" not in only.output
+    first = runner.invoke(app, ["trace", "show", str(path), "--steps", "0-1"], env={"COLUMNS": "100"})
+    assert "2 of" in first.output
+    bad = runner.invoke(app, ["trace", "show", str(path), "--steps", "two"])
+    assert bad.exit_code == 2 and "--steps" in bad.output
+
+
+def _commands(group: click.Group, ctx: click.Context, prefix=()):
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, ctx, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_every_option_has_help():
+    root = typer.main.get_command(app)
+    missing = []
+    with click.Context(root) as ctx:
+        for path, cmd in _commands(root, ctx):
+            for p in cmd.get_params(ctx):
+                if isinstance(p, click.Option) and not p.help and p.name != "help":
+                    missing.append(f"{' '.join(path)} --{p.name}")
+    assert missing == []
+
+
+def test_top_level_help_imports_no_model_code():
+    code = ("import sys; sys.argv = ['kvmas', '--help']\nfrom kvmas.cli.app import main\ntry: main()\n"
+            "except SystemExit: pass\nprint('HEAVY', sorted(m for m in ('torch', 'transformers', 'kvmas.primitives',"
+            " 'kvmas.organizer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "HEAVY []" in out and "run" in out and "trace" in out
