@@ -75,3 +75,25 @@ def test_default_command_survives_mounting(tmp_path):
     log.write_text(json.dumps([{"agent": "a", "content": "Assume 12."}, {"agent": "b", "content": "So 12."}]))
     r = runner.invoke(root, ["attribute", str(log), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["step"] == 0
+
+
+def test_a_run_with_no_recorded_failure_blames_no_one(tmp_path):
+    from kvmas.primitives import build
+    from kvmas.testing import tiny_model
+
+    r = build("review", rounds=1, max_new_tokens=3, latent_steps=1)("What is 2+3?", model=tiny_model("llama"))
+    path = r.trace.save(tmp_path / "t.json")
+    res = runner.invoke(app, [str(path)])
+    assert res.exit_code == 2 and "no recorded failure" in res.output and "blame" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    r.trace.answer = "The answer is 5."
+    r.trace.outcome = {"gold": "5"}
+    r.trace.save(path)
+    res = runner.invoke(app, [str(path)])
+    assert res.exit_code == 2 and "it succeeded" in res.output
+    judged = runner.invoke(app, [str(path), "--gold", "6", "--json"])  # the answer misses 6: a failure to attribute
+    assert judged.exit_code == 0, judged.output
+    assert json.loads(judged.output)["agent"] in {"user", "solver", "critic"}
+    r.trace.outcome = {"success": False}
+    r.trace.save(path)
+    assert runner.invoke(app, [str(path), "--json"]).exit_code == 0

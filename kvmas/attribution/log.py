@@ -208,6 +208,32 @@ def from_trace(trace: Trace) -> AttributionLog:
     )
 
 
+def recorded_failure(log: AttributionLog, gold: str | None = None) -> str | None:
+    """Why ``log`` counts as a failed run, or None when nothing records a failure (then there is no one to blame).
+
+    Who&When and generic logs are failed runs by construction. A kvmas trace failed when its outcome says so
+    (``success``/``correct`` false) or when its answer misses the gold answer (``gold``, else ``outcome.gold``).
+
+    >>> from kvmas.trace import Trace, Step
+    >>> t = Trace(question="2+3?", answer="5")
+    >>> _ = t.add(Step(agent="a", role="solver", action="speak", text_out="5"))
+    >>> recorded_failure(from_trace(t)) is None, recorded_failure(from_trace(t), gold="6")
+    (True, 'the answer misses the gold answer 6')
+    """
+    if log.source != "trace":
+        return "a failure log"
+    oc = log.meta.get("outcome") or {}
+    for key in ("success", "correct"):
+        if oc.get(key) is False:
+            return f"its outcome records {key}=false"
+    gold = gold if gold is not None else log.ground_truth
+    if gold is not None:
+        from kvmas.attribution.planted import number_judge
+
+        return None if number_judge(str(gold))(log.answer) else f"the answer misses the gold answer {gold}"
+    return None
+
+
 def iter_jsonl(path: str | Path, max_line_bytes: int = 64 << 20) -> Iterator[AttributionLog]:
     """Stream Who&When-style records from a JSONL file, one line at a time (bounded memory).
 

@@ -45,12 +45,13 @@ def report(
     weights: Optional[Path] = typer.Option(None, help="step-scorer weights JSON (default: shipped weights)"),
     agent_rule: str = typer.Option("shapley", help="shapley (bottleneck agent) or speaker (of the top step)"),
     replay: bool = typer.Option(False, "--replay", help="kvmas traces: counterfactual replays of the primitive"),
-    gold: Optional[str] = typer.Option(None, help="gold answer (number) judging replays (default: trace outcome)"),
+    gold: Optional[str] = typer.Option(None, help="gold answer (number): judges the trace's answer and its replays "
+                                       "(default: the trace's outcome.gold)"),
     max_replays: int = typer.Option(32, help="replay budget"),
 ) -> None:
     """Attribute one failed run: agent blame, critical step with neighbourhood, evidence, suggested fix."""
     from kvmas.attribution.attributor import LogAttributor
-    from kvmas.attribution.log import load_log
+    from kvmas.attribution.log import load_log, recorded_failure
     from kvmas.cli.render import render_attribution
     from kvmas.attribution.scorer import StepScorer
     from kvmas.errors import BadInputError
@@ -59,6 +60,12 @@ def report(
         if agent_rule not in ("shapley", "speaker"):
             raise BadInputError(f"--agent-rule must be shapley or speaker, not {agent_rule!r}")
         log = load_log(path)
+        if recorded_failure(log, gold) is None:  # a run nothing marks as failed: blaming an agent would be noise
+            oc = log.meta.get("outcome") or {}
+            judged = gold is not None or log.ground_truth is not None or "success" in oc or "correct" in oc
+            outcome = "it succeeded" if judged else "its trace records no outcome and no gold answer"
+            raise BadInputError(f"nothing to attribute: run {log.log_id} has no recorded failure ({outcome}); "
+                                "pass --gold ANSWER to judge its answer")
         if replay:
             res = _replay(path, gold, max_replays)
         else:
