@@ -54,6 +54,12 @@ PRIMS = {
     "text:vote-majority": lambda: small(Vote, "text", n=3, aggregate="majority"),
     "latent:plan": lambda: small(PlanExecute, k=2),
     "text:plan": lambda: small(PlanExecute, "text", k=2),
+    "kv:review": lambda: small(Review, "kv", rounds=2),
+    "kv:review-early-stop": lambda: small(Review, "kv", rounds=2, early_stop=True, stop_margin=0.0),
+    "kv:vote": lambda: small(Vote, "kv", n=3),
+    "kv:vote-majority": lambda: small(Vote, "kv", n=3, aggregate="majority", temperature=0.9),
+    "kv:plan": lambda: small(PlanExecute, "kv", k=2),
+    "kv-sequence": lambda: Sequence(small(PlanExecute, "kv", k=2), small(Review, "kv", rounds=1)),
     "sequence": lambda: Sequence(small(PlanExecute, k=2), small(Review, "text", rounds=1)),
     "dag": lambda: Pipeline(PipelineSpec.from_dict({
         "nodes": [{"id": "p", "type": "plan", "params": {"k": 2}}, {"id": "a", "type": "single"},

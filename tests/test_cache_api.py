@@ -37,7 +37,7 @@ def test_forwards_decoding_scoring_and_merges_warn_nothing(arch):
             for policy in ("shared", "rerotate", "reprefill"):
                 rows.merge_rows(policy).extend("ok").speak(2)
             for prim in (Review(max_new_tokens=3, latent_steps=1, early_stop=True), Vote(n=2, max_new_tokens=3),
-                         PlanExecute(comm="text", k=2, max_new_tokens=3)):
+                         PlanExecute(comm="text", k=2, max_new_tokens=3), Vote(comm="kv", n=2, max_new_tokens=3)):
                 prim.batch(["2+3?", "What is 4 times 5?"], model=model)
     finally:
         root.removeHandler(handler)

@@ -50,7 +50,7 @@ def test_every_input_reaching_the_model_is_on_its_device_and_dtype(device, dtype
         for policy in ("shared", "rerotate", "reprefill"):
             rows.merge_rows(policy).extend("ok").speak(2, temperature=0.8, seed=1)
         for prim in (Review(max_new_tokens=3, latent_steps=1, early_stop=True), Vote(n=2, max_new_tokens=3),
-                     PlanExecute(comm="text", k=2, max_new_tokens=3)):
+                     PlanExecute(comm="text", k=2, max_new_tokens=3), Review(comm="kv", max_new_tokens=3)):
             prim.batch(["2+3?", "What is 4 times 5?"], model=model)
         model.embed_text("hello")
     finally:

@@ -97,14 +97,14 @@ def test_vote_rows_equal_separate_runs_and_prefill_question_once(model):
 ])
 def test_text_and_latent_run_same_roles_same_prompts(model, cls, instructions):
     kw = {"early_stop": False, "rounds": 1} if cls is Review else {}
-    lat, txt = small(cls, **kw)(Q, model=model), small(cls, "text", **kw)(Q, model=model)
+    lat, txt, kv = (small(cls, comm, **kw)(Q, model=model) for comm in ("latent", "text", "kv"))
     roles = lambda t: {(s.agent, s.role) for s in t.steps if s.agent != "user"}  # noqa: E731
-    assert roles(lat.trace) == roles(txt.trace)
+    assert roles(lat.trace) == roles(txt.trace) == roles(kv.trace)
     for instr in instructions:
-        for t in (lat.trace, txt.trace):
+        for t in (lat.trace, txt.trace, kv.trace):
             assert any(s.text_in and instr in s.text_in for s in t.steps), (instr, t.method)
-    # both modes show every agent the original question
-    for t in (lat.trace, txt.trace):
+    # every mode shows every agent the original question
+    for t in (lat.trace, txt.trace, kv.trace):
         assert any(s.text_in and Q in s.text_in for s in t.steps)
 
 
@@ -124,7 +124,9 @@ def test_sampling_seed_changes_text_vote(model):
 
 @pytest.mark.parametrize("prim", [lambda: small(Review, early_stop=False), lambda: small(Vote),
                                   lambda: small(PlanExecute), lambda: small(Review, "text", early_stop=False),
-                                  lambda: Sequence(small(PlanExecute), small(Review, early_stop=False))])
+                                  lambda: Sequence(small(PlanExecute), small(Review, early_stop=False)),
+                                  lambda: small(Review, "kv"), lambda: small(Vote, "kv"),
+                                  lambda: Sequence(small(PlanExecute, "kv"), small(Review, "kv"))])
 def test_usage_equals_the_positions_the_model_computed(model, prim):
     """The trace's computed tokens (prefilled + latent + generated) equal the real (unmasked) positions that
     actually went through the model, counted by a hook on its decoder, independently of the accounting."""

@@ -15,7 +15,9 @@ def model():
 PRIMS = [Single(max_new_tokens=6), Single(comm="text", max_new_tokens=6), Review(max_new_tokens=6),
          Review(comm="text", max_new_tokens=6), Vote(max_new_tokens=6), Vote(comm="text", max_new_tokens=6),
          PlanExecute(max_new_tokens=6), PlanExecute(comm="text", max_new_tokens=6),
-         Sequence(PlanExecute(comm="text", max_new_tokens=5), Review(comm="text", max_new_tokens=5))]
+         Review(comm="kv", max_new_tokens=6), Vote(comm="kv", max_new_tokens=6), PlanExecute(comm="kv", max_new_tokens=6),
+         Sequence(PlanExecute(comm="text", max_new_tokens=5), Review(comm="text", max_new_tokens=5)),
+         Sequence(PlanExecute(comm="kv", max_new_tokens=5), Review(comm="kv", max_new_tokens=5))]
 
 
 @pytest.mark.parametrize("prim", PRIMS, ids=lambda p: p.method)

@@ -229,10 +229,13 @@ class Agent:
         return merged
 
     def speak(self, ctx: RunContext, state: LatentState, *, max_new_tokens: int | None = None,
-              seed: int | None = None, final: bool = False) -> tuple[list[str] | str, LatentState]:
+              seed: int | None = None, final: bool = False,
+              close_turn: bool = False) -> tuple[list[str] | str, LatentState]:
         """Decode from every row; returns (text, or a list of texts for several rows) and the new state.
 
         ``final``: this speech is the run's answer (``ctx.listener`` is told so with every delta).
+        ``close_turn``: the message stays in the cache for the next agent (``comm="kv"``), so the chat
+        template's end of an assistant turn (``Model.turn_end``) is prefilled after it, in the same step.
         """
         t0 = time.perf_counter()
         iv = ctx.intervention(self.name)
@@ -240,6 +243,9 @@ class Agent:
             texts = [iv.text if iv.kind == "replace" else ""] * state.rows
             after = state.extend(iv.text, agent=self.name, role=self.role, kind="generated") if iv.text else state
             pre = 0 if after is state else sum(len(r) for r in after.segments[-1].token_ids)
+            if close_turn:
+                after, closing = self._close_turn(ctx, after)
+                pre += closing
             self._record(ctx, "speak", state, after, t0, Usage(prefilled=pre), text_out=texts[0],
                          intervention=iv.kind)
             if ctx.listener is not None and state.rows == 1 and texts[0]:
@@ -264,7 +270,16 @@ class Agent:
             if rest:
                 ctx.listener(self.name, rest, final)
         gen = sum(len(r) for r in sp.token_ids)
+        after, closing = self._close_turn(ctx, sp.state) if close_turn else (sp.state, 0)
         shown = sp.texts[0] if state.rows == 1 else "\n---\n".join(sp.texts)
-        self._record(ctx, "speak", state, sp.state, t0, Usage(generated=gen, reused=reused), text_out=shown,
-                     tokens=[len(r) for r in sp.token_ids])
-        return (sp.texts[0] if state.rows == 1 else sp.texts), sp.state
+        self._record(ctx, "speak", state, after, t0, Usage(generated=gen, prefilled=closing, reused=reused),
+                     text_out=shown, tokens=[len(r) for r in sp.token_ids])
+        return (sp.texts[0] if state.rows == 1 else sp.texts), after
+
+    def _close_turn(self, ctx: RunContext, state: LatentState) -> tuple[LatentState, int]:
+        """The template's end of an assistant turn prefilled after every row's message (positions per row)."""
+        end = ctx.model.turn_end
+        if not end or state.length == 0:
+            return state, 0
+        after = state.extend(end, agent=self.name, role=self.role, kind="text")
+        return after, sum(len(r) for r in after.segments[-1].token_ids)

@@ -48,7 +48,7 @@ from kvmas.organizer import KnowledgePool, Organizer
 from kvmas.organizer.pipeline import Pipeline
 from kvmas.organizer.spec import PipelineSpec
 from kvmas.paths import atomic_write_text, inside, safe_name
-from kvmas.primitives import PRIMITIVES, parse_method
+from kvmas.primitives import COMMS, PRIMITIVES, parse_method
 from kvmas.primitives.echo import echoes_role_prompt
 from kvmas.stats import mcnemar_exact, paired_bootstrap, wilson
 from kvmas.tasks import Task, format_question, loglik_continuations, loglik_prefix
@@ -89,9 +89,9 @@ def parse_methods(text: str) -> list[Method]:
             out.append(Method(name, "pipeline", path))
         else:
             comm, _, prim = name.rpartition(":")
-            if prim not in PRIMITIVES or comm not in ("", "latent", "text"):
+            if prim not in PRIMITIVES or comm not in ("", *COMMS):
                 raise BadInputError(f"unknown method {name!r} (primitives: {', '.join(PRIMITIVES)} as "
-                                    f"[latent:|text:]NAME; also {', '.join(SPECIAL)}, pipeline:PATH)")
+                                    f"[{'|'.join(COMMS)}:]NAME; also {', '.join(SPECIAL)}, pipeline:PATH)")
             out.append(Method(name, "primitive", name))
     if not out:
         raise BadInputError("no methods given")

@@ -37,7 +37,7 @@ from typing import Any
 from kvmas.errors import BadInputError, ContextOverflowError
 from kvmas.organizer.pool import Entry, KnowledgePool, infer_tags
 from kvmas.organizer.spec import PipelineSpec
-from kvmas.trace import Step, Usage
+from kvmas.trace import COMMS, Step, Usage
 
 DEFAULT_SPEC = PipelineSpec.chain("single")
 LETTERS = "ABCDEFGHIJ"
@@ -103,8 +103,8 @@ class Organizer:
                  node_params: dict[str, Any] | None = None, random_choice: bool = False):
         if not 1 <= k <= len(LETTERS):
             raise BadInputError(f"k must be in 1..{len(LETTERS)}, got {k}")
-        if comm not in (None, "latent", "text"):
-            raise BadInputError(f"unknown comm mode {comm!r} (latent|text)")
+        if comm is not None and comm not in COMMS:
+            raise BadInputError(f"unknown comm mode {comm!r} ({'|'.join(COMMS)})")
         self.pool = pool
         self.k = k
         self.diversity = diversity

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kvmas.errors import BadInputError
 from kvmas.paths import atomic_write_text, loads_json
+from kvmas.trace import COMMS
 
 SPEC_VERSION = 1
 MAX_NODES = 32
@@ -64,7 +65,7 @@ class Param:
 
 
 _COMMON = {
-    "comm": Param(str, choices=("latent", "text")),
+    "comm": Param(str, choices=COMMS),
     "latent_steps": Param(int, 0, 256),
     "max_new_tokens": Param(int, 1, 4096),
     "temperature": Param(float, 0.0, 2.0),

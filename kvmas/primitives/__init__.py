@@ -6,7 +6,7 @@
 """
 
 from kvmas.errors import BadInputError
-from kvmas.primitives.base import Primitive, RunResult, Sequence
+from kvmas.primitives.base import COMMS, Primitive, RunResult, Sequence
 from kvmas.primitives.plan import PlanExecute
 from kvmas.primitives.review import Review
 from kvmas.primitives.single import Single
@@ -32,5 +32,5 @@ def parse_method(method: str, **params) -> Primitive:
     return build(name, **({"comm": comm} if comm else {}), **params)
 
 
-__all__ = ["Primitive", "RunResult", "Sequence", "Single", "Review", "Vote", "PlanExecute", "PRIMITIVES",
+__all__ = ["COMMS", "Primitive", "RunResult", "Sequence", "Single", "Review", "Vote", "PlanExecute", "PRIMITIVES",
            "build", "parse_method"]

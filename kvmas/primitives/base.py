@@ -24,12 +24,12 @@ from kvmas.errors import BadInputError
 from kvmas.primitives.run import (
     TEAM_SYSTEM, Message, Output, RunResult, batch_runs, check_batch, close_run, open_run, resolve_model,
 )
-from kvmas.trace import Step, Usage
+from kvmas.trace import COMMS, Step, Usage
 
-Comm = Literal["latent", "text"]
+Comm = Literal["latent", "text", "kv"]
 HANDOFFS = ("thoughts", "full")
 LIMITS = {"rounds": (1, 8), "n": (1, 16), "k": (1, 16), "latent_steps": (0, 256), "max_new_tokens": (1, 4096)}
-__all__ = ["Primitive", "Sequence", "RunResult", "Output", "TEAM_SYSTEM", "check_param"]
+__all__ = ["COMMS", "Primitive", "Sequence", "RunResult", "Output", "TEAM_SYSTEM", "check_param"]
 
 
 def check_param(name: str, value: int) -> int:
@@ -46,8 +46,8 @@ class Primitive:
 
     def __init__(self, comm: Comm = "latent", latent_steps: int = 4, max_new_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, handoff: str = "thoughts"):
-        if comm not in ("latent", "text"):
-            raise BadInputError(f"unknown comm mode {comm!r} (latent|text)")
+        if comm not in COMMS:
+            raise BadInputError(f"unknown comm mode {comm!r} ({'|'.join(COMMS)})")
         if handoff not in HANDOFFS:
             raise BadInputError(f"unknown handoff {handoff!r} (one of {', '.join(HANDOFFS)})")
         self.handoff_mode = handoff
@@ -134,7 +134,7 @@ class Primitive:
         prompts stay, the speaking agent copies the last one ("You are the Critic. ...") instead of answering.
         The question prefix is never dropped; ``handoff="full"`` keeps everything.
         """
-        if self.handoff_mode == "full":
+        if self.handoff_mode == "full" or self.comm == "kv":  # kv: the cache is the transcript, kept whole
             return state
         thinkers = {s.agent for s in state.segments if s.kind != "prompt"}
         for seg in list(state.segments):
@@ -167,9 +167,10 @@ class Primitive:
     def conclude(self, ctx: RunContext, agent: Agent, inp: Output, state: LatentState, *, speak: bool,
                  final: bool = True, label: str | None = None, **facts) -> Output:
         """The output agent's last move: speak (the run's answer when ``final``; a ``label``ed message too, for
-        text readers) or, when a later primitive answers, leave latent thoughts."""
+        text readers) or, when a later primitive answers, leave latent thoughts. In kv mode a message that a
+        later primitive reads closes its turn in the cache."""
         if speak:
-            text, state = agent.speak(ctx, state, final=final)
+            text, state = agent.speak(ctx, state, final=final, close_turn=self.comm == "kv" and not final)
             return inp.then(state, answer=text, message=(label, text) if label else None, **facts)
         return inp.then(agent.think(ctx, state), **facts)
 

@@ -18,7 +18,8 @@ class PlanExecute(Primitive):
     """Planner -> K executors (default 3, batch rows reading the plan) -> integrator reading all of them.
 
     No executor is thrown away: their rows are merged (``merge_policy``, default ``shared``) into the
-    integrator's context in latent mode, and all their texts are shown to it in text mode.
+    integrator's context in latent mode, and all their texts are shown to it in text mode. KV: the plan and
+    the executors' work are decoded into the shared state (executors as rows, merged) and read there.
     """
 
     name = "plan"
@@ -49,6 +50,14 @@ class PlanExecute(Primitive):
             merged = self.fan_out(ctx, self.handoff(state), executors, tasks, self.merge_policy)
             state = integrator.read(ctx, merged, self.final_instruction(ctx, INTEGRATE), fresh=False)
             return self.conclude(ctx, integrator, inp, state, speak=final)
+        if self.comm == "kv":
+            state = planner.read(ctx, self.shared_prefix(ctx, inp), PLAN)
+            _, state = planner.speak(ctx, state, close_turn=True)
+            rows = executors.read(ctx, state.fork(self.k), tasks, fresh=False)
+            _, rows = executors.speak(ctx, rows, close_turn=True)
+            state = integrator.read(ctx, executors.merge(ctx, rows, self.merge_policy),
+                                    self.final_instruction(ctx, INTEGRATE), fresh=False)
+            return self.conclude(ctx, integrator, inp, state, speak=True, final=final, label="Integrated solution")
         base = LatentState.empty(ctx.model)
         plan, _ = planner.speak(ctx, planner.read(ctx, base, self.text_context(ctx, inp) + "\n\n" + PLAN))
         shown = [("Planner's plan", plan)]

@@ -22,7 +22,8 @@ class Review(Primitive):
 
     Latent: the critic reads the solver's state (one continuous stream: positions are exact) and answers with
     latent steps; the solver refines on top; the previous round's critique segments are dropped. Text: drafts
-    and critiques are decoded and re-read. Early stop (``early_stop``, off by default): before a critic writes, its state
+    and critiques are decoded and re-read. KV: the same conversation as text, but every draft and critique is
+    decoded into the one shared state and read there (nothing is re-prefilled; nothing is dropped). Early stop (``early_stop``, off by default): before a critic writes, its state
     scores the two verdicts in ``VERDICTS``; if "correct" wins by ``stop_margin`` nats the rounds end.
     """
 
@@ -41,6 +42,8 @@ class Review(Primitive):
                 "stop_margin": self.stop_margin}
 
     def positions_needed(self, question_tokens: int) -> int:
+        if self.comm == "kv":  # the whole conversation stays in one state
+            return question_tokens + 256 + (1 + 2 * self.rounds) * (128 + self.max_new_tokens)
         per_round = 2 * (128 + self.latent_steps) if self.comm == "latent" else 3 * self.max_new_tokens
         return question_tokens + 256 + self.latent_steps + self.rounds * per_round + self.max_new_tokens
 
@@ -60,6 +63,8 @@ class Review(Primitive):
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         if self.comm == "text":
             return self._text(ctx, inp, final)
+        if self.comm == "kv":
+            return self._kv(ctx, inp, final)
         solver, critic = self._agents()
         state = self.shared_prefix(ctx, inp)
         state = solver.think(ctx, solver.read(ctx, state, SOLVE))
@@ -90,6 +95,23 @@ class Review(Primitive):
         if margins:
             facts["review_verdict_margins"] = margins
         return facts
+
+    def _kv(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
+        solver, critic = self._agents()
+        margins: list[float] = []
+        state = solver.read(ctx, self.shared_prefix(ctx, inp), SOLVE)
+        draft, state = solver.speak(ctx, state, close_turn=True)
+        for r in range(self.rounds):
+            state = critic.read(ctx, state, CRITIQUE)
+            if self._critic_agrees(ctx, critic, state, margins):  # the accepted draft is the answer
+                state = state.drop(state.segments[-1].id)
+                return inp.then(state, answer=draft, message=("Reviewed solution", draft), **self._facts(margins, r))
+            _, state = critic.speak(ctx, state, close_turn=True)
+            state = solver.read(ctx, state, self.final_instruction(ctx, REFINE))
+            if r < self.rounds - 1:
+                draft, state = solver.speak(ctx, state, close_turn=True)
+        return self.conclude(ctx, solver, inp, state, speak=True, final=final, label="Reviewed solution",
+                             **self._facts(margins, None))
 
     def _text(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver, critic = self._agents()

@@ -30,6 +30,6 @@ class Single(Primitive):
             state = solver.read(ctx, self.handoff(state), "Solve the problem." if state.length else
                                 self.text_context(ctx, inp) + "\n\nSolve the problem.")
         state = solver.think(ctx, state)
-        if final or self.comm == "text":
+        if final or self.comm != "latent":
             return self.conclude(ctx, solver, inp, state, speak=True, final=final, label="Solver")
         return inp.then(state)

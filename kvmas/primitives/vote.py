@@ -40,7 +40,9 @@ class Vote(Primitive):
     row with ``merge_policy`` (default ``shared``: every candidate keeps the positions it was computed at, so
     none is closer to the selector and each candidate's KV is exactly its own run; measured against exact
     re-prefill in ``kvmas bench efficiency``); the selector reads the question and all candidates. Text:
-    solvers decode their solutions (still one batched forward), the selector re-reads them as text.
+    solvers decode their solutions (still one batched forward), the selector re-reads them as text. KV: the
+    solvers decode their solutions into their rows of the shared state; the rows merge (``merge_policy``) and
+    the selector reads the candidates' own KV, nothing re-prefilled.
     ``aggregate="majority"`` answers with the majority answer when candidate answers are extractable and a
     strict majority exists (text candidates), else falls back to the selector. ``answer_key`` maps a
     candidate's text to a comparable answer (default :func:`answer_key`: last box, else last number).
@@ -88,11 +90,15 @@ class Vote(Primitive):
         solvers, selector = self._agents()
         if self.comm == "latent":
             return self.conclude(ctx, selector, inp, self.selector_state(ctx, inp), speak=final)
-        # text mode: the shared problem prompt is prefilled once, candidates decoded as batch rows
-        base = LatentState.empty(ctx.model)
-        prompts = [self.text_context(ctx, inp) + "\n\n" + f"{p} {SOLVE}" for p in self._personas()]
-        rows = solvers.read(ctx, base.fork(self.n), prompts, fresh=True)
-        cands, _ = solvers.speak(ctx, rows)
+        if self.comm == "kv":  # candidates decoded into their rows of the shared state
+            personas = [f"{p} {SOLVE}" for p in self._personas()]
+            rows = solvers.read(ctx, self.shared_prefix(ctx, inp).fork(self.n), personas, fresh=False)
+            cands, rows = solvers.speak(ctx, rows, close_turn=True)
+        else:  # text mode: the shared problem prompt is prefilled once, candidates decoded as batch rows
+            base = LatentState.empty(ctx.model)
+            prompts = [self.text_context(ctx, inp) + "\n\n" + f"{p} {SOLVE}" for p in self._personas()]
+            rows = solvers.read(ctx, base.fork(self.n), prompts, fresh=True)
+            cands, _ = solvers.speak(ctx, rows)
         cands = list(cands) if isinstance(cands, list) else [cands]
         keys = [self.answer_key(c) for c in cands]
         shown = [(f"Solver {i + 1}'s solution", c) for i, c in enumerate(cands)]
@@ -101,7 +107,11 @@ class Vote(Primitive):
             text = next(c for c, k in zip(cands, keys) if k == top)
             return inp.then(rows.select([keys.index(top)]), answer=text, message=("Selected solution", text),
                             vote_candidates=keys, vote_majority=top)
-        state = selector.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
-                              + self.final_instruction(ctx, SELECT))
+        if self.comm == "kv":
+            state = selector.read(ctx, solvers.merge(ctx, rows, self.merge_policy),
+                                  self.final_instruction(ctx, SELECT), fresh=False)
+        else:
+            state = selector.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
+                                  + self.final_instruction(ctx, SELECT))
         return self.conclude(ctx, selector, inp, state, speak=True, final=final, label="Selected solution",
                              vote_candidates=keys)

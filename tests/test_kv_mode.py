@@ -1,0 +1,135 @@
+"""comm="kv": agents decode their messages into the shared state and the next agent reads them there.
+
+Golden tests against full recomputation: what a kv reader computes equals what a text reader computes when it is
+given the same message tokens at the same positions.
+"""
+
+import pytest
+import torch
+
+from kvmas.agents.agent import Agent, RunContext
+from kvmas.agents.state import LatentState
+from kvmas.primitives import PlanExecute, Review, Sequence, Vote
+from kvmas.primitives import plan as plan_mod
+from kvmas.primitives import review as review_mod
+from kvmas.primitives import vote as vote_mod
+from kvmas.primitives.run import TEAM_SYSTEM, Output
+from kvmas.testing import tiny_model
+
+Q = "Tom has 5 apples and eats 2. How many are left?"
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen"])
+def model(request):
+    return tiny_model(request.param, seed=1)
+
+
+def transcript_ids(state: LatentState) -> list[int]:
+    """The token ids of a one-row state, segment after segment (every kv segment is text, none latent)."""
+    assert state.rows == 1
+    ids = []
+    for seg in state.segments:
+        assert seg.token_ids is not None, f"segment {seg.id} ({seg.kind}) holds no tokens"
+        ids += seg.token_ids[0]
+    return ids
+
+
+def recomputed(model, ids):
+    with torch.no_grad():
+        return model.hf(torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_the_turn_end_is_what_the_template_writes_after_a_reply(model):
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "reply"}]
+    assert model.chat_text(msgs, add_generation_prompt=False).endswith("reply" + model.turn_end)
+    assert model.turn_end  # both tiny templates close a reply with a marker
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_kv_review_is_the_chat_transcript_and_its_reader_equals_a_text_reader(model, rounds):
+    res = Review(comm="kv", rounds=rounds, max_new_tokens=5)(Q, model=model)
+    state = res.state
+    ids = transcript_ids(state)
+    assert state.length == len(ids) and torch.equal(state.positions[0], torch.arange(len(ids)))
+    # the cache holds exactly the conversation a chat transcript of the same messages holds
+    assert sum(s.action == "speak" for s in res.trace.steps) == 1 + 2 * rounds
+    speeches = [model.decode(s.token_ids[0], skip_special_tokens=False) for s in state.segments
+                if s.kind == "generated"]  # as emitted (a tiny random model also emits special tokens)
+    assert len(speeches) == 1 + 2 * rounds
+    turns = [review_mod.SOLVE]
+    for _ in range(rounds):
+        turns += [review_mod.CRITIQUE, Review().final_instruction(type("C", (), {"question": Q})(),
+                                                                 review_mod.REFINE)]
+    msgs = [{"role": "system", "content": TEAM_SYSTEM},
+            {"role": "user", "content": f"Problem:\n{Q}"}]
+    for instruction, reply in zip(turns, speeches):
+        msgs += [{"role": "user", "content": instruction}, {"role": "assistant", "content": reply}]
+    want = model.chat_text(msgs, add_generation_prompt=False)
+    got = model.decode(ids, skip_special_tokens=False)
+    assert want.startswith(got) and want[len(got):] == model.turn_end  # the answer's turn is left open
+    # a text reader given these tokens from scratch computes the same next-token distribution
+    assert (state.last_logits[0] - recomputed(model, ids)).abs().max() < 1e-4
+
+
+def test_kv_review_prefills_less_than_its_text_twin_for_the_same_work(model):
+    kv, text = (Review(comm=c, rounds=2, max_new_tokens=5)(Q, model=model) for c in ("kv", "text"))
+    assert kv.trace.usage.prefilled < text.trace.usage.prefilled
+    assert kv.trace.usage.latent == 0
+    # nothing of another agent is prefilled again: every other reading is reuse
+    assert kv.trace.usage.reused > 0 and text.trace.usage.reused == 0
+
+
+@pytest.mark.parametrize("cls,kw,instruction", [(Vote, {"n": 3}, vote_mod.SELECT),
+                                                (PlanExecute, {"k": 3}, plan_mod.INTEGRATE)])
+def test_kv_fan_in_reader_equals_each_branch_run_alone_then_merged(model, cls, kw, instruction):
+    """Branches decode as rows of one state (finishing at different steps); the reader on their merge equals a
+    reader on the merge of each branch decoded alone (its own run), and answers the same."""
+    prim = cls(comm="kv", max_new_tokens=6, **kw)
+    res = prim(Q, model=model)
+    steps = res.trace.steps
+    branch_speech = next(s for s in steps if s.action == "speak" and s.rows > 1)
+    texts = branch_speech.text_out.split("\n---\n")
+    # rebuild by hand: question once, (a plan), each branch alone on top of it, merged, the reader's turn
+    ctx = RunContext(model=model, question=Q, system=TEAM_SYSTEM)
+    prefix = prim.shared_prefix(ctx, Output.start(model))
+    if cls is PlanExecute:
+        plan_ids = next(s for s in steps if s.agent == "planner" and s.action == "speak")
+        prefix = Agent("planner").read(ctx, prefix, plan_mod.PLAN)
+        prefix = prefix.extend(model.encode(plan_ids.text_out) + model.encode(model.turn_end), kind="generated")
+        turns = [plan_mod.EXECUTE.format(i=i + 1, k=kw["k"]) for i in range(kw["k"])]
+    else:
+        turns = [f"{p} {vote_mod.SOLVE}" for p in prim._personas()]
+    alone = []
+    for turn, text in zip(turns, texts):
+        row = prefix.extend(Agent("x").turn(ctx, turn, fresh=False))
+        sp = row.speak(6)
+        assert sp.text == text  # a batch row decodes what the branch decodes alone
+        alone.append(sp.state.extend(model.turn_end))
+    merged = LatentState.merge(alone, policy="shared")
+    reader = merged.extend(Agent("x").turn(ctx, prim.final_instruction(ctx, instruction), fresh=False))
+    answer = reader.speak(6)
+    assert answer.text == res.answer
+    assert (answer.state.last_logits[0] - res.state.last_logits[0]).abs().max() < 1e-4
+
+
+def test_kv_vote_majority_answers_with_the_majority_candidate(model):
+    """Answer-level majority over the decoded candidates: rigged by answer keys that agree (two of three)."""
+    keys = iter(["7", "7", "3"])
+    res = Vote(comm="kv", n=3, max_new_tokens=6, aggregate="majority", answer_key=lambda t: next(keys))(Q, model=model)
+    assert res.meta["vote_candidates"] == ["7", "7", "3"] and res.meta["vote_majority"] == "7"
+    cands = next(s for s in res.trace.steps if s.action == "speak").text_out.split("\n---\n")
+    assert res.answer == cands[0]
+    assert not any(s.agent == "selector" for s in res.trace.steps)  # no selector needed
+
+
+def test_kv_sequence_hands_the_decoded_answer_to_the_next_primitive_in_the_cache(model):
+    seq = Sequence(PlanExecute(comm="kv", k=2, max_new_tokens=4), Review(comm="kv", rounds=1, max_new_tokens=4))
+    res = seq(Q, model=model)
+    assert [s.agent for s in res.trace.steps].count("user") == 1  # the question is prefilled once
+    integrated = next(s for s in res.trace.steps if s.agent == "integrator" and s.action == "speak")
+    assert integrated.usage.prefilled == len(model.encode(model.turn_end))  # its turn closed in the cache
+    # the review's solver reads on top of the integrator's reply: its read step reuses those columns
+    solver_read = next(s for s in res.trace.steps if s.agent == "solver" and s.action == "read")
+    assert set(integrated.writes) <= set(solver_read.reads)
+    assert model.decode(transcript_ids(res.state), skip_special_tokens=False).count(integrated.text_out) >= 1
