@@ -120,6 +120,10 @@ class Agent:
             raise BadInputError(f"agent {self.name}: latent_steps must be >= 0")
 
     # -- prompts -----------------------------------------------------------------------------
+    def message(self, instruction: str) -> str:
+        """The text of this agent's user message (persona, then instruction): what a trace shows it read."""
+        return f"{self.persona}\n\n{instruction}" if self.persona else instruction
+
     def turn(self, ctx: RunContext, instruction: str, *, fresh: bool = True) -> str:
         """This agent's turn as chat text.
 
@@ -129,7 +133,7 @@ class Agent:
         """
         model = ctx.model
         sys_msg = {"role": "system", "content": ctx.system}
-        content = f"{self.persona}\n\n{instruction}" if self.persona else instruction
+        content = self.message(instruction)
         full = model.chat_text([sys_msg, {"role": "user", "content": content}])
         if fresh:
             return full
@@ -174,8 +178,10 @@ class Agent:
         after = state.extend(text, agent=self.name, role=self.role, kind="prompt")
         prefilled = sum(len(r) for r in after.segments[-1].token_ids)
         shown = text if isinstance(text, str) else "\n---\n".join(text)
+        message = "\n---\n".join(self.message(i) for i in (instruction if isinstance(instruction, list)
+                                                          else [instruction]))
         self._record(ctx, "read", state, after, t0, Usage(prefilled=prefilled, reused=reused), text_in=shown,
-                     **skill_meta)
+                     message=message, **skill_meta)
         return after
 
     def think(self, ctx: RunContext, state: LatentState, steps: int | None = None) -> LatentState:

@@ -76,18 +76,25 @@ class Primitive:
     # -- running ---------------------------------------------------------------------------------------
     def __call__(self, question: str, model=None, *, seed: int = 0,
                  interventions: dict[str, Intervention] | None = None, trace_path: str | Path | None = None,
-                 skills=None, listener=None) -> RunResult:
+                 skills=None, listener=None, state: LatentState | None = None) -> RunResult:
         """Run on one question. ``model``: a Model, a registry name/path, or None for the default.
 
         ``listener(agent, text_delta, final)`` hears every speech as it is decoded; ``final`` marks the answer.
+        ``state``: continue from a saved :class:`LatentState` (``LatentState.load(path, model)``, same model:
+        the fingerprint is checked) instead of an empty one; the question is read on top of it.
         """
         if not isinstance(question, str) or not question.strip():
             raise BadInputError("empty question")
         model = resolve_model(model)
         ctx = open_run(model, question, method=self.method, params=self.params(), seed=seed,
                        interventions=interventions, skills=skills, trace_path=trace_path, listener=listener,
-                       positions=self.positions_needed(len(model.encode(question))))
-        return close_run(ctx, self.forward(ctx, Output.start(model), final=True))
+                       positions=self.positions_needed(len(model.encode(question))) + (state.length if state else 0))
+        start = Output.start(model) if state is None else Output.resume(ctx, state)
+        return close_run(ctx, self.forward(ctx, start, final=True))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({shown})"
 
     def batch(self, questions: list[str], model=None, *, seeds: list[int] | None = None,
               batch_size: int | None = None, interventions: dict[str, Intervention] | None = None,
