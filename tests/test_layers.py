@@ -15,7 +15,7 @@ FLOORS = [
     {"__init__", "errors"},
     {"paths", "clock", "stats", "db"},
     {"trace", "tasks"},
-    {"models"},
+    {"models", "telemetry"},
     {"agents"},
     {"primitives", "memory", "attribution", "testing"},
     {"organizer"},

@@ -228,9 +228,13 @@ def recorded_failure(log: AttributionLog, gold: str | None = None) -> str | None
             return f"its outcome records {key}=false"
     gold = gold if gold is not None else log.ground_truth
     if gold is not None:
-        from kvmas.attribution.planted import number_judge
+        from kvmas.tasks.answers import extract_number, parse_number
 
-        return None if number_judge(str(gold))(log.answer) else f"the answer misses the gold answer {gold}"
+        want = parse_number(str(gold))
+        if want is None:
+            raise BadInputError(f"gold answer {gold!r} is not a number")
+        got = parse_number(extract_number(log.answer)) if log.answer else None
+        return None if got is not None and got == want else f"the answer misses the gold answer {gold}"
     return None
 
 

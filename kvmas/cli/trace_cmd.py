@@ -2,6 +2,7 @@
 
     kvmas trace show runs/trace.json                     # every step: agent, action, tokens, ms, texts
     kvmas trace show runs/trace.json --agent critic --steps 3-7 --full
+    kvmas trace export runs/trace.json --otlp runs/trace.otlp.json    # or --otlp http://localhost:4318/v1/traces
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from kvmas.cli.render import console, pick_steps, print_trace
+from kvmas.cli.render import console, pick_steps, print_trace, say
 
 app = typer.Typer(help="Inspect run traces.", no_args_is_help=True, add_completion=False)
 
@@ -28,3 +29,18 @@ def show(
     trace = Trace.load(file)
     chosen = None if steps is None and agent is None else pick_steps(trace, steps, agent)
     print_trace(trace, console(), full_text=full, steps=chosen)
+
+
+@app.command("export")
+def export(
+    file: Path = typer.Argument(..., help="a trace JSON written by --trace"),
+    otlp: str = typer.Option(..., "--otlp", help="an OTLP/JSON file to write, or an http(s):// OTLP endpoint "
+                             "(e.g. http://localhost:4318/v1/traces)"),
+) -> None:
+    """Export a trace as OpenTelemetry spans (GenAI conventions): a run span, a span per step, provenance links."""
+    from kvmas.telemetry import export_trace, otlp_exporter
+    from kvmas.trace import Trace
+
+    trace = Trace.load(file)
+    spans = export_trace(trace, otlp_exporter(otlp))
+    say(f"{len(spans)} spans of run {trace.run_id} exported to {otlp}")
