@@ -249,8 +249,8 @@ def decode(
 
 @app.command("latent-steps")
 def latent_steps_cmd(
-    data: str = typer.Option("../shared/data/gsm8k/train.jsonl", "--data", "-d",
-                             help="GSM8K JSONL with worked solutions"),
+    data: str = typer.Option("gsm8k-sample", "--data", "-d",
+                             help="GSM8K JSONL with worked solutions (default: the sample shipped in kvmas/data)"),
     n: int = typer.Option(20, "--n", help="number of tasks"),
     model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
     methods: str = typer.Option("latent:review,latent:vote,latent:plan", "--methods", "-m",
