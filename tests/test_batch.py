@@ -6,7 +6,7 @@ from kvmas.agents.engine import run_batched
 from kvmas.errors import BadInputError, ContextOverflowError
 from kvmas.organizer import KnowledgePool, Organizer, PipelineSpec
 from kvmas.organizer.pipeline import Pipeline
-from kvmas.primitives import PlanExecute, Review, Sequence, Single, Vote
+from kvmas.primitives import PlanExecute, Review, SelfConsistency, Sequence, Single, Vote
 from kvmas.testing import tiny_model
 
 QS = ["2+3?", "What is 12 times 7?", "Tom has 5 apples and eats 2. How many are left?", "9-4?",
@@ -59,6 +59,7 @@ PRIMS = {
     "kv:vote": lambda: small(Vote, "kv", n=3),
     "kv:vote-majority": lambda: small(Vote, "kv", n=3, aggregate="majority", temperature=0.9),
     "kv:plan": lambda: small(PlanExecute, "kv", k=2),
+    "consistency": lambda: SelfConsistency(n=3, max_new_tokens=5),
     "kv-sequence": lambda: Sequence(small(PlanExecute, "kv", k=2), small(Review, "kv", rounds=1)),
     "sequence": lambda: Sequence(small(PlanExecute, k=2), small(Review, "text", rounds=1)),
     "dag": lambda: Pipeline(PipelineSpec.from_dict({

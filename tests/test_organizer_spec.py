@@ -67,5 +67,5 @@ def test_not_json_and_too_many_nodes():
 
 
 def test_every_primitive_has_comm():
-    assert set(PRIMITIVE_PARAMS) == {"single", "review", "vote", "plan"}
+    assert set(PRIMITIVE_PARAMS) == {"single", "review", "vote", "plan", "consistency"}
     assert all("comm" in p for p in PRIMITIVE_PARAMS.values())

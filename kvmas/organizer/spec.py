@@ -79,6 +79,7 @@ PRIMITIVE_PARAMS: dict[str, dict[str, Param]] = {
     "vote": {**_COMMON, "n": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill")),
              "aggregate": Param(str, choices=("selector", "majority"))},
     "plan": {**_COMMON, "k": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill"))},
+    "consistency": {**_COMMON, "n": Param(int, 1, 16)},
 }
 
 

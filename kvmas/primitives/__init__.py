@@ -7,12 +7,14 @@
 
 from kvmas.errors import BadInputError
 from kvmas.primitives.base import COMMS, Primitive, RunResult, Sequence
+from kvmas.primitives.consistency import SelfConsistency
 from kvmas.primitives.plan import PlanExecute
 from kvmas.primitives.review import Review
 from kvmas.primitives.single import Single
 from kvmas.primitives.vote import Vote
 
-PRIMITIVES: dict[str, type[Primitive]] = {"single": Single, "review": Review, "vote": Vote, "plan": PlanExecute}
+PRIMITIVES: dict[str, type[Primitive]] = {"single": Single, "review": Review, "vote": Vote, "plan": PlanExecute,
+                                          "consistency": SelfConsistency}
 
 
 def build(type_name: str, **params) -> Primitive:
@@ -32,5 +34,5 @@ def parse_method(method: str, **params) -> Primitive:
     return build(name, **({"comm": comm} if comm else {}), **params)
 
 
-__all__ = ["COMMS", "Primitive", "RunResult", "Sequence", "Single", "Review", "Vote", "PlanExecute", "PRIMITIVES",
+__all__ = ["COMMS", "Primitive", "RunResult", "Sequence", "Single", "Review", "Vote", "PlanExecute", "SelfConsistency", "PRIMITIVES",
            "build", "parse_method"]
