@@ -23,7 +23,7 @@ DEMO := "Tom has 3 boxes with 4 apples in each box. He eats 2 of the apples. How
 # usage per agent, and the trace.
 run: install
 	$(VENV)/bin/kvmas models install qwen2.5-coder-0.5b
-	$(VENV)/bin/kvmas run -p review -c latent --rounds 1 --max-new-tokens 160 --model qwen2.5-coder-0.5b \
+	$(VENV)/bin/kvmas run -p review -c latent --rounds 1 --max-new-tokens 192 --model qwen2.5-coder-0.5b \
 		--trace runs/demo-trace.json $(DEMO)
 	$(VENV)/bin/kvmas trace show runs/demo-trace.json
 

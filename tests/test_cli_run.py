@@ -130,3 +130,22 @@ def test_top_level_help_imports_no_model_code():
             " 'kvmas.organizer') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "HEAVY []" in out and "run" in out and "trace" in out
+
+
+def test_verbose_logs_the_run_and_third_party_warnings_are_hidden_by_default(model_dir):
+    import warnings
+
+    from kvmas.cli.logs import setup_logging
+
+    plain = runner.invoke(app, ["run", "Q?", "--model", model_dir, "--max-new-tokens", "2", "-q"])
+    loud = runner.invoke(app, ["-v", "run", "Q?", "--model", model_dir, "--max-new-tokens", "2", "-q"])
+    assert plain.exit_code == loud.exit_code == 0, plain.output + loud.output
+    assert "done:" not in plain.stderr and "done: 2 steps" in loud.stderr
+    assert loud.stdout == plain.stdout  # logging never mixes into the answer
+    for verbose, shown in ((False, ["ours"]), (True, ["noise", "ours"])):
+        with warnings.catch_warnings(record=True) as seen:
+            setup_logging(verbose)
+            warnings.warn_explicit("noise", UserWarning, "t.py", 1, module="transformers.generation")
+            warnings.warn_explicit("ours", UserWarning, "t.py", 2, module="kvmas.agents")
+        assert [str(w.message) for w in seen] == shown
+    setup_logging(False)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 import threading
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -27,6 +29,7 @@ from kvmas.models.registry import default_model
 from kvmas.paths import kvmas_home
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _LOADED: dict[str, "Model"] = {}
@@ -153,11 +156,13 @@ class Model:
                 return _LOADED[key]
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            t0 = time.perf_counter()
             extra = {"attn_implementation": "sdpa"} if dev.type == "cuda" else {}
             with quiet_transformers():
                 tok = AutoTokenizer.from_pretrained(directory)
                 hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dt, **extra).to(dev)
             model = cls(hf, tok, name=name, source=str(directory))
+            log.debug("loaded %s from %s on %s (%s) in %.1f s", name, directory, dev, dt, time.perf_counter() - t0)
             _LOADED[key] = _LOADED[wanted] = model
             return model
 

@@ -36,7 +36,6 @@ def setup_logging(verbose: bool = False) -> None:
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
     if verbose:
-        logging.captureWarnings(True)
         warnings.simplefilter("default")
     else:
         warnings.filterwarnings("ignore")

@@ -17,6 +17,7 @@ pipelines, the organizer and the benches open and close runs here, so a run is s
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from kvmas.errors import BadInputError
 from kvmas.trace import Step, Trace, Usage
 
 TEAM_SYSTEM = "You are a helpful assistant working in a team of agents on one problem."
+log = logging.getLogger(__name__)
 Message = tuple[str, str]  # (who, text): a decoded message a text-mode agent re-reads
 
 
@@ -142,6 +144,7 @@ def open_run(model, question: str, *, method: str, params: dict | None = None, s
         trace.watch(listener.on_step)
     for step in prelude:
         trace.add(step)
+    log.debug("run %s: %s on %s, seed %d", trace.run_id, method, model.name, seed)
     return RunContext(model=model, question=question, seed=seed, trace=trace, system=system,
                       interventions=interventions or {}, skills=skills,
                       started=time.perf_counter() if started is None else started, trace_path=trace_path,
@@ -152,6 +155,8 @@ def close_run(ctx: RunContext, out: Output, **extra_facts: Any) -> RunResult:
     """Finish the trace (wall time, answer), write it if asked, and return the run's result."""
     ctx.trace.wall_s = time.perf_counter() - ctx.started
     ctx.trace.answer = out.answer
+    log.debug("run %s done: %d steps, %d positions computed, %.2f s", ctx.trace.run_id, len(ctx.trace.steps),
+              ctx.trace.usage.computed, ctx.trace.wall_s)
     if ctx.trace_path:
         ctx.trace.save(ctx.trace_path)
     return RunResult(answer=out.answer or "", trace=ctx.trace, state=out.state,
