@@ -334,3 +334,38 @@ def test_a_failed_verification_sticks_until_a_full_one_passes(tiny_gguf, tmp_pat
     weights.write_bytes(good)  # repaired: a full verification clears the mark
     assert verify_cache(out, full=True).damaged == ""
     assert verify_cache(out).damaged == "" and read_manifest(out).damaged == ""
+
+
+def test_cache_lock_excludes_other_processes_and_threads_and_nests_in_one(tmp_path):
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from kvmas.models.convert import cache_lock
+
+    target = tmp_path / "m"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kvmas.models.convert import cache_lock\n"
+                              f"with cache_lock({str(target)!r}):\n    print('held', flush=True); time.sleep(1.5)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    with cache_lock(target), cache_lock(target):  # re-entrant in this thread
+        waited = time.monotonic() - t0
+    child.wait(timeout=30)
+    assert waited > 0.5  # it waited for the other process
+    order = []
+
+    def worker(i):
+        with cache_lock(target):
+            order.append(("in", i))
+            time.sleep(0.05)  # another thread inside now would interleave its entry here
+            order.append(("out", i))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [o[0] for o in order] == ["in", "out"] * 4
+    assert [order[k][1] for k in range(0, 8, 2)] == [order[k][1] for k in range(1, 8, 2)]

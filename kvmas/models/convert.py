@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -178,34 +176,17 @@ def record_load_time(directory: str | os.PathLike) -> CacheManifest:
 
 
 # -- locking and atomic directory replacement -----------------------------------------------------
-_HELD: dict[str, list] = {}
-_HELD_GUARD = threading.Lock()
-
-
 @contextlib.contextmanager
 def cache_lock(directory: Path) -> Iterator[None]:
-    """Exclusive lock for building or removing ``directory``: across processes (``flock`` on a sibling
-    ``.NAME.lock`` file) and threads; re-entrant within one thread."""
+    """Exclusive lock for building or removing ``directory``: across processes and threads (``filelock`` on a
+    sibling ``.NAME.lock`` file, one lock object per file, its state per thread); re-entrant within one thread."""
+    from filelock import FileLock
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    key = str(directory.resolve())
-    with _HELD_GUARD:
-        entry = _HELD.setdefault(key, [threading.RLock(), 0, None])
-    rlock = entry[0]
-    with rlock:
-        entry[1] += 1
-        try:
-            if entry[1] == 1:
-                fh = open(directory.parent / f".{directory.name}.lock", "a+")
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-                entry[2] = fh
-            yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0 and entry[2] is not None:
-                fcntl.flock(entry[2].fileno(), fcntl.LOCK_UN)
-                entry[2].close()
-                entry[2] = None
+    # the lock file stays: removing it on release would let a waiter lock an unlinked file
+    with FileLock(directory.parent / f".{directory.name}.lock", is_singleton=True, preserve_lock_file=True):
+        yield
 
 
 def _tmp_prefix(directory: Path) -> str:
@@ -276,58 +257,15 @@ def _write_rope_theta(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+def _gguf_header(path: str | os.PathLike) -> dict[str, tuple[int, tuple[int, ...], int]]:
+    """``{name: (ggml type, shape in GGUF order, absolute data offset)}``, read by ``gguf.GGUFReader``."""
+    from gguf import GGUFReader
 
-
-def _gguf_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, tuple[int, ...], int]], int]:
-    """``({name: (ggml type, shape in GGUF order, data offset)}, data section start)`` from a GGUF header."""
-    import mmap
-    import struct
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise CacheCorruptError(f"{path} is not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise CacheCorruptError(f"{path}: unsupported GGUF version {version}")
-        pos, alignment = 24, 32
-
-        def read_string(pos: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8", "replace"), pos + 8 + n
-
-        def skip_value(pos: int, vtype: int) -> int:
-            if vtype in _GGUF_SCALAR:
-                return pos + struct.calcsize(_GGUF_SCALAR[vtype])
-            if vtype == 8:
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                return pos + 8 + n
-            if vtype == 9:
-                etype, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if etype in _GGUF_SCALAR:
-                    return pos + count * struct.calcsize(_GGUF_SCALAR[etype])
-                for _ in range(count):
-                    pos = skip_value(pos, etype)
-                return pos
-            raise CacheCorruptError(f"{path}: unknown GGUF value type {vtype}")
-
-        for _ in range(n_kv):
-            key, pos = read_string(pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            if key == "general.alignment" and vtype in _GGUF_SCALAR:
-                (alignment,) = struct.unpack_from(_GGUF_SCALAR[vtype], buf, pos + 4)
-            pos = skip_value(pos + 4, vtype)
-        table = {}
-        for _ in range(n_tensors):
-            name, pos = read_string(pos)
-            (ndim,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
-            pos += 4 + 8 * ndim
-            ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            table[name] = (ggml_type, tuple(dims), offset)
-    return table, (pos + alignment - 1) // alignment * alignment
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, KeyError, IndexError, EOFError) as exc:  # bad magic, version, value type, truncation
+        raise CacheCorruptError(f"{path} is not a GGUF file kvmas can read ({exc})") from None
+    return {t.name: (int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset)) for t in reader.tensors}
 
 
 def gguf_tensor_table(path: str | os.PathLike) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -336,8 +274,7 @@ def gguf_tensor_table(path: str | os.PathLike) -> dict[str, tuple[int, tuple[int
     >>> gguf_tensor_table("model.gguf")["output.weight"]  # doctest: +SKIP
     (8, (896, 151936))
     """
-    table, _ = _gguf_header(path)
-    return {name: (t, dims) for name, (t, dims, _) in table.items()}
+    return {name: (t, dims) for name, (t, dims, _) in _gguf_header(path).items()}
 
 
 def read_gguf_tensor(path: str | os.PathLike, name: str):
@@ -347,14 +284,14 @@ def read_gguf_tensor(path: str | os.PathLike, name: str):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    table, data_start = _gguf_header(path)
+    table = _gguf_header(path)
     if name not in table:
         raise KvmasError(f"{path} has no tensor {name!r}")
     ggml_type, dims, offset = table[name]
     qtype = GGMLQuantizationType(ggml_type)
     block, nbytes = GGML_QUANT_SIZES[qtype]
     count = int(np.prod(dims))
-    raw = np.fromfile(path, dtype=np.uint8, count=count // block * nbytes, offset=data_start + offset)
+    raw = np.fromfile(path, dtype=np.uint8, count=count // block * nbytes, offset=offset)
     shape = tuple(reversed(dims))
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         values = raw.view(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
