@@ -51,7 +51,22 @@ def test_run_bench_writes_everything(model, tmp_path):
     assert len(items) == 6 * 2 and {i["method"] for i in items} == set(s["methods"])
     assert json.loads((out / "results.json").read_text()) == s
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # seconds per question: each method's whole loop over its questions, recorded per method
+    walls = s["config"]["method_wall_s"]
+    assert set(walls) == set(s["methods"]) and all(w > 0 for w in walls.values())
+    for name, m in s["methods"].items():
+        assert m["seconds_per_question"] == pytest.approx(walls[name] / m["n"], abs=1e-3)
+    # the Pareto fronts: no method off a front is beaten by none, none on it is beaten by one
+    fronts = s["pareto"]
+    cost = {"seconds": lambda m: m["seconds_per_question"], "tokens": lambda m: m["tokens_per_item"]["computed"]}
+    for key, front in fronts.items():
+        pts = {n: (m["accuracy"], cost[key](m)) for n, m in s["methods"].items()}
+        beaten = {n for n, (a, c) in pts.items() if any(a2 >= a and c2 <= c and (a2 > a or c2 < c)
+                                                         for n2, (a2, c2) in pts.items() if n2 != n)}
+        assert set(front) == set(pts) - beaten and front
     md = (out / "results.md").read_text()
+    assert "Pareto front" in md and "s/question" in md
     assert "| loglik |" in md and "Paired comparisons" in md and "Sample answers" in md
     assert len(s["paired"]) == 15
     for name, m in s["methods"].items():
@@ -183,9 +198,13 @@ def test_merged_runs_equal_one_run(model, tmp_path):
     run_bench(tasks, "text:review", model, tmp_path / "b", CFG)
     merged = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
     assert list(merged["methods"]) == list(whole["methods"])
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("wall_s")}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("wall_s") and k != "seconds_per_question"}  # noqa: E731
     for name in whole["methods"]:
         assert strip(merged["methods"][name]) == strip(whole["methods"][name])
+    # each method keeps the wall clock of the run it came from
+    assert set(merged["config"]["method_wall_s"]) == set(whole["methods"])
+    assert merged["methods"]["text:review"]["seconds_per_question"] == pytest.approx(
+        json.loads((tmp_path / "b" / "results.json").read_text())["methods"]["text:review"]["seconds_per_question"])
     assert merged["paired"] == whole["paired"]
     assert merged["config"]["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert len((tmp_path / "ab" / "items.jsonl").read_text().splitlines()) == 9

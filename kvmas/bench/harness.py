@@ -333,6 +333,7 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[ItemResult]] = {m.name: [] for m in methods}
     peak: dict[str, float] = {}
+    method_wall: dict[str, float] = {}  # each method's whole task loop: with batching, items overlap in time
     started = utc_now()
     with open(out / "items.jsonl", "w", encoding="utf-8") as log:
         for m in methods:
@@ -345,16 +346,18 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
 
             if progress:
                 progress(m.name, 0, len(tasks))
+            t0 = time.perf_counter()
             if cfg.isolate:
                 peak[m.name] = _run_isolated(m, tasks, model, cfg, out, keep)
             else:
                 _run_method(m, tasks, model, cfg, out, keep)
+            method_wall[m.name] = round(time.perf_counter() - t0, 3)
     model_name = model if isinstance(model, str) else getattr(model, "name", "?")
     config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": model_name,
               "model_key": _model_key(model, cfg), "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
               "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
-              "batch_size": cfg.batch_size,
+              "batch_size": cfg.batch_size, "method_wall_s": method_wall,
               "prompt_echo_floor": prompt_echo_floor(tasks, cfg.prompt)}
     return _write_summary(out, config, results, peak_rss_mb=peak, extra=extra)
 
@@ -476,6 +479,8 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
             raise BadInputError(f"method {name} ran on other tasks than the rest; cannot pair them")
     config = dict(configs[0])
     config["methods"] = list(results)
+    config["method_wall_s"] = {k: v for c in configs for k, v in (c.get("method_wall_s") or {}).items()}
+    config["batch_sizes"] = {m: c.get("batch_size") for c in configs for m in c.get("methods", [])}
     config["merged_from"] = [str(d) for d in run_dirs]
     return _write_report(Path(out_dir), config, results)
 
@@ -553,11 +558,16 @@ def _write_summary(out: Path, config: dict[str, Any], results: dict[str, list[It
                "paired": _paired(results, seed)}
     for name, mb in (peak_rss_mb or {}).items():
         summary["methods"][name]["peak_rss_mb"] = round(mb, 1)
+    for name, wall in (config.get("method_wall_s") or {}).items():
+        s = summary["methods"].get(name)
+        if s and s["n"]:  # the cost a user pays per question at this batch size (wall clock / questions)
+            s["seconds_per_question"] = round(wall / s["n"], 3)
+    summary["pareto"] = pareto_fronts(summary["methods"])
     if extra is not None:
         summary["efficiency"] = extra(summary)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     atomic_write_text(out / "results.md", to_markdown(summary))
-    if write_chart(summary, out / "chart.png") is None:
+    if write_chart(summary, out / "chart.png") is None or write_pareto(summary, out / "pareto.png") is None:
         summary["chart"] = "not written: matplotlib is not installed (pip install kvmas[charts])"
         atomic_write_text(out / "results.json", json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
@@ -572,7 +582,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
              f"{cfg['latent_steps'] if cfg.get('latent_steps') is not None else 'default'}, "
              f"prompt {cfg.get('prompt', 'cot')})", "",
              "| method | accuracy (flexible) | 95% CI (Wilson) | strict (boxed/####) | computed tokens/item | "
-             "prefilled/item | reused/item | generated/item | latent/item | s/item | answer tokens | no answer | "
+             "prefilled/item | reused/item | generated/item | latent/item | s/question | answer tokens | no answer | "
              "echoed a role prompt | errors | " + ("peak RSS MB | " if peak else "") + "answers by rule (correct/read) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "") + "---|"]
     for name, s in summary["methods"].items():
@@ -581,9 +591,14 @@ def to_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%) | "
                      f"{100 * lo:.1f}–{100 * hi:.1f}% | {_strict_cell(s)} | {t['computed']:.0f} | "
                      f"{t['prefilled']:.0f} | {t['reused']:.0f} | {t['generated']:.0f} | {t['latent']:.0f} | "
-                     f"{s['wall_s_per_item']:.2f} | {s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | "
+                     f"{seconds_per_question(s):.2f} | {s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | "
                      f"{s.get('echoes', 0)} | {s['errors']} | " + (f"{s.get('peak_rss_mb', 0):.0f} | " if peak else "")
                      + f"{rule_counts(s)} |")
+    lines += ["", "s/question: each method's wall clock over its questions (run as rows of shared forwards at "
+                  "the batch size used), where recorded; else the mean time of one run."]
+    if summary.get("pareto"):
+        lines += [f"Pareto front (no method is both more accurate and cheaper): by seconds "
+                  f"{', '.join(summary['pareto']['seconds'])}; by computed tokens {', '.join(summary['pareto']['tokens'])}."]
     if "prompt_echo_floor" in cfg:
         lines += ["", f"Prompt-echo floor: a reply that only repeats its prompt would be credited on "
                       f"{cfg['prompt_echo_floor']} of {cfg['n']} items."]
@@ -616,10 +631,73 @@ def to_markdown(summary: dict[str, Any]) -> str:
                              f"{sum(v['top1_agrees'] for v in vals)}/{len(vals)}")
     lines += ["", "Sample answers (first items):"]
     for name, s in summary["methods"].items():
-        for smp in s["samples"][:2]:
+        for smp in s["samples"][:3]:
             ans = " ".join(smp["answer"].split())[:160]
             lines.append(f"- {name} / {smp['task_id']} (gold {smp['gold']}, got {smp['pred']}): {ans}")
     return "\n".join(lines) + "\n"
+
+
+def seconds_per_question(s: dict[str, Any]) -> float:
+    """Wall clock per question of a method's whole loop when recorded, else the mean item wall time."""
+    return s.get("seconds_per_question", s["wall_s_per_item"])
+
+
+def pareto_fronts(methods: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The methods no other method beats on both accuracy and cost (seconds, computed tokens per question).
+
+    >>> pareto_fronts({"a": {"accuracy": .5, "wall_s_per_item": 1, "tokens_per_item": {"computed": 10}},
+    ...                "b": {"accuracy": .6, "wall_s_per_item": 3, "tokens_per_item": {"computed": 5}},
+    ...                "c": {"accuracy": .4, "wall_s_per_item": 2, "tokens_per_item": {"computed": 20}}})
+    {'seconds': ['a', 'b'], 'tokens': ['b']}
+    """
+    def front(cost) -> list[str]:
+        pts = {n: (s["accuracy"], cost(s)) for n, s in methods.items() if s.get("n", 1)}
+        return [n for n, (acc, c) in pts.items()
+                if not any((a >= acc and k <= c) and (a > acc or k < c) for m, (a, k) in pts.items() if m != n)]
+
+    return {"seconds": front(seconds_per_question), "tokens": front(lambda s: s["tokens_per_item"]["computed"])}
+
+
+def write_pareto(summary: dict[str, Any], path: str | Path) -> Path | None:
+    """Accuracy (Wilson 95% interval) against seconds and against computed tokens per question, one point per
+    method, the Pareto front joined (PNG). None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    fronts = summary.get("pareto") or pareto_fronts(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label, cost in ((axes[0], "seconds", "seconds per question", seconds_per_question),
+                                 (axes[1], "tokens", "computed tokens per question",
+                                  lambda s: s["tokens_per_item"]["computed"])):
+        for name, s in methods.items():
+            acc = 100 * s["accuracy"]
+            lo, hi = 100 * s["ci95_wilson"][0], 100 * s["ci95_wilson"][1]
+            on = name in fronts[key]
+            ax.errorbar([cost(s)], [acc], yerr=[[acc - lo], [hi - acc]], fmt="o", capsize=3,
+                        color="#C44E52" if on else "#4C72B0")
+            ax.annotate(name, (cost(s), acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        pts = sorted((cost(methods[n]), 100 * methods[n]["accuracy"]) for n in fronts[key])
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), "--", color="#C44E52", linewidth=1, label="Pareto front")
+            ax.legend(loc="lower right")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+    fig.suptitle(f"accuracy vs cost · {summary['config']['data']} · {summary['config']['model']} · "
+                 f"n={summary['config']['n']}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def _strict_cell(s: dict[str, Any]) -> str:
@@ -665,8 +743,8 @@ def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
     ax2.set_ylabel("computed tokens per item")
     ax2.set_title("cost")
     ax2.legend()
-    ax3.bar(names, [r["wall_s_per_item"] for r in rows], color="#55A868")
-    ax3.set_ylabel("seconds per item")
+    ax3.bar(names, [seconds_per_question(r) for r in rows], color="#55A868")
+    ax3.set_ylabel("seconds per question")
     ax3.set_title("time")
     for ax in (ax1, ax2, ax3):
         ax.tick_params(axis="x", rotation=35)

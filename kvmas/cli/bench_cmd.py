@@ -35,10 +35,12 @@ def _bench() -> None:
 
 def accuracy_table(summary: dict) -> DataTable:
     """A rich table of a results dict from :func:`kvmas.bench.harness.run_bench`."""
+    from kvmas.bench.harness import seconds_per_question
+
     table = DataTable(f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
                       f"{summary['config']['model']}")
     peak = any("peak_rss_mb" in s for s in summary["methods"].values())
-    for col in ("method", "accuracy", "95% CI", "strict", "tokens/item", "generated", "latent", "s/item",
+    for col in ("method", "accuracy", "95% CI", "strict", "tokens/item", "generated", "latent", "s/question",
                 "answer tok", "no answer", "echo") + (("peak MB",) if peak else ()):
         table.add_column(col, no_wrap=True)
     for name, s in summary["methods"].items():
@@ -47,7 +49,7 @@ def accuracy_table(summary: dict) -> DataTable:
         table.add_row(name, f"{s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%)",
                       f"{100 * lo:.0f}–{100 * hi:.0f}%", f"{s.get('correct_strict', 0)}/{s['n']}",
                       f"{t['computed']:.0f}", f"{t['generated']:.0f}", f"{t['latent']:.0f}",
-                      f"{s['wall_s_per_item']:.2f}", f"{s['answer_tokens_mean']:.0f}", str(s["no_extractable_answer"]),
+                      f"{seconds_per_question(s):.2f}", f"{s['answer_tokens_mean']:.0f}", str(s["no_extractable_answer"]),
                       str(s.get("echoes", 0)), *((f"{s.get('peak_rss_mb', 0):.0f}",) if peak else ()))
     return table
 
@@ -184,7 +186,7 @@ def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
                       "items credited to a reply that only repeats its prompt", highlight=False)
     for k, v in summary.get("efficiency", {}).get("ratios", {}).items():
         console.print(Text.assemble(lit(f"  {k}: "), (f"{v:.2f}×", "bold")))
-    console.print(lit(f"wrote {out_dir}/results.json, results.md, chart.png, items.jsonl", "dim"))
+    console.print(lit(f"wrote {out_dir}/results.json, results.md, chart.png, pareto.png, items.jsonl", "dim"))
 
 
 @app.command("efficiency")
