@@ -13,7 +13,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parents[1] / "kvmas"
 FLOORS = [
     {"__init__", "errors"},
-    {"paths", "clock", "stats", "db"},
+    {"paths", "clock", "stats", "db", "progress"},
     {"trace", "tasks"},
     {"models", "telemetry"},
     {"agents"},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.text import Text
 
 from kvmas.cli.backend import BACKEND, BASE_URL, open_backend
@@ -23,6 +23,7 @@ from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.options import BATCH_SIZE, DEVICE, DTYPE
 from kvmas.cli.render import DataTable, console as make_console, esc, lit
 from kvmas.errors import KvmasError
+from kvmas.progress import progress_bar
 
 app = typer.Typer(help="Benchmarks: accuracy (and efficiency) of single, primitives and auto.", no_args_is_help=True,
                   add_completion=False)
@@ -55,8 +56,7 @@ def accuracy_table(summary: dict) -> DataTable:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return progress_bar(console)
 
 
 def _bars(progress: Progress):
@@ -270,7 +270,7 @@ def latent_steps_cmd(
     try:
         tasks = load_tasks(data, n=n)
         m = Model.load(model)
-        with Progress() as p:
+        with progress_bar(make_console()) as p:
             bar = p.add_task("latent-steps", total=len(tasks))
             res = run(m, tasks, [x for x in methods.split(",") if x], [int(x) for x in steps.split(",")],
                       progress=lambda: p.advance(bar), handoffs=[h for h in handoff.split(",") if h])

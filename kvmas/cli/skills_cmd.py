@@ -186,10 +186,9 @@ def stats(scope: Optional[str] = typer.Option(None), store: Optional[Path] = Sto
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from kvmas.progress import progress_bar
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    return progress_bar(console)
 
 
 @app.command()

@@ -349,10 +349,9 @@ def quiet_transformers(console=None, label: str = "de-quantising tensors") -> It
 
     progress = None
     if console is not None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from kvmas.progress import progress_bar
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=console, transient=True)
+        progress = progress_bar(console, transient=True)
 
     def shim(iterable, *args, **kwargs):
         if progress is None:

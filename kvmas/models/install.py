@@ -132,12 +132,9 @@ class PackageSources:
 
 # -- assembly -------------------------------------------------------------------------------------------
 def _progress(console):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from kvmas.progress import progress_bar
 
-    if console is None:
-        return None
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)
+    return None if console is None else progress_bar(console, unit="bytes", transient=True)
 
 
 def assemble(parts: list[Path], dest: Path, *, size: int, sha256: str, console=None) -> Path:
