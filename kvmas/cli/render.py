@@ -128,6 +128,12 @@ def _clip(text: str | None, n: int = 90) -> str:
     return one if len(one) <= n else one[: n - 1] + "…"
 
 
+def _clip_end(text: str | None, n: int = 300) -> str:
+    """One line, its end kept when too long (an answer concludes at its end)."""
+    one = one_line(text or "")
+    return one if len(one) <= n else "…" + one[-(n - 1):]
+
+
 def usage_line(u: Usage) -> str:
     """The counters of a usage that are not zero (``no tokens`` when all are).
 
@@ -250,7 +256,7 @@ def trace_tree(trace: Trace, full_text: bool = False, steps: list | None = None)
         node_steps.add(Text(f"{len(steps)} of {len(trace.steps)} steps shown", style="dim"))
     root.add(Text.assemble(("total: ", "bold"), usage_line(trace.usage)))
     if trace.answer is not None:
-        root.add(Text.assemble(("answer: ", "bold green"), _clip(trace.answer, 300)))
+        root.add(Text.assemble(("answer: ", "bold green"), _clip_end(trace.answer, 300)))
     if trace.outcome:
         root.add(Text.assemble(("outcome: ", "bold"), one_line(trace.outcome)))
     return root
