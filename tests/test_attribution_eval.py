@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvmas.attribution.evaluate import evaluate, load_items
+from kvmas.attribution.evaluate import evaluate
 from kvmas.attribution.attributor import LogAttributor
 from kvmas.attribution.log import iter_logs
 
@@ -42,10 +42,11 @@ def test_synthetic_cv_learns_and_survives_bad_records(tmp_path):
     res = evaluate(synthetic(tmp_path / "s.jsonl"), folds=4, seeds=(0,))
     assert res["n"] == 40
     assert any("empty.json" in w for w in res["warnings"]) and any("line 41" in w for w in res["warnings"])
-    m = res["methods"]["cdc_shapley"]
-    assert m["step_acc"] >= 90 and m["agent_acc"] >= 90
-    assert len(m["per_fold_seed0"]) == 4 and sum(f["n"] for f in m["per_fold_seed0"]) == 40
-    assert len(res["items"]) == 40 and {"pred_step", "top3_steps", "gold_step"} <= set(res["items"][0])
+    assert res["skipped"] == {"unreadable record": 2}  # counted, never dropped silently
+    for name in ("cdc_shapley", "portable_shapley"):
+        m = res["methods"][name]
+        assert m["step_acc"] >= 90 and m["agent_acc"] >= 90 and m["n"] == 40
+    assert len(res["items"]) == 40 and {"portable_speaker", "cdc_shapley"} <= set(res["items"][0]["pred"])
 
 
 def test_cv_is_held_out_only(tmp_path):
@@ -59,6 +60,7 @@ def test_cv_is_held_out_only(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     res = evaluate(p, folds=5, seeds=(0,))
     assert res["methods"]["cdc_speaker"]["step_acc"] < 45
+    assert res["methods"]["portable_speaker"]["step_acc"] < 45
 
 
 @pytest.mark.skipif(not DEV.exists(), reason="Who&When dev data not present")
@@ -69,6 +71,7 @@ def test_dev_set_baselines_and_heldout_accuracy():
     assert res["baselines"]["always_step1"]["step_acc"] == 26.98
     m = res["methods"]["cdc_shapley"]
     assert m["step_acc"] > 30 and m["agent_acc"] > 55  # held-out folds only
+    assert res["kind"] == "whowhen-ag" and {a["name"] for a in res["anchors"]} >= {"CDC-MAS"}
 
 
 def test_shipped_weights_attribute_a_log(tmp_path):

@@ -63,7 +63,8 @@ class LogStep(BaseModel):
     @property
     def is_terminal(self) -> bool:
         """A tool / code-execution output rather than an agent's own reasoning."""
-        parts = set(normalize_agent(self.agent).split("_"))
+        camel = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", _PAREN.sub("", self.agent or ""))  # ComputerTerminal
+        parts = set(normalize_agent(camel).split("_"))
         return bool(parts & TERMINAL_HINTS) or self.content.lstrip().startswith("exitcode:")
 
 
@@ -143,7 +144,9 @@ def from_whowhen(record: dict[str, Any], record_id: str | None = None) -> Attrib
         steps=steps,
         gold_agent=None if gold_agent is None else str(gold_agent),
         gold_step=gold_step,
-        meta={"question_id": record.get("question_ID"), "mistake_reason": record.get("mistake_reason")},
+        meta={"question_id": record.get("question_ID"), "mistake_reason": record.get("mistake_reason"),
+              "system": record.get("system"),
+              "format": "name" if any(isinstance(h, dict) and h.get("name") for h in hist) else "role"},
     )
     if log.gold_agent is not None and normalize_agent(log.gold_agent) not in {
         normalize_agent(a) for a in log.agents()

@@ -26,6 +26,19 @@ from kvmas.tasks.answers import extract_number, format_number, parse_number
 
 TASKS = [(f"What is {a} + {b}? Answer with a number.", str(a + b))
          for a, b in [(7, 5), (3, 4), (9, 6), (12, 8), (5, 5), (6, 2), (14, 3), (8, 9), (11, 11), (2, 7)]]
+
+
+def arithmetic_tasks(n: int) -> list[tuple[str, str]]:
+    """``n`` (question, gold) sums: :data:`TASKS` first, then more in the same form (deterministic).
+
+    >>> arithmetic_tasks(12)[-1]
+    ('What is 13 + 8? Answer with a number.', '21')
+    """
+    extra = [(a, b) for a in range(13, 40, 3) for b in range(4, 20, 4)]
+    more = [(f"What is {a} + {b}? Answer with a number.", str(a + b)) for a, b in extra]
+    return (TASKS + more)[:n]
+
+
 FAULT_TEXT = "I have checked this carefully: the correct final answer is {wrong}."
 
 
@@ -155,3 +168,42 @@ def summarize(cases: list[dict[str, Any]], skipped: dict[str, int] | None = None
     return {"cases": cases, "effective": len(eff), "agent_acc": pct(eff, "agent_ok"), "step_acc": pct(eff, "step_ok"),
             "decided_by_flip": len(flip), "agent_acc_flip": pct(flip, "agent_ok"),
             "step_acc_flip": pct(flip, "step_ok"), "skipped": skipped or {}}
+
+
+FAULTS = [  # a planted mistake, in a few voices: a confident claim, an assumption, a slip in the arithmetic
+    "I have checked this carefully: the correct final answer is {wrong}.",
+    "Let's assume the numbers were meant differently; then the result is {wrong}.",
+    "Adding them up step by step gives {wrong}. The answer is {wrong}.",
+]
+
+
+def planted_traces(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, seed: int = 0,
+                   plant: str = "first", progress: Callable[[str], None] | None = None):
+    """Failed runs with a known decisive error, for attribution data: ``(label, trace)`` pairs.
+
+    Every (primitive, task) whose clean run is right gets, for each agent, that agent's first (or last) content
+    step replaced by a wrong claim (the voice rotates through :data:`FAULTS`); a faulted run that ends wrong is
+    kept, its trace's ``outcome`` recording ``gold``, ``correct: false`` and ``planted: {agent, step, reason}``.
+    """
+    n = 0
+    for label, prim in primitives.items():
+        for q, gold in tasks:
+            judge = number_judge(gold)
+            clean = prim(q, model=model, seed=seed)
+            if judge(clean.answer) < 1.0:
+                if progress:
+                    progress(f"{label} {q!r}: clean run wrong ({clean.answer!r}), skipped")
+                continue
+            for agent, (k, _action) in content_steps(clean.trace, plant).items():
+                text = FAULTS[n % len(FAULTS)].format(wrong=wrong_value(gold))
+                n += 1
+                faulted = prim(q, model=model, seed=seed, interventions={agent: Intervention("replace", text, {k})})
+                if judge(faulted.answer) >= 1.0:
+                    if progress:
+                        progress(f"{label} {q!r}: fault at {agent}@{k} ineffective, skipped")
+                    continue
+                faulted.trace.outcome = {"gold": gold, "correct": False, "planted": {
+                    "agent": agent, "step": k, "reason": f"planted: {agent}'s step replaced by {text!r}"}}
+                if progress:
+                    progress(f"{label} {q!r}: fault at {agent}@{k} -> {faulted.answer!r}")
+                yield label, faulted.trace

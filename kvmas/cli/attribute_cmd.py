@@ -2,7 +2,10 @@
 
     kvmas attribute RUN.json [--json]             # a kvmas trace, a Who&When record, or [{agent, content}]
     kvmas attribute RUN.json --replay --gold 12    # a kvmas trace: real counterfactual replays
-    kvmas attribute eval --data PATH [--with-gt/--no-gt] [--json OUT]
+    kvmas attribute eval --data PATH [--with-gt/--no-gt] [--json OUT]   # k-fold on one system
+    kvmas attribute eval --train A --test B        # fit on one system, score another
+    kvmas attribute plant --out ours.jsonl         # planted-fault failure logs of our primitives (Who&When format)
+    kvmas attribute export TRACE... --out X.jsonl  # labelled kvmas traces as Who&When records
     kvmas attribute planted [--n 4]               # planted-fault suite on real primitives
 """
 
@@ -132,16 +135,88 @@ def planted_cmd(
         _fail(exc)
 
 
+@app.command("plant")
+def plant_cmd(
+    out_path: Path = typer.Option(..., "--out", help="Who&When-format JSONL of the planted-fault failures"),
+    n: int = typer.Option(8, help="how many arithmetic tasks"),
+    methods: str = typer.Option("text:review,text:vote,text:plan", help="comma-separated primitives"),
+    model: Optional[str] = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
+    max_new_tokens: int = typer.Option(32, help="decode budget per speaking agent"),
+    plant: str = typer.Option("first", help="plant on each agent's first or last content step"),
+    traces: Optional[Path] = typer.Option(None, help="also save every faulted trace in this folder"),
+) -> None:
+    """Failure logs of our own system with known decisive errors: planted faults in real runs, exported in the
+    Who&When format (a second system to test whether attribution transfers)."""
+    from kvmas.agents.model import Model
+    from kvmas.attribution.export import to_whowhen
+    from kvmas.attribution.planted import arithmetic_tasks, planted_traces
+    from kvmas.errors import BadInputError
+    from kvmas.paths import inside, safe_name
+    from kvmas.primitives import parse_method
+
+    out = console()
+    try:
+        if n < 1:
+            raise BadInputError("--n must be >= 1")
+        prims = {m: parse_method(m, max_new_tokens=max_new_tokens)
+                 for m in [x.strip() for x in methods.split(",") if x.strip()]}
+        records = []
+        for label, trace in planted_traces(prims, arithmetic_tasks(n), Model.load(model), plant=plant,
+                                           progress=lambda msg: out.print(lit(msg))):
+            p = trace.outcome["planted"]
+            rid = f"planted-{len(records)}"
+            records.append(to_whowhen(trace, (p["agent"], p["step"]), system=f"kvmas-planted/{label}",
+                                      record_id=rid))
+            if traces:
+                trace.save(inside(traces, safe_name(rid) + ".json"))
+        if not records:
+            raise BadInputError("no planted fault was effective; nothing written")
+        atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in records))
+        out.print(lit(f"wrote {len(records)} record(s) to {out_path}"))
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command("export")
+def export_cmd(
+    paths: list[Path] = typer.Argument(..., help="kvmas traces whose outcome.planted names the decisive step"),
+    out_path: Path = typer.Option(..., "--out", help="Who&When-format JSONL"),
+) -> None:
+    """Export labelled kvmas traces as Who&When records (the task as a human turn, then every spoken step)."""
+    from kvmas.attribution.export import label_of, to_whowhen
+    from kvmas.errors import BadInputError
+    from kvmas.trace import Trace
+
+    try:
+        recs = []
+        for p in paths:
+            trace = Trace.load(p)
+            lab = label_of(trace)
+            if lab is None:
+                raise BadInputError(f"{p}: no outcome.planted label (agent, step) to export")
+            recs.append(to_whowhen(trace, lab, record_id=p.stem))
+        atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in recs))
+        console().print(lit(f"wrote {len(recs)} record(s) to {out_path}"))
+    except KvmasError as exc:
+        _fail(exc)
+
+
 @app.command("eval")
 def eval_cmd(
-    data: Path = typer.Option(..., "--data", help="Who&When-format .jsonl, a directory of .json, or one file"),
+    data: Optional[Path] = typer.Option(None, "--data", help="k-fold CV on this Who&When-format .jsonl, "
+                                        "directory of .json, or one file"),
+    train: Optional[Path] = typer.Option(None, "--train", help="fit on every record of this system's logs..."),
+    test: Optional[Path] = typer.Option(None, "--test", help="...and score every record of another's"),
     with_gt: Optional[bool] = typer.Option(None, "--with-gt/--no-gt", help="one setting (default: both)"),
+    features: str = typer.Option("portable,cdc", help="feature sets: portable (any system), cdc (development set)"),
     folds: int = typer.Option(5, help="cross-validation folds (only held-out predictions are scored)"),
     seeds: int = typer.Option(3, help="how many fold shuffles to average"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full summary + per-item JSON here"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full summary JSON here"),
 ) -> None:
-    """Agent / step accuracy (exact, ±1, ±3) beside trivial baselines, with exact McNemar tests."""
-    from kvmas.attribution.evaluate import evaluate
+    """Agent / step accuracy (exact, ±1, ±3) beside this data's trivial baselines, with exact McNemar tests:
+    k-fold on --data, or fitted on --train and scored on --test."""
+    from kvmas.attribution.evaluate import evaluate, transfer
+    from kvmas.attribution.portable import FEATURE_SETS
     from kvmas.cli.render import render_eval
     from kvmas.errors import BadInputError
 
@@ -149,12 +224,21 @@ def eval_cmd(
     settings = [with_gt] if with_gt is not None else [False, True]
     results = {}
     try:
+        if (data is None) == (train is None and test is None) or (train is None) != (test is None):
+            raise BadInputError("give either --data (k-fold) or both --train and --test")
         if seeds < 1:
             raise BadInputError("--seeds must be >= 1")
+        fsets = tuple(x.strip() for x in features.split(",") if x.strip())
+        bad = [f for f in fsets if f not in FEATURE_SETS] or ([] if fsets else ["(none)"])
+        if bad:
+            raise BadInputError(f"--features: unknown {', '.join(bad)} (choose from {', '.join(FEATURE_SETS)})")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for gt in settings:
-                res = evaluate(data, with_gt=gt, folds=folds, seeds=tuple(range(seeds)))
+                if data is not None:
+                    res = evaluate(data, with_gt=gt, folds=folds, seeds=tuple(range(seeds)), feature_sets=fsets)
+                else:
+                    res = transfer(train, test, with_gt=gt, feature_sets=fsets)
                 results["with_gt" if gt else "without_gt"] = res
                 render_eval(res, out)
         if json_out:

@@ -283,13 +283,6 @@ def print_trace(trace: Trace, out: Console | None = None, full_text: bool = Fals
 
 
 # -- attribution ----------------------------------------------------------------------------------------------
-PUBLISHED = [  # (name, agent %, step %) on Who&When Algorithm-Generated, with ground truth, as published
-    ("GPT-4o all-at-once†", 54.33, 12.50),
-    ("GPT-4o step-by-step†", 35.20, 25.51),
-    ("CDC-MAS†", 48.5, 36.2),
-]
-
-
 def _bar(frac: float, width: int = 30) -> str:
     n = max(0, min(width, round(frac * width)))
     return "█" * n + "·" * (width - n)
@@ -339,24 +332,34 @@ def render_attribution(res, log, out: Console, context: int = 2) -> None:
 
 
 def render_eval(summary: dict[str, Any], out: Console) -> None:
-    """Accuracy table: our held-out numbers, the trivial baselines, and the published reference rows."""
-    t = DataTable(f"Who&When attribution — {summary['data']} (n={summary['n']}, "
-                  f"{'with' if summary['with_gt'] else 'without'} gold answer, "
-                  f"{summary['folds']}-fold CV × {len(summary['seeds'])} seeds, held-out only)")
-    for c in ("method", "agent %", "step %", "±1 %", "±3 %", "p vs step1"):
+    """Accuracy table: our held-out numbers, the trivial baselines of this data, and the published anchors
+    measured on this data only (``summary["anchors"]``; none for data nothing published was measured on)."""
+    if summary.get("mode") == "transfer":
+        how = f"fitted on {summary['train']} (n={summary['train_n']})"
+    else:
+        how = f"{summary['folds']}-fold CV × {len(summary['seeds'])} seeds, held-out only"
+    t = DataTable(f"attribution — {summary['data']} (n={summary['n']}, {summary['kind']}, "
+                  f"{'with' if summary['with_gt'] else 'without'} gold answer, {how})")
+    for c in ("method", "agent %", "step %", "±1 %", "±3 %", "p step vs step1", "p step vs best base"):
         t.add_column(c, justify="left" if c == "method" else "right")
+    det = [k for k in summary["baselines"] if k != "uniform_random"]
     for name, m in summary["methods"].items():
-        p = m["mcnemar_seed0"]["step_vs_always_step1"]["p_mcnemar"]
-        t.add_row(f"ours: {name.removeprefix('cdc_')}", f"{m['agent_acc']:.2f} ± {m['agent_acc_sd']:.2f}",
-                  f"{m['step_acc']:.2f} ± {m['step_acc_sd']:.2f}", f"{m['step_acc_pm1']:.2f}",
-                  f"{m['step_acc_pm3']:.2f}", f"{p:.4f}", style="bold")
+        sd = lambda k: f" ± {m[k + '_sd']:.2f}" if k + "_sd" in m else ""  # noqa: E731
+        best = max(det, key=lambda k: summary["baselines"][k]["step_acc"])
+        t.add_row(f"ours: {name}", f"{m['agent_acc']:.2f}{sd('agent_acc')}", f"{m['step_acc']:.2f}{sd('step_acc')}",
+                  f"{m['step_acc_pm1']:.2f}", f"{m['step_acc_pm3']:.2f}",
+                  f"{m['mcnemar']['step_vs_always_step1']['p_mcnemar']:.4f}",
+                  f"{m['mcnemar'][f'step_vs_{best}']['p_mcnemar']:.4f} ({best})", style="bold")
     for name, b in summary["baselines"].items():
         t.add_row(name.replace("_", " "), f"{b['agent_acc']:.2f}", f"{b['step_acc']:.2f}",
-                  f"{b['step_acc_pm1']:.2f}", f"{b['step_acc_pm3']:.2f}", "")
-    for name, a, s in PUBLISHED:
-        t.add_row(*(lit(x, "dim") for x in (name, f"{a:.2f}", f"{s:.2f}")), "", "", "")
+                  *(f"{b[k]:.2f}" if k in b else "" for k in ("step_acc_pm1", "step_acc_pm3")), "", "")
+    for a in summary.get("anchors", []):
+        t.add_row(*(lit(x, "dim") for x in (f"{a['name']}†", f"{a['agent_acc']:.2f}", f"{a['step_acc']:.2f}")),
+                  "", "", "", lit(a["note"], "dim"))
     out.print(t)
-    out.print("[dim]† published, with gold answer, GPT-4o; p vs step1: exact McNemar on step hits (seed 0)[/dim]")
+    out.print("[dim]p: exact McNemar on step hits (first seed); † published on this data[/dim]")
+    if summary.get("skipped"):
+        out.print(lit(f"skipped: {', '.join(f'{v} {k}' for k, v in summary['skipped'].items())}", "yellow"))
     if summary.get("warnings"):
         w = summary["warnings"]
         out.print(Text.assemble((f"{len(w)} warning(s)", "yellow"), ": ",

@@ -1,0 +1,185 @@
+"""Attribution that transfers: inferred turn kinds, features free of names and absolute positions, fit on one
+system and score another, the baselines and anchors of the data being scored, Who&When export of our traces."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvmas.attribution.anchors import data_kind
+from kvmas.attribution.evaluate import evaluate, transfer
+from kvmas.attribution.export import to_whowhen
+from kvmas.attribution.log import from_generic, from_whowhen, iter_logs
+from kvmas.attribution.portable import PORTABLE, portable_features
+from kvmas.attribution.turns import turn_kinds
+from kvmas.cli.attribute_cmd import app
+from kvmas.errors import BadInputError
+
+DEV = Path("/work/shared/data/whowhen/algorithm_generated.jsonl")
+runner = CliRunner()
+
+
+def system(path: Path, names: tuple[str, str, str], n: int = 40, seed: int = 0, task_turn: bool = False,
+           tool: str | None = None, hc: bool = False) -> Path:
+    """Runs of one made-up system: the decisive step claims an unverified value; a tool may answer acts."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        hist = [{"name": "human", "content": "How many items are there?"}] if task_turn else []
+        k = rng.randint(4, 9)
+        bad = rng.randrange(0, k - 1)
+        gold = None
+        for j in range(k):
+            a = names[j % 3]
+            if j == bad:
+                gold = len(hist)
+                hist.append({"name": a, "content": f"Let's assume the count is {100 + i}. The answer is {100 + i}."})
+            else:
+                hist.append({"name": a, "content": f"Working on part {j} of the task, nothing new yet."})
+            if tool and j % 3 == 1:
+                hist.append({"name": tool, "content": "exitcode: 0\nCode output: done"})
+        rec = {"source_file": f"{i}.json", "question": "How many items are there?", "ground_truth": "3",
+               "mistake_agent": hist[gold]["name"], "mistake_step": str(gold), "history": hist}
+        if hc:  # Who&When Hand-Crafted layout: the agent is the role, orchestrator sub-turns in parentheses
+            rec["history"] = [{"role": h["name"] if h["name"] != names[0] else f"{names[0]} (-> {names[1]})",
+                               "content": h["content"]} for h in hist]
+        lines.append(json.dumps(rec))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_turn_kinds_keep_task_and_tools_out_of_the_candidates():
+    log = from_whowhen({"question": "How many moons has Mars?", "history": [
+        {"role": "human", "content": "How many moons has Mars?"},
+        {"role": "Orchestrator (thought)", "content": "Plan: 1. search 2. count."},
+        {"role": "Orchestrator (-> WebSurfer)", "content": "Please search for the moons of Mars."},
+        {"role": "WebSurfer", "content": "I typed 'moons of Mars' into the search bar. No results found."},
+        {"role": "ComputerTerminal", "content": "Traceback: error"},
+        {"role": "Orchestrator (thought)", "content": "The answer is 3."}]})
+    assert turn_kinds(log) == ["task", "plan", "instruct", "act", "tool", "report"]
+    fx, cand = portable_features(log)
+    assert cand == [1, 2, 3, 5]
+    row = dict(zip(PORTABLE, fx.rows[2]))
+    assert row["next_result_bad"] == 1.0 and row["rel_pos"] == pytest.approx(1 / 3)
+
+
+def test_portable_rows_do_not_depend_on_agent_names():
+    items = [{"agent": "Planner", "content": "Plan: first, read the file data.csv."},
+             {"agent": "Coder", "content": "```python\nprint(sum([41, 1]))\n```"},
+             {"agent": "Computer_terminal", "content": "exitcode: 1\nTraceback: boom"},
+             {"agent": "Coder", "content": "```python\nprint(sum([41, 1]))\n```"},
+             {"agent": "Planner", "content": "Let's assume it is 1234. The answer is 1234."}]
+    renamed = [{**it, "agent": {"Planner": "Alice", "Coder": "Bob"}.get(it["agent"], it["agent"])} for it in items]
+    a, ca = portable_features(from_generic(items))
+    b, cb = portable_features(from_generic(renamed))
+    assert a.rows == b.rows and ca == cb == [0, 1, 3, 4]
+    row = dict(zip(PORTABLE, a.rows[3]))
+    assert row["repeats"] == 1.0 and row["reads_bad"] == 1.0
+    assert dict(zip(PORTABLE, a.rows[1]))["repeated_later"] == 1.0
+    assert dict(zip(PORTABLE, a.rows[4]))["assume_cue"] == 1.0
+
+
+@pytest.mark.parametrize("items", [
+    [{"agent": "solo", "content": ""}],
+    [{"agent": "solo", "content": "x"}, {"agent": "solo", "content": ""}],
+    [{"agent": "Computer_terminal", "content": "exitcode: 0"}],
+])
+def test_degenerate_logs_still_have_candidates(items):
+    fx, cand = portable_features(from_generic(items))
+    assert cand and len(fx.rows) == len(items) and all(len(r) == len(PORTABLE) for r in fx.rows)
+
+
+def test_fit_on_one_system_score_another(tmp_path):
+    a = system(tmp_path / "a.jsonl", ("Planner", "Solver", "Checker"))
+    b = system(tmp_path / "b.jsonl", ("Orchestrator", "WebSurfer", "Coder"), seed=1, task_turn=True,
+               tool="ComputerTerminal", hc=True)
+    res = transfer(a, b)
+    assert res["mode"] == "transfer" and res["n"] == 40 and res["train_n"] == 40
+    assert res["methods"]["portable_shapley"]["step_acc"] >= 90
+    assert set(res["baselines"]) >= {"always_step1", "first_agent", "majority_speaker", "last_step",
+                                     "train_gold_agent", "uniform_random"}
+    # the training side's most frequent gold agent never speaks in b: its baseline falls back to the first turn
+    assert res["baselines"]["train_gold_agent"] == {k: v for k, v in res["baselines"]["first_agent"].items()}
+    assert res["methods"]["portable_shapley"]["mcnemar"]["step_vs_always_step1"]["p_mcnemar"] < 0.05
+    assert res["kind"] == "whowhen-hc" and {x["name"] for x in res["anchors"]} == {"GPT-4o all-at-once",
+                                                                                "AgenTracer-8B"}
+    same = transfer(a, system(tmp_path / "a2.jsonl", ("Planner", "Solver", "Checker"), seed=3))
+    golds = [json.loads(x)["mistake_agent"] for x in a.read_text().splitlines()]
+    top = max(set(golds), key=golds.count)
+    test_golds = [it["gold_agent"] for it in same["items"]]
+    assert same["baselines"]["train_gold_agent"]["agent_acc"] == round(100 * test_golds.count(top) / 40, 2)
+    back = transfer(b, a)
+    assert back["kind"] == "unknown" and back["anchors"] == []
+    assert back["methods"]["portable_shapley"]["step_acc"] >= 90
+
+
+def test_the_task_turn_is_never_blamed(tmp_path):
+    """Logs whose gold is the first agent turn after the task: the task turn must not take its place."""
+    b = system(tmp_path / "b.jsonl", ("Orchestrator", "WebSurfer", "Coder"), task_turn=True)
+    res = evaluate(b, folds=4, seeds=(0,), feature_sets=("portable",))
+    preds = [it["pred"]["portable_shapley"] for it in res["items"]]
+    assert all(p[0] != "human" and p[1] != 0 for p in preds)
+
+
+def test_anchors_follow_the_data():
+    planted = from_whowhen({"system": "kvmas-planted/text:review", "history": [{"name": "a", "content": "x"}]})
+    assert data_kind([planted]) == "kvmas-planted"
+    assert data_kind([from_generic([{"agent": "a", "content": "x"}])]) == "unknown"
+
+
+@pytest.mark.skipif(not DEV.exists(), reason="Who&When dev data not present")
+def test_dev_set_is_recognised_and_portable_features_hold_up():
+    assert data_kind(list(iter_logs(DEV))) == "whowhen-ag"
+    res = evaluate(DEV, folds=5, seeds=(0,), feature_sets=("portable",))
+    m = res["methods"]["portable_shapley"]
+    assert m["agent_acc"] > 58 and m["step_acc"] > 33  # held-out folds; baselines 53.97 / 26.98
+
+
+def test_eval_cli_train_test_and_no_foreign_anchors(tmp_path):
+    a = system(tmp_path / "a.jsonl", ("Planner", "Solver", "Checker"), n=20)
+    b = system(tmp_path / "b.jsonl", ("X", "Y", "Z"), n=20, seed=2)
+    out = tmp_path / "t.json"
+    r = runner.invoke(app, ["eval", "--train", str(a), "--test", str(b), "--no-gt", "--json", str(out)],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "GPT-4o" not in r.output and "CDC-MAS" not in r.output and "first agent" in r.output
+    assert json.loads(out.read_text())["without_gt"]["train_n"] == 20
+    r = runner.invoke(app, ["eval", "--data", str(a), "--train", str(a), "--test", str(b)])
+    assert r.exit_code == 2 and "either --data" in r.output
+    r = runner.invoke(app, ["eval", "--data", str(a), "--features", "names"])
+    assert r.exit_code == 2 and "unknown names" in r.output
+
+
+def _faulted_trace():
+    from kvmas.agents.agent import Intervention
+    from kvmas.primitives import parse_method
+    from kvmas.testing import tiny_model
+
+    prim = parse_method("text:review", max_new_tokens=3, rounds=1)
+    r = prim("What is 2+3?", model=tiny_model("llama"), seed=0,
+             interventions={"critic": Intervention("replace", "The answer is 9.", {3})})
+    r.trace.outcome = {"gold": "5", "correct": False, "planted": {"agent": "critic", "step": 3, "reason": "x"}}
+    return r.trace
+
+
+def test_export_maps_the_planted_step_into_the_history(tmp_path):
+    trace = _faulted_trace()
+    rec = to_whowhen(trace, ("critic", 3), system="kvmas-planted/text:review")
+    log = from_whowhen(rec)
+    assert log.steps[0].agent == "human" and log.steps[0].content == "What is 2+3?"
+    assert log.gold_agent == "critic" and log.steps[log.gold_step].content == "The answer is 9."
+    with pytest.raises(BadInputError, match="produced no text"):
+        to_whowhen(trace, ("critic", 2))
+    with pytest.raises(BadInputError, match="spoken by"):
+        to_whowhen(trace, ("solver", 3))
+    p = trace.save(tmp_path / "t.json")
+    out = tmp_path / "x.jsonl"
+    r = runner.invoke(app, ["export", str(p), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert from_whowhen(json.loads(out.read_text())).gold_step == log.gold_step
+    trace.outcome = {}
+    trace.save(p)
+    r = runner.invoke(app, ["export", str(p), "--out", str(out)])
+    assert r.exit_code == 2 and "no outcome.planted" in r.output
