@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmas.attribution.evaluate import fit as fit_items
+from kvmas.attribution.evaluate import load
 from kvmas.attribution.features import step_features
 from kvmas.attribution.log import iter_logs
 from kvmas.attribution.scorer import StepScorer
@@ -30,6 +32,13 @@ def fit(path: str, with_gt: bool) -> dict[str, float]:
     return {k: round(float(v), 6) for k, v in zip(sc.names, sc.w)}
 
 
+def fit_portable(path: str) -> dict[str, float]:
+    """The portable scorer, fitted the way `kvmas attribute eval` fits it (candidate steps only)."""
+    ds = load(path, feature_set="portable")
+    sc = fit_items(ds.items, ds.names, L2)
+    return {k: round(float(v), 6) for k, v in zip(sc.names, sc.w)}
+
+
 def main(path: str) -> None:
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     w, wg = fit(path, False), fit(path, True)
@@ -38,8 +47,8 @@ def main(path: str) -> None:
         '"""Default step-scorer weights (conditional logit, L2=%s), fitted by benchmarks/attribution_fit.py on\n'
         "all records of %s (sha256 %s...). Generated file: refit instead of editing.\n"
         "Reported accuracies never use these: `kvmas attribute eval` refits on training folds only.\n"
-        '"""\n\nDEFAULT_WEIGHTS = %r\n\nDEFAULT_WEIGHTS_GT = %r\n'
-    ) % (L2, Path(path).name, digest, w, wg)
+        '"""\n\nDEFAULT_WEIGHTS = %r\n\nDEFAULT_WEIGHTS_GT = %r\n\nPORTABLE_WEIGHTS = %r\n'
+    ) % (L2, Path(path).name, digest, w, wg, fit_portable(path))
     atomic_write_text(out, body)
     print(f"wrote {out}")
 

@@ -183,3 +183,31 @@ def test_export_maps_the_planted_step_into_the_history(tmp_path):
     trace.save(p)
     r = runner.invoke(app, ["export", str(p), "--out", str(out)])
     assert r.exit_code == 2 and "no outcome.planted" in r.output
+
+
+def _orchestrator_log(n: int = 40, bad: int = 31):
+    """A long Magentic-One-style log: routine hand-offs, then one search that comes back empty and is built on."""
+    hist = [{"role": "human", "content": "What was the 2019 population of the town?"}]
+    for i in range(1, n):
+        if i == bad:
+            hist.append({"role": "Orchestrator (-> WebSurfer)", "content": "Please search for the 2019 census page."})
+        elif i == bad + 1:
+            hist.append({"role": "WebSurfer", "content": "I typed 'census 2019' into the search bar. No results found."})
+        elif i == n - 1:
+            hist.append({"role": "Orchestrator (thought)", "content": "The answer is 48213."})
+        elif i % 2:
+            hist.append({"role": "Orchestrator (thought)", "content": f"Progress ledger update {i}: keep going."})
+        else:
+            hist.append({"role": "WebSurfer", "content": f"I scrolled down one page; the page shows section {i}."})
+    return from_whowhen({"question": hist[0]["content"], "history": hist, "mistake_agent": "Orchestrator",
+                         "mistake_step": str(bad)})
+
+
+def test_shipped_weights_are_portable_and_look_past_the_start():
+    from kvmas.attribution.attributor import LogAttributor
+    from kvmas.attribution.weights import PORTABLE_WEIGHTS
+
+    assert list(PORTABLE_WEIGHTS) == PORTABLE  # refit benchmarks/attribution_fit.py when the features change
+    res = LogAttributor().attribute(_orchestrator_log())
+    assert res.agent != "human" and all(r.step != 0 for r in res.ranking)
+    assert res.step >= 20, (res.step, res.evidence)

@@ -26,7 +26,8 @@ from kvmas.attribution.features import step_features
 from kvmas.attribution.graph import OUTCOME
 from kvmas.attribution.log import AttributionLog
 from kvmas.attribution.scorer import StepScorer
-from kvmas.attribution.weights import DEFAULT_WEIGHTS, DEFAULT_WEIGHTS_GT
+from kvmas.attribution.portable import PORTABLE, portable_features
+from kvmas.attribution.weights import DEFAULT_WEIGHTS_GT, PORTABLE_WEIGHTS
 
 AgentRule = Literal["shapley", "speaker"]
 
@@ -72,30 +73,41 @@ VALUE_FUNCTION = (
 
 
 class LogAttributor:
-    """Attributes external logs with a learned step scorer; ``agent_rule`` picks who: the Shapley bottleneck
-    (CDC-MAS style, default) or the speaker of the top-ranked step."""
+    """Attributes external logs with a learned step scorer (default: the portable features and their shipped
+    weights); ``agent_rule`` picks who: the Shapley bottleneck (CDC-MAS style, the default for the development
+    set's features) or the speaker of the top-ranked step (the default for portable ones)."""
 
     def __init__(self, scorer: StepScorer | None = None, with_gt: bool = False,
-                 agent_rule: AgentRule = "shapley") -> None:
+                 agent_rule: AgentRule | None = None) -> None:
         if scorer is None:
-            w = DEFAULT_WEIGHTS_GT if with_gt else DEFAULT_WEIGHTS
+            # the portable features by default; the development set's features when the gold answer is used
+            w = DEFAULT_WEIGHTS_GT if with_gt else PORTABLE_WEIGHTS
             scorer = StepScorer(list(w))
             scorer.w = np.array([w[k] for k in w], dtype=float)
         self.scorer = scorer
         self.with_gt = with_gt
-        self.agent_rule = agent_rule
+        # portable scorers name the speaker of the top step: over a long log the surrogate's Shapley values
+        # add up many small step probabilities, so they track how often an agent speaks, not what it did
+        self.agent_rule: AgentRule = agent_rule or ("speaker" if self.scorer.names == PORTABLE else "shapley")
 
     def attribute(self, log: AttributionLog) -> Attribution:
-        fx = step_features(log, with_gt=self.with_gt and log.ground_truth is not None)
-        if fx.names != self.scorer.names:
-            fx = step_features(log, with_gt=self.with_gt)
+        if self.scorer.names == PORTABLE:
+            fx, cand = portable_features(log)
+        else:
+            fx, cand = step_features(log, with_gt=self.with_gt and log.ground_truth is not None), None
             if fx.names != self.scorer.names:
-                fx.rows = [[dict(zip(fx.names, r)).get(k, 0.0) for k in self.scorer.names] for r in fx.rows]
-        probs = self.scorer.probs(np.array(fx.rows))
+                fx = step_features(log, with_gt=self.with_gt)
+                if fx.names != self.scorer.names:
+                    fx.rows = [[dict(zip(fx.names, r)).get(k, 0.0) for k in self.scorer.names] for r in fx.rows]
+        x = np.array(fx.rows)
+        cand = cand if cand is not None else list(range(len(log.steps)))
+        probs = np.zeros(len(log.steps))
+        probs[cand] = self.scorer.probs(x[cand])
         agents = [s.agent for s in log.steps]
-        agent, step, blame, order = decide(probs, agents, players_of(log), live_steps(fx.perf), self.agent_rule)
+        players = list(dict.fromkeys(agents[i] for i in cand)) if fx.names == PORTABLE else players_of(log)
+        agent, step, blame, order = decide(probs, agents, players, live_steps(fx.perf), self.agent_rule)
         ranking = [RankedStep(step=i, agent=agents[i], score=float(probs[i]), evidence=fx.evidence[i])
-                   for i in order]
+                   for i in order if i in set(cand)]
         chosen = next(r for r in ranking if r.step == step)
         ev = [f"step {step} ({agent}) ranks {ranking.index(chosen) + 1}/{len(ranking)} "
               f"with p={chosen.score:.2f}"] + chosen.evidence
@@ -142,6 +154,11 @@ def suggest_fix(log: AttributionLog, step: int, evidence: list[str]) -> str:
     if "assumption" in text:
         return (f"Make {s.agent} fetch or compute the real data instead of assuming values at step {step}; "
                 "add 'never invent or assume data; say what is missing' to its instructions.")
+    if "result right after" in text:
+        return (f"Have {s.agent} check why the result after step {step} failed or came back empty, and change its "
+                "request (another query, source or tool) instead of going on without it.")
+    if "a loop" in text:
+        return f"Stop the loop at step {step}: have {s.agent} try a different action instead of repeating itself."
     if "execution right after" in text:
         return f"Have {s.agent} fix the code of step {step} (read the error) before anyone builds on its output."
     if "final answer repeats" in text:

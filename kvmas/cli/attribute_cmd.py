@@ -46,7 +46,8 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="print the attribution as JSON"),
     with_gt: bool = typer.Option(False, "--with-gt/--no-gt", help="let the scorer see the gold answer"),
     weights: Optional[Path] = typer.Option(None, help="step-scorer weights JSON (default: shipped weights)"),
-    agent_rule: str = typer.Option("shapley", help="shapley (bottleneck agent) or speaker (of the top step)"),
+    agent_rule: str = typer.Option("auto", help="shapley (bottleneck agent), speaker (of the top step) or auto "
+                                   "(speaker for the portable features, shapley for the development set's)"),
     replay: bool = typer.Option(False, "--replay", help="kvmas traces: counterfactual replays of the primitive"),
     gold: Optional[str] = typer.Option(None, help="gold answer (number): judges the trace's answer and its replays "
                                        "(default: the trace's outcome.gold)"),
@@ -60,8 +61,8 @@ def report(
     from kvmas.errors import BadInputError
 
     try:
-        if agent_rule not in ("shapley", "speaker"):
-            raise BadInputError(f"--agent-rule must be shapley or speaker, not {agent_rule!r}")
+        if agent_rule not in ("shapley", "speaker", "auto"):
+            raise BadInputError(f"--agent-rule must be shapley, speaker or auto, not {agent_rule!r}")
         log = load_log(path)
         if recorded_failure(log, gold) is None:  # a run nothing marks as failed: blaming an agent would be noise
             oc = log.meta.get("outcome") or {}
@@ -73,7 +74,8 @@ def report(
             res = _replay(path, gold, max_replays)
         else:
             scorer = StepScorer.load(weights) if weights else None
-            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=agent_rule).attribute(log)  # type: ignore[arg-type]
+            rule = None if agent_rule == "auto" else agent_rule
+            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=rule).attribute(log)  # type: ignore[arg-type]
     except KvmasError as exc:
         _fail(exc)
     if as_json:
