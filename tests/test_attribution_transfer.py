@@ -211,3 +211,35 @@ def test_shipped_weights_are_portable_and_look_past_the_start():
     res = LogAttributor().attribute(_orchestrator_log())
     assert res.agent != "human" and all(r.step != 0 for r in res.ranking)
     assert res.step >= 20, (res.step, res.evidence)
+
+
+def test_judge_reranks_from_its_cache(tmp_path):
+    """The judge runs on a real (tiny) model; its verdicts are cached per log and a cached verdict decides."""
+    from kvmas.attribution.judge import judge_eval
+    from kvmas.testing import tiny_model
+
+    data = system(tmp_path / "a.jsonl", ("Planner", "Solver", "Checker"), n=12)
+    cache = tmp_path / "cache"
+    res = judge_eval(data, tiny_model("llama"), k=3, limit=4, cache_dir=cache, folds=3)
+    assert res["n"] == 4 and set(res["methods"]) == {"portable_speaker", "judge_rerank_top3", "judge_all_at_once"}
+    assert res["judge"]["n_total"] == 12 and "first_agent" in res["baselines"]
+    files = sorted(cache.glob("*.json"))
+    assert len(files) == 4
+    first = json.loads(files[0].read_text())
+    assert len(first["verdicts"]) == 3 and first["all_at_once"]["candidates"]
+    # verdicts planted in the cache (the last of each log's top 3 wins) must now decide the re-rank
+    winners = []
+    for f in files:
+        e = json.loads(f.read_text())
+        last = max(e["verdicts"], key=int)
+        e["verdicts"] = {s: (50.0 if s == last else -50.0) for s in e["verdicts"]}
+        f.write_text(json.dumps(e))
+        winners.append(int(last))
+    again = judge_eval(data, tiny_model("llama"), k=3, limit=4, cache_dir=cache, folds=3)
+    assert sorted(p["pred"]["judge_rerank_top3"][1] for p in again["items"]) == sorted(winners)
+
+
+def test_judge_cli_refuses_bad_limits(tmp_path):
+    data = system(tmp_path / "a.jsonl", ("Planner", "Solver", "Checker"), n=6)
+    r = runner.invoke(app, ["judge", "--data", str(data), "--limit", "0", "--model", "nope-model"])
+    assert r.exit_code != 0 and "Traceback" not in r.output

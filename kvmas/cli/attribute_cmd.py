@@ -6,6 +6,7 @@
     kvmas attribute eval --train A --test B        # fit on one system, score another
     kvmas attribute plant --out ours.jsonl         # planted-fault failure logs of our primitives (Who&When format)
     kvmas attribute export TRACE... --out X.jsonl  # labelled kvmas traces as Who&When records
+    kvmas attribute judge --data PATH --model qwen2.5-coder-0.5b --limit 30   # a local model as judge
     kvmas attribute planted [--n 4]               # planted-fault suite on real primitives
 """
 
@@ -245,6 +246,39 @@ def eval_cmd(
                 render_eval(res, out)
         if json_out:
             atomic_write_text(json_out, json.dumps(results, indent=1))
+            out.print(lit(f"wrote {json_out}"))
+    except KvmasError as exc:
+        _fail(exc)
+
+
+@app.command("judge")
+def judge_cmd(
+    data: Path = typer.Option(..., "--data", help="Who&When-format logs to score"),
+    train: Optional[Path] = typer.Option(None, "--train", help="fit the scorer on these logs (default: k-fold "
+                                         "on --data)"),
+    model: Optional[str] = typer.Option(None, "--model", help="judge model: registry name or local HF dir"),
+    k: int = typer.Option(3, help="re-rank the scorer's top k steps"),
+    limit: int = typer.Option(30, help="judge the first N records (file order)"),
+    cache: Optional[Path] = typer.Option(None, help="verdict cache folder (default: KVMAS_HOME/attribution/judge)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the summary JSON here"),
+) -> None:
+    """The local model as judge: the scorer's top-k re-ranked by the likelihood of a mistake verdict, and the
+    same model all-at-once, beside the scorer alone and this data's baselines (verdicts cached per log)."""
+    from kvmas.agents.model import Model
+    from kvmas.attribution.judge import judge_eval
+    from kvmas.cli.render import render_eval
+    from kvmas.paths import kvmas_home
+
+    out = console()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = judge_eval(data, Model.load(model), train_path=train, k=k, limit=limit,
+                             cache_dir=cache or kvmas_home() / "attribution" / "judge",
+                             progress=lambda m: out.print(lit(m), style="dim"))
+        render_eval(res, out)
+        if json_out:
+            atomic_write_text(json_out, json.dumps(res, indent=1))
             out.print(lit(f"wrote {json_out}"))
     except KvmasError as exc:
         _fail(exc)
