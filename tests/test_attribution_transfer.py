@@ -243,3 +243,28 @@ def test_judge_cli_refuses_bad_limits(tmp_path):
     data = system(tmp_path / "a.jsonl", ("Planner", "Solver", "Checker"), n=6)
     r = runner.invoke(app, ["judge", "--data", str(data), "--limit", "0", "--model", "nope-model"])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_bad_records_are_counted_and_named(tmp_path):
+    good = [json.loads(x) for x in system(tmp_path / "a.jsonl", ("P", "S", "C"), n=6).read_text().splitlines()]
+    d = tmp_path / "logs"
+    d.mkdir()
+    for i, rec in enumerate(good):
+        (d / f"{i}.json").write_text(json.dumps(rec))
+    (d / "20.json").write_bytes(b'{"history": [{"name": "a", "content": "caf\xe9"}]}')  # not UTF-8
+    (d / "21.json").write_text(json.dumps({**good[0], "mistake_step": "99"}))
+    (d / "22.json").write_text(json.dumps({**good[0], "history": []}))
+    (d / "23.json").write_text(json.dumps({k: v for k, v in good[0].items() if k != "mistake_step"}))
+    (d / "24.json").write_text(json.dumps({**good[1], "mistake_agent": "Ghost"}))  # kept, with a warning
+    res = evaluate(d, folds=2, seeds=(0,), feature_sets=("portable",))
+    assert res["n"] == 7 and res["skipped"] == {"unreadable record": 3, "no gold label": 1}
+    text = " | ".join(res["warnings"])
+    for name in ("20.json", "21.json", "22.json", "23.json", "24.json"):
+        assert name in text, name
+    assert "outside" in text and "never speaks" in text
+    lines = (tmp_path / "a.jsonl").read_bytes().splitlines()
+    bad = tmp_path / "b.jsonl"
+    bad.write_bytes(b"\n".join(lines[:4] + [b'{"history": "\xff"}', b"[1, 2]"]) + b"\n")
+    res = evaluate(bad, folds=2, seeds=(0,), feature_sets=("portable",))
+    assert res["n"] == 4 and res["skipped"] == {"unreadable record": 2}
+    assert any("b.jsonl line 5" in w for w in res["warnings"])

@@ -19,7 +19,7 @@ import numpy as np
 
 from kvmas.attribution.anchors import ANCHORS, data_kind
 from kvmas.attribution.attributor import AgentRule, decide, live_steps
-from kvmas.attribution.log import AttributionLog, AttributionWarning, iter_logs, normalize_agent
+from kvmas.attribution.log import AttributionLog, AttributionWarning, SkippedRecord, iter_logs, normalize_agent
 from kvmas.attribution.portable import featurize
 from kvmas.attribution.scorer import StepScorer, kfold
 from kvmas.errors import BadInputError
@@ -92,7 +92,7 @@ def load(path: str | Path, with_gt: bool = False, feature_set: str = "portable")
             items.append(Item(log.log_id, log.gold_agent, log.gold_step, [s.agent for s in log.steps], cand,
                               live_steps(fx.perf), np.array(fx.rows)))
     bad = [str(w.message) for w in caught]
-    skipped["unreadable record"] += len(bad)
+    skipped["unreadable record"] += sum(issubclass(w.category, SkippedRecord) for w in caught)
     if not items:
         raise BadInputError(f"{path}: no usable labelled records ({_skips(skipped)})")
     return Dataset(str(path), items, names or [], bad + msgs, {k: v for k, v in skipped.items() if v},

@@ -35,6 +35,10 @@ class AttributionWarning(UserWarning):
     """A record was skipped or repaired while reading a log file (message starts with the record id)."""
 
 
+class SkippedRecord(AttributionWarning):
+    """A record could not be read and was left out (message names the file and the line or record)."""
+
+
 def normalize_agent(name: str | None) -> str:
     """Canonical agent name for comparisons: no ``(-> X)``/``(thought)`` suffix, lower case, ``_`` separators.
 
@@ -260,22 +264,23 @@ def iter_jsonl(path: str | Path, max_line_bytes: int = 64 << 20) -> Iterator[Att
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 while raw and not raw.endswith(b"\n"):  # drain the rest of the oversized line
                     raw = fh.readline(1 << 20)
-                warnings.warn(f"line {lineno}: record over {max_line_bytes} bytes, skipped", AttributionWarning, 2)
+                warnings.warn(f"{path.name} line {lineno}: record over {max_line_bytes} bytes, skipped",
+                              SkippedRecord, 2)
                 continue
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                warnings.warn(f"line {lineno}: invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})",
-                              AttributionWarning, 2)
+                warnings.warn(f"{path.name} line {lineno}: invalid JSON "
+                              f"({exc.msg if hasattr(exc, 'msg') else exc})", SkippedRecord, 2)
                 continue
             rid = rec.get("source_file") or rec.get("question_ID") if isinstance(rec, dict) else None
             rid = str(rid or f"line {lineno}")
             try:
                 yield from_whowhen(rec, record_id=rid)
             except BadInputError as exc:
-                warnings.warn(str(exc), AttributionWarning, 2)
+                warnings.warn(f"{path.name} line {lineno}: {exc}", SkippedRecord, 2)
 
 
 def iter_logs(path: str | Path) -> Iterator[AttributionLog]:
@@ -289,7 +294,8 @@ def iter_logs(path: str | Path) -> Iterator[AttributionLog]:
             try:
                 yield load_log(f)
             except BadInputError as exc:
-                warnings.warn(str(exc), AttributionWarning, 2)
+                msg = str(exc)
+                warnings.warn(msg if f.name in msg else f"{f.name}: {msg}", SkippedRecord, 2)
         return
     if path.suffix == ".jsonl":
         yield from iter_jsonl(path)
@@ -304,7 +310,7 @@ def load_log(path: str | Path) -> AttributionLog:
     if isinstance(raw, dict) and "schema_version" in raw and "steps" in raw:
         return from_trace(Trace.load(path))
     if isinstance(raw, dict) and "history" in raw:
-        return from_whowhen(raw, record_id=raw.get("source_file") or path.name)
+        return from_whowhen(raw, record_id=path.name)  # the file, so every message names what to open
     if isinstance(raw, list):
         return from_generic(raw, log_id=path.stem)
     if isinstance(raw, dict) and isinstance(raw.get("steps") or raw.get("messages"), list):
