@@ -119,7 +119,7 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
         f["rel_pos_sq"] = f["rel_pos"] ** 2
         for kd in ("instruct", "act", "plan", "report", "handover", "other"):
             f[f"kind_{kd}"] = float(kind == kd)
-        e = [f"a {kind} turn"]
+        e = [f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} turn"]
         if f["next_result_bad"]:
             e.append("the result right after it failed or came back empty")
         if f["repeats"]:
