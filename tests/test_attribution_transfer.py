@@ -268,3 +268,15 @@ def test_bad_records_are_counted_and_named(tmp_path):
     res = evaluate(bad, folds=2, seeds=(0,), feature_sets=("portable",))
     assert res["n"] == 4 and res["skipped"] == {"unreadable record": 2}
     assert any("b.jsonl line 5" in w for w in res["warnings"])
+
+
+def test_claims_against_the_evidence():
+    log = from_generic([{"agent": "coder", "content": "```python\nprint(6*7)\n```"},
+                        {"agent": "Computer_terminal", "content": "exitcode: 0\nCode output: 42"},
+                        {"agent": "checker", "content": "The answer is 42."},
+                        {"agent": "writer", "content": "So the final answer is 48."},
+                        {"agent": "coder", "content": "The total is 1234."}], question="What is 6*7?")
+    fx, _ = portable_features(log)
+    col = lambda name: [r[PORTABLE.index(name)] for r in fx.rows]  # noqa: E731
+    assert col("contradicts") == [0, 0, 0, 1, 1]
+    assert col("claim_unsupported") == [0, 0, 0, 1, 1]

@@ -34,7 +34,7 @@ PORTABLE = [
     "rel_pos", "rel_pos_sq", "first_candidate", "agent_first_turn", "agent_turn_rel",
     "kind_instruct", "kind_act", "kind_plan", "kind_report", "kind_handover", "kind_other",
     "next_result_bad", "reads_bad", "says_failure", "repeats", "repeated_later",
-    "unsupported_values", "introduces_answer", "reach", "reaches_outcome",
+    "unsupported_values", "claim_unsupported", "contradicts", "introduces_answer", "reach", "reaches_outcome",
     "assume_cue", "verify_cue", "length_rel", "empty",
 ]
 FEATURE_SETS = ("portable", "cdc")
@@ -47,6 +47,18 @@ _ASSUME = re.compile(r"\b(assum\w*|hypothetical\w*|placeholder|for (?:demonstrat
                      re.I)
 _VERIFY = re.compile(r"\b(verified|confirm\w*|is correct|accurate|validated|checked)\b", re.I)
 _WORD = re.compile(r"[a-z0-9]+")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_CLAIM = re.compile(r"(?:final answer(?: is)?|the answer is|answer:|result is|results? in|output:|total is|equals?|"
+                    r"there (?:are|were|is)|is approximately)\W{0,4}(?:\*\*)?\$?(-?\d[\d,]*(?:\.\d+)?)", re.I)
+
+
+def claims(text: str) -> set[str]:
+    """Numbers a turn states as a result ("the answer is 12", "Code output: 7").
+
+    >>> sorted(claims("So the answer is 1,234. Output: 7"))
+    ['1234', '7']
+    """
+    return {m.replace(",", "") for m in _CLAIM.findall(text[:4000])}
 
 
 def _bad(text: str) -> bool:
@@ -59,6 +71,10 @@ def _words(text: str) -> set[str]:
 
 def _similar(a: set[str], b: set[str]) -> bool:
     return len(a) >= 4 and len(b) >= 4 and len(a & b) / len(a | b) >= 0.6
+
+
+def _numbers(text: str) -> set[str]:
+    return {m.replace(",", "") for m in _NUMBER.findall(text[:4000])}
 
 
 def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
@@ -81,6 +97,8 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
     median_len = lengths[len(lengths) // 2] if lengths else 0.0
     seen = set(values(log.question))
     introduced: dict[int, int] = {}
+    last_claim: set[str] = set()  # what the latest earlier result (a tool's output or a turn's claim) said
+    numbers_before = _numbers(log.question)  # every number written before the current step
     rows, ev = [], []
     for s in steps:
         i, text, kind = s.index, s.content, kinds[s.index]
@@ -97,6 +115,10 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
                 producer = next((j for j in range(i - 1, -1, -1) if j in rank), i)
             introduced[producer] = introduced.get(producer, 0) + len(new & fv)
         same = [j for j in mine if j != i]
+        claimed = claims(text)
+        blameable_turn = kind not in ("tool", "task")
+        unsupported = bool(claimed) and blameable_turn and not (claimed & numbers_before)
+        contradicts = bool(claimed) and blameable_turn and bool(last_claim) and not (claimed & last_claim)
         f = {
             "rel_pos": rank.get(i, 0) / max(1, len(cand) - 1),
             "first_candidate": float(rank.get(i) == 0),
@@ -107,7 +129,9 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
             "says_failure": float(kind not in ("tool", "task") and _bad(text)),
             "repeats": float(any(_similar(words[i], words[j]) for j in same if j < i)),
             "repeated_later": float(any(_similar(words[i], words[j]) for j in same if j > i)),
-            "unsupported_values": math.log1p(len(new)) if kind not in ("tool", "task") else 0.0,
+            "unsupported_values": math.log1p(len(new)) if blameable_turn else 0.0,
+            "claim_unsupported": float(unsupported),
+            "contradicts": float(contradicts),
             "introduces_answer": 0.0,
             "reach": reaches[i] / max(1, n - 1),
             "reaches_outcome": float(i in upstream),
@@ -126,8 +150,15 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
             e.append("repeats an earlier turn of the same agent (a loop)")
         if f["assume_cue"]:
             e.append(f"unverified assumption cue {_ASSUME.search(text).group(0)!r}")
-        if new and kind not in ("tool", "task"):
+        if new and blameable_turn:
             e.append(f"states {len(new)} value(s) no earlier step supports")
+        if unsupported:
+            e.append(f"claims {', '.join(sorted(claimed))} with no earlier step supporting it")
+        if contradicts:
+            e.append(f"claims {', '.join(sorted(claimed))} against the earlier result {', '.join(sorted(last_claim))}")
+        if claimed:
+            last_claim = claimed
+        numbers_before |= _numbers(text)
         rows.append(f)
         ev.append(e)
     for j, c in introduced.items():
