@@ -13,7 +13,8 @@ import sys
 
 import typer
 
-from kvmas.cli import attribute_cmd, bench_cmd, models_cmd, pool_cmd, run_cmd, serve_cmd, skills_cmd, trace_cmd
+from kvmas.cli import (attribute_cmd, batch_cmd, bench_cmd, models_cmd, pool_cmd, run_cmd, serve_cmd, skills_cmd,
+                       trace_cmd)
 from kvmas.cli.boundary import BoundaryGroup, describe
 from kvmas.cli.logs import setup_logging
 from kvmas.cli.render import print_error
@@ -39,6 +40,7 @@ app.add_typer(bench_cmd.app, name="bench")
 app.command("feedback")(pool_cmd.feedback_cmd)
 app.command("serve")(serve_cmd.serve)
 bench_cmd.app.command("serve")(serve_cmd.bench_serve)
+app.add_typer(batch_cmd.app, name="batch")
 
 app.command("run", cls=run_cmd.RunCommand)(run_cmd.run)
 
