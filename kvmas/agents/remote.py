@@ -218,7 +218,8 @@ class Conversation:
                       rows=self.rows, token_ids=ids, text=texts)
         after = replace(self, messages=tuple(m + ({"role": "assistant", "content": t},)
                                              for m, t in zip(self.messages, texts)),
-                        segments=self.segments + (seg,), prompt_tokens=self.prompt_tokens + tuple(p for _, p, _ in replies))
+                        segments=self.segments + (seg,),
+                        prompt_tokens=self.prompt_tokens + tuple(p for _, p, _ in replies))
         return Speech(texts=texts, token_ids=ids, state=after)
 
     def fork(self, k: int) -> "Conversation":
