@@ -53,7 +53,7 @@ def ask(client, method: str, question: str, **kw):
                                           max_tokens=kw.pop("max_tokens", BUDGET), **kw)
 
 
-@pytest.mark.parametrize("method", ["single", "latent:review", "text:vote", "text:plan"])
+@pytest.mark.parametrize("method", ["single", "latent:review", "text:vote", "text:plan", "kv:review", "kv:vote"])
 def test_answer_equals_in_process_run(client, model, method):
     resp = ask(client, method, QS[1], seed=0)
     want = local(method, QS[1], model)
@@ -119,7 +119,7 @@ def test_trace_ids_are_checked(server, bad, status):
 
 def test_models_lists_the_methods(client):
     ids = [m.id for m in client.models.list().data]
-    assert {"single", "latent:review", "text:review", "latent:vote", "text:plan"} <= set(ids)
+    assert {"single", "latent:review", "text:review", "latent:vote", "text:plan", "kv:plan"} <= set(ids)
 
 
 @pytest.mark.parametrize("name", ["nonsense", "bogus:review", "text:nothing", ""])

@@ -55,6 +55,7 @@ def test_majority_vote_streams_nothing_but_answers(model, remote):
 
 
 @pytest.mark.parametrize("method, kw", [("latent:review", {}), ("latent:vote", {}), ("latent:plan", {}),
+                                        ("kv:review", {}), ("kv:vote", {}), ("kv:plan", {}),
                                         ("single", {"latent_steps": 2}), ("text:review", {"early_stop": True})])
 def test_latent_needs_local_kv(remote, method, kw):
     with pytest.raises(RemoteTextOnly, match="text-mode primitives only"):

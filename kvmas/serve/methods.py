@@ -11,14 +11,14 @@ True
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kvmas.errors import BadInputError
 from kvmas.primitives import PRIMITIVES, parse_method
-from kvmas.primitives.base import Comm, Primitive
+from kvmas.primitives.base import Primitive
 from kvmas.primitives.run import TEAM_SYSTEM, Output, RunResult, close_run, open_run
+from kvmas.trace import COMMS
 
 
 class UnknownMethod(BadInputError):
@@ -53,8 +53,8 @@ class Methods:
     pool: Any = None
 
     def names(self) -> list[str]:
-        """Every name ``GET /v1/models`` lists (primitives in every comm mode the primitives declare)."""
-        out = ["single"] + [f"{c}:{p}" for p in PRIMITIVES if p != "single" for c in typing.get_args(Comm)]
+        """Every name ``GET /v1/models`` lists (each primitive in every comm mode, ``kvmas.trace.COMMS``)."""
+        out = ["single"] + [f"{c}:{p}" for p in PRIMITIVES if p != "single" for c in COMMS]
         return out + (["auto"] if self.pool is not None else []) + sorted(self.pipelines)
 
     def resolve(self, name: str, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> Runner:
