@@ -172,9 +172,9 @@ def plant_cmd(
                                       record_id=rid))
             if traces:
                 trace.save(inside(traces, safe_name(rid) + ".json"))
+            atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in records))  # a cut run keeps its cases
         if not records:
             raise BadInputError("no planted fault was effective; nothing written")
-        atomic_write_text(out_path, "".join(json.dumps(r) + "\n" for r in records))
         out.print(lit(f"wrote {len(records)} record(s) to {out_path}"))
     except KvmasError as exc:
         _fail(exc)
