@@ -280,3 +280,17 @@ def test_claims_against_the_evidence():
     col = lambda name: [r[PORTABLE.index(name)] for r in fx.rows]  # noqa: E731
     assert col("contradicts") == [0, 0, 0, 1, 1]
     assert col("claim_unsupported") == [0, 0, 0, 1, 1]
+
+
+def test_plant_on_a_model_that_never_gets_it_right_writes_nothing(tmp_path):
+    from kvmas.attribution.planted import planted_traces
+    from kvmas.primitives import parse_method
+    from kvmas.testing import tiny_model
+
+    prims = {"text:review": parse_method("text:review", max_new_tokens=3, rounds=1)}
+    msgs = []
+    got = list(planted_traces(prims, [("What is 2 + 3?", "5")], tiny_model("llama"), progress=msgs.append))
+    assert got == [] and "clean run wrong" in msgs[0]
+    out = tmp_path / "p.jsonl"
+    r = runner.invoke(app, ["plant", "--out", str(out), "--n", "0"])
+    assert r.exit_code == 2 and "--n must be" in r.output and not out.exists()
