@@ -89,6 +89,13 @@ def _api_error(exc: BaseException) -> ApiError:
     return ApiError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
 
 
+def _watched(future) -> asyncio.Future:
+    """The job's future on this loop; its error counts as seen even when the client left before it came."""
+    done = asyncio.wrap_future(future)
+    done.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return done
+
+
 def create_app(model, config: ServeConfig | None = None) -> FastAPI:
     """The API over ``model`` (a loaded :class:`~kvmas.agents.model.Model`) with ``config``'s limits."""
     config = config or ServeConfig()
@@ -219,7 +226,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
         if req.stream:
             return StreamingResponse(_stream(request, job, deltas, cid, req, budget),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        done = asyncio.wrap_future(job.future)
+        done = _watched(job.future)
         try:
             while True:
                 finished, _ = await asyncio.wait({done}, timeout=POLL_S)
@@ -238,7 +245,7 @@ def create_app(model, config: ServeConfig | None = None) -> FastAPI:
 
     async def _stream(request, job, deltas: asyncio.Queue, cid: str, req: wire.ChatRequest, budget: int):
         created = int(time.time())
-        done = asyncio.wrap_future(job.future)
+        done = _watched(job.future)
         sent = False
         try:
             yield wire.chunk(cid, req.model, created, {"role": "assistant", "content": ""})
