@@ -15,7 +15,7 @@ True
 >>> PipelineSpec.from_dict({"nodes": [{"id": "a", "type": "debate"}]})
 Traceback (most recent call last):
 ...
-kvmas.errors.BadInputError: invalid pipeline spec: nodes[0].type: unknown primitive 'debate' (known: single, review, vote, plan)
+kvmas.errors.BadInputError: invalid pipeline spec: nodes[0].type: unknown primitive 'debate' (known: single, review, vote, plan, consistency)
 """
 
 from __future__ import annotations
