@@ -92,7 +92,7 @@ def run(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=4096,
                                        help="decode budget per speaking agent"),
     rounds: int = typer.Option(None, "--rounds", min=1, max=8, help="review: critic/refine rounds (default 2)"),
-    n: int = typer.Option(None, "--n", min=1, max=16, help="vote: number of solvers (default 3)"),
+    n: int = typer.Option(None, "--n", min=1, max=16, help="vote: solvers (default 3); consistency: samples (default 5)"),
     k: int = typer.Option(None, "--k", min=1, max=16, help="plan: number of executors (default 3)"),
     merge_policy: str = typer.Option(None, "--merge-policy", help="vote | plan: how parallel branches meet in one context"),
     latent_steps: int = typer.Option(None, "--latent-steps", min=0, max=256,
