@@ -66,6 +66,23 @@ def tiny_hf_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, voca
     return model.float().eval()
 
 
+def save_tiny_model(directory, arch: str = "llama", *, seed: int = 0):
+    """Save a tiny random model and the char tokenizer as a local HF directory (what ``--model DIR`` loads).
+
+    >>> import tempfile
+    >>> from kvmas.agents.model import Model
+    >>> Model.load(str(save_tiny_model(tempfile.mkdtemp()))).fingerprint.num_layers
+    2
+    """
+    from pathlib import Path
+
+    d = Path(directory)
+    tok = tiny_tokenizer()
+    tiny_hf_model(arch, seed=seed, vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def tiny_model(arch: str = "llama", *, seed: int = 0, tie: bool = False, layers: int = 2, init: float = 0.5,
                dtype=None, device=None):
     """A :class:`kvmas.agents.model.Model` around a tiny random HF model and the char tokenizer

@@ -24,12 +24,9 @@ def test_methods_ratios_and_report(tmp_path):
 
 
 def test_isolated_workers_give_the_in_process_items_and_their_peak_memory(tmp_path):
-    from kvmas.testing import tiny_hf_model, tiny_tokenizer
+    from kvmas.testing import save_tiny_model
 
-    d = tmp_path / "tiny"
-    tok = tiny_tokenizer()
-    tiny_hf_model("qwen", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_model(tmp_path / "tiny", "qwen")
     tasks = load_tasks("synthetic", n=2, seed=0)
     s = run_efficiency(tasks=tasks, methods=["single", "latent:vote"], model=str(d), seed=0, max_new_tokens=4,
                        latent_steps=1, out_dir=tmp_path / "eff", merge_error=1)

@@ -6,18 +6,14 @@ import pytest
 from typer.testing import CliRunner
 
 from kvmas.cli.app import app
-from kvmas.testing import tiny_hf_model, tiny_tokenizer
+from kvmas.testing import save_tiny_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_hf_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_run_and_trace_show(model_dir, tmp_path):

@@ -13,7 +13,7 @@ from kvmas.memory.skill import Skill
 from kvmas.memory.store import SkillStore
 from kvmas.organizer.pool import KnowledgePool
 from kvmas.organizer.spec import PipelineSpec
-from kvmas.testing import tiny_hf_model, tiny_tokenizer
+from kvmas.testing import save_tiny_model
 from kvmas.trace import Step, Trace
 
 runner = CliRunner()
@@ -42,11 +42,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_hf_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_pool_tables(tmp_path):

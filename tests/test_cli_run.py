@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from kvmas.cli.app import app
-from kvmas.testing import tiny_hf_model, tiny_tokenizer
+from kvmas.testing import save_tiny_model
 from kvmas.trace import COMMS, Trace
 
 runner = CliRunner()
@@ -20,11 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_hf_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-model")))
 
 
 def run(*args, env=None):

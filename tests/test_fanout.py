@@ -5,7 +5,7 @@ import pytest
 import ray
 
 from kvmas.bench.fanout import Item, fan_out
-from kvmas.testing import tiny_hf_model, tiny_tokenizer
+from kvmas.testing import save_tiny_model
 
 QS = ["2+3?", "What is 12 times 7?", "9-4?", "Tom has 5 apples and eats 2.", "7*6?", "1+1?"]
 PARAMS = {"max_new_tokens": 5}
@@ -13,11 +13,7 @@ PARAMS = {"max_new_tokens": 5}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = tiny_tokenizer()
-    tiny_hf_model("qwen", seed=1, vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny-model"), "qwen", seed=1))
 
 
 @pytest.fixture(scope="module")

@@ -57,10 +57,8 @@ def test_kv_review_is_the_chat_transcript_and_its_reader_equals_a_text_reader(mo
     speeches = [model.decode(s.token_ids[0], skip_special_tokens=False) for s in state.segments
                 if s.kind == "generated"]  # as emitted (a tiny random model also emits special tokens)
     assert len(speeches) == 1 + 2 * rounds
-    turns = [review_mod.SOLVE]
-    for _ in range(rounds):
-        turns += [review_mod.CRITIQUE, Review().final_instruction(type("C", (), {"question": Q})(),
-                                                                 review_mod.REFINE)]
+    refine = Review().final_instruction(RunContext(model=model, question=Q), review_mod.REFINE)
+    turns = [review_mod.SOLVE] + [review_mod.CRITIQUE, refine] * rounds
     msgs = [{"role": "system", "content": TEAM_SYSTEM},
             {"role": "user", "content": f"Problem:\n{Q}"}]
     for instruction, reply in zip(turns, speeches):
