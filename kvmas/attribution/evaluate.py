@@ -245,13 +245,18 @@ def evaluate(path: str | Path, with_gt: bool = False, folds: int = 5, seeds: tup
             for k in ("agent_acc", "step_acc"):
                 m[k] = round(float(np.mean([x[k] for x in per])), 2)
                 m[f"{k}_sd"] = round(float(np.std([x[k] for x in per])), 2)
-        if out is None:
-            out = rep
-        else:
-            out["methods"].update(rep["methods"])
-            for a, b in zip(out["items"], rep["items"]):
-                a["pred"].update(b["pred"])
+        out = _join(out, rep)
     assert out is not None
+    return out
+
+
+def _join(out: dict[str, Any] | None, rep: dict[str, Any]) -> dict[str, Any]:
+    """The report of one more feature set added to ``out`` (its methods, and its predictions per item)."""
+    if out is None:
+        return rep
+    out["methods"].update(rep["methods"])
+    for a, b in zip(out["items"], rep["items"]):
+        a["pred"].update(b["pred"])
     return out
 
 
@@ -266,11 +271,6 @@ def transfer(train_path: str | Path, test_path: str | Path, with_gt: bool = Fals
         rep = _report(te, preds, baselines(te.items, tr.items), mode="transfer", data=str(test_path),
                       train=str(train_path), train_n=len(tr.items), train_skipped=tr.skipped, with_gt=with_gt,
                       l2=l2)
-        if out is None:
-            out = rep
-        else:
-            out["methods"].update(rep["methods"])
-            for a, b in zip(out["items"], rep["items"]):
-                a["pred"].update(b["pred"])
+        out = _join(out, rep)
     assert out is not None
     return out

@@ -658,16 +658,34 @@ def pareto_fronts(methods: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return {"seconds": front(seconds_per_question), "tokens": front(lambda s: s["tokens_per_item"]["computed"])}
 
 
-def write_pareto(summary: dict[str, Any], path: str | Path) -> Path | None:
-    """Accuracy (Wilson 95% interval) against seconds and against computed tokens per question, one point per
-    method, the Pareto front joined (PNG). None when matplotlib is missing."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib (``kvmas[charts]``) is missing."""
     try:
         import matplotlib
     except ImportError:
         return None
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(plt, fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temp file beside it, then a rename) and close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_pareto(summary: dict[str, Any], path: str | Path) -> Path | None:
+    """Accuracy (Wilson 95% interval) against seconds and against computed tokens per question, one point per
+    method, the Pareto front joined (PNG). None when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return None
 
     methods = summary["methods"]
     fronts = summary.get("pareto") or pareto_fronts(methods)
@@ -692,12 +710,7 @@ def write_pareto(summary: dict[str, Any], path: str | Path) -> Path | None:
         ax.set_ylim(0, 100)
     fig.suptitle(f"accuracy vs cost · {summary['config']['data']} · {summary['config']['model']} · "
                  f"n={summary['config']['n']}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_png(plt, fig, path)
 
 
 def _strict_cell(s: dict[str, Any]) -> str:
@@ -717,13 +730,9 @@ def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
 
     Returns None (and writes nothing) when matplotlib, an optional dependency (``kvmas[charts]``), is missing.
     """
-    try:
-        import matplotlib
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     names = list(summary["methods"])
     rows = [summary["methods"][n] for n in names]
@@ -752,12 +761,7 @@ def write_chart(summary: dict[str, Any], path: str | Path) -> Path | None:
             lab.set_horizontalalignment("right")
     fig.suptitle(f"{summary['config']['data']} · {summary['config']['model']}")
     fig.subplots_adjust(bottom=0.3, top=0.85, wspace=0.3)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_png(plt, fig, path)
 
 
 if __name__ == "__main__":
