@@ -23,7 +23,8 @@ class Review(Primitive):
     Latent: the critic reads the solver's state (one continuous stream: positions are exact) and answers with
     latent steps; the solver refines on top; the previous round's critique segments are dropped. Text: drafts
     and critiques are decoded and re-read. KV: the same conversation as text, but every draft and critique is
-    decoded into the one shared state and read there (nothing is re-prefilled; nothing is dropped). Early stop (``early_stop``, off by default): before a critic writes, its state
+    decoded into the one shared state and read there (nothing is re-prefilled; nothing is dropped).
+    Early stop (``early_stop``, off by default): before a critic writes, its state
     scores the two verdicts in ``VERDICTS``; if "correct" wins by ``stop_margin`` nats the rounds end.
     """
 

@@ -72,6 +72,10 @@ class Vote(Primitive):
     def _personas(self) -> list[str]:
         return [PERSONAS[i % len(PERSONAS)].format(i=i + 1) for i in range(self.n)]
 
+    def _solver_turns(self) -> list[str]:
+        """Each solver's instruction on top of the shared question (latent and kv modes)."""
+        return [f"{p} {SOLVE}" for p in self._personas()]
+
     def _agents(self) -> tuple[Agent, Agent]:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   latent_steps=self.latent_steps)
@@ -82,8 +86,8 @@ class Vote(Primitive):
         ``merge_policy`` (default: this Vote's own). The merge-error check of ``kvmas bench efficiency``
         builds its states here, so it measures the state Vote really builds."""
         solvers, selector = self._agents()
-        personas = [f"{p} {SOLVE}" for p in self._personas()]
-        merged = self.fan_out(ctx, self.shared_prefix(ctx, inp), solvers, personas, merge_policy or self.merge_policy)
+        merged = self.fan_out(ctx, self.shared_prefix(ctx, inp), solvers, self._solver_turns(),
+                              merge_policy or self.merge_policy)
         return selector.read(ctx, merged, self.final_instruction(ctx, SELECT), fresh=False)
 
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
@@ -91,8 +95,7 @@ class Vote(Primitive):
         if self.comm == "latent":
             return self.conclude(ctx, selector, inp, self.selector_state(ctx, inp), speak=final)
         if self.comm == "kv":  # candidates decoded into their rows of the shared state
-            personas = [f"{p} {SOLVE}" for p in self._personas()]
-            rows = solvers.read(ctx, self.shared_prefix(ctx, inp).fork(self.n), personas, fresh=False)
+            rows = solvers.read(ctx, self.shared_prefix(ctx, inp).fork(self.n), self._solver_turns(), fresh=False)
             cands, rows = solvers.speak(ctx, rows, close_turn=True)
         else:  # text mode: the shared problem prompt is prefilled once, candidates decoded as batch rows
             base = LatentState.empty(ctx.model)
