@@ -442,16 +442,17 @@ def _worker(spec_path: str) -> None:
         {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-# Settings that must agree before runs can be merged into one report (methods and start time may differ).
-MERGE_KEYS = ("data", "n", "seed", "model_key", "max_new_tokens", "latent_steps", "choice_scoring", "prompt")
+# Settings that must agree before runs can be merged into one report (methods, tasks and start time may differ).
+MERGE_KEYS = ("data", "seed", "model_key", "max_new_tokens", "latent_steps", "choice_scoring", "prompt")
 
 
 def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """One report from runs of different methods on the same tasks and settings (e.g. methods split across
-    processes so that each core runs one); the item logs are concatenated, the statistics recomputed.
+    """One report from runs on the same data and settings: methods split across processes or sessions, and
+    one method's task ranges run at different times (``--start 0 --n 100`` and ``--start 100 --n 100``) are
+    joined; the item logs are concatenated in task order, the statistics recomputed. Methods may cover
+    different tasks (a costly twin on fewer items): each pair is compared on the tasks both ran, with its n.
 
-    Raises BadInputError when the runs disagree on a setting in ``MERGE_KEYS``, repeat a method, or cover
-    different tasks.
+    Raises BadInputError when the runs disagree on a setting in ``MERGE_KEYS`` or a method ran a task twice.
     """
     if len(run_dirs) < 2:
         raise BadInputError("merge needs at least two run directories")
@@ -459,7 +460,9 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
         raise BadInputError(f"the merged report would overwrite one of its inputs ({out_dir})")
     configs: list[dict[str, Any]] = []
     results: dict[str, list[ItemResult]] = {}
-    source: dict[str, Path] = {}
+    ran_in: dict[tuple[str, str], Path] = {}
+    order: dict[str, int] = {}
+    walls: dict[str, float] = {}
     for d in map(Path, run_dirs):
         summary, items = _load_run(d)
         cfg = summary["config"]
@@ -469,17 +472,20 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
                                     f"{configs[0].get(key)!r} in {run_dirs[0]}")
         configs.append(cfg)
         for item in items:
-            if source.setdefault(item.method, d) != d:
-                raise BadInputError(f"{d}: method {item.method} is also in {source[item.method]}")
+            if ran_in.setdefault((item.method, item.task_id), d) != d:
+                raise BadInputError(f"{d}: method {item.method} also ran task {item.task_id} in "
+                                    f"{ran_in[item.method, item.task_id]}")
+            order.setdefault(item.task_id, len(order))
             results.setdefault(item.method, []).append(item)
-    ids = {name: [r.task_id for r in items] for name, items in results.items()}
-    first = next(iter(ids.values()))
-    for name, got in ids.items():
-        if got != first:
-            raise BadInputError(f"method {name} ran on other tasks than the rest; cannot pair them")
+        for name, wall in (cfg.get("method_wall_s") or {}).items():
+            walls[name] = round(walls.get(name, 0.0) + wall, 3)
+    for items in results.values():
+        items.sort(key=lambda r: order[r.task_id])
     config = dict(configs[0])
+    config["n"] = len(order)
+    config["n_per_method"] = {name: len(items) for name, items in results.items()}
     config["methods"] = list(results)
-    config["method_wall_s"] = {k: v for c in configs for k, v in (c.get("method_wall_s") or {}).items()}
+    config["method_wall_s"] = walls
     config["batch_sizes"] = {m: c.get("batch_size") for c in configs for m in c.get("methods", [])}
     config["merged_from"] = [str(d) for d in run_dirs]
     return _write_report(Path(out_dir), config, results)

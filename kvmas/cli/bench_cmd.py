@@ -81,6 +81,8 @@ def accuracy(
         help="comma-separated: single, [latent:|text:]review|vote|plan, pipeline:FILE, auto, auto-empty, random, "
              "loglik"),
     n: int = typer.Option(20, "--n", help="number of tasks (first n of the file; --shuffle for a seeded sample)"),
+    start: int = typer.Option(0, "--start", help="skip the first START items of the file (--start 100 --n 100: "
+                                                 "items 100-199; `kvmas bench merge` joins such ranges)"),
     seed: int = typer.Option(0, "--seed"),
     shuffle: bool = typer.Option(False, "--shuffle", help="a seeded random sample of n tasks instead of the first n"),
     model: str = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
@@ -108,7 +110,7 @@ def accuracy(
     console = make_console()
     try:
         meths = parse_methods(methods)
-        tasks = load_tasks(data, n=n, seed=seed, shuffle=shuffle)
+        tasks = load_tasks(data, n=n, seed=seed, shuffle=shuffle, start=start)
         from kvmas.agents.model import Model
 
         with console.status("loading model…"):
@@ -130,10 +132,12 @@ def accuracy(
 
 @app.command("merge")
 def merge(
-    runs: list[Path] = typer.Argument(..., help="accuracy run directories (same tasks and settings, other methods)"),
+    runs: list[Path] = typer.Argument(..., help="accuracy run directories (same data and settings; other methods "
+                                                "or other task ranges of a method)"),
     out: Path = typer.Option(..., "--out", "-o", help="output dir of the merged report"),
 ) -> None:
-    """Merge accuracy runs of different methods on the same tasks into one report (paired tests across all)."""
+    """Merge accuracy runs into one report: methods run apart, and task ranges of a method run at different times
+    (paired tests on the tasks each pair shares)."""
     from kvmas.bench.harness import merge_runs
 
     try:

@@ -185,23 +185,36 @@ def task_names() -> list[str]:
 
 
 def load_tasks(path_or_name: str | Path | None = None, n: int | None = None, seed: int = 0,
-               shuffle: bool = False, adapter: str | None = None) -> list[Task]:
+               shuffle: bool = False, adapter: str | None = None, start: int = 0) -> list[Task]:
     """Tasks from a JSONL path, a shipped sample name, or the generator (``None`` = ``"synthetic"``).
 
-    Files and samples keep their order and give the first ``n`` items (``shuffle=True``: a seeded random
-    subset of ``n``). The generator makes ``n`` tasks (default 20) from ``seed``.
+    Files and samples keep their order and give the first ``n`` items, or the ``n`` after the first ``start``
+    (``shuffle=True``: a seeded random subset of ``n``). The generator makes ``n`` tasks (default 20) from
+    ``seed``.
+
+    >>> [t.id for t in load_tasks("gsm8k-sample", n=2, start=1)] == [t.id for t in load_tasks("gsm8k-sample")[1:3]]
+    True
     """
     if n is not None and n <= 0:
         raise BadInputError(f"n must be positive, got {n}")
+    if start < 0:
+        raise BadInputError(f"start must be 0 or more, got {start}")
+    if start and shuffle:
+        raise BadInputError("start counts items in file order; it cannot be combined with shuffle")
     name = "synthetic" if path_or_name is None else str(path_or_name)
     if name in SYNTHETIC:
+        if start:
+            raise BadInputError("start counts items of a file or sample; generated tasks differ by seed instead")
         return generate_tasks(n or 20, seed=seed, kind=SYNTHETIC[name])  # type: ignore[arg-type]
     if name in SAMPLES:
         tasks = load_sample(name)
     elif Path(name).exists() or name.endswith(".jsonl") or "/" in name:
-        tasks = load_jsonl(name, adapter=adapter, limit=None if shuffle else n)
+        tasks = load_jsonl(name, adapter=adapter, limit=None if shuffle or not n else start + n)
     else:
         raise BadInputError(f"no task file or known name {name!r} (names: {', '.join(task_names())})")
     if shuffle:
         tasks = random.Random(seed).sample(tasks, k=min(n or len(tasks), len(tasks)))
+    tasks = tasks[start:]
+    if not tasks:
+        raise BadInputError(f"start {start} is past the last item of {name}")
     return tasks[:n] if n else tasks
