@@ -287,3 +287,24 @@ def test_batched_bench_items_equal_the_one_at_a_time_items(model, tmp_path):
     for m in one["methods"]:
         assert many["methods"][m]["correct"] == one["methods"][m]["correct"]
         assert many["methods"][m]["tokens_total"] == one["methods"][m]["tokens_total"]
+
+
+def test_vote_candidates_are_scored_and_summarised(model, tmp_path):
+    """Each candidate answer a Vote recorded is scored against the gold answer; the report counts what the
+    candidates held (a right candidate anywhere, a strict majority, that majority right)."""
+    from kvmas.tasks.answers import matches_gold
+
+    tasks = load_tasks("synthetic", n=3, seed=2)
+    s = run_bench(tasks, "text:vote", model, tmp_path, BenchConfig(max_new_tokens=6, seed=0))
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    for task, item in zip(tasks, items):
+        keys = item["meta"]["facts"]["vote_candidates"]
+        assert item["meta"]["candidates_correct"] == [bool(k) and matches_gold(k, task) for k in keys]
+    c = s["methods"]["text:vote"]["candidates"]
+    assert c["n"] == 3 and c["any_correct"] == sum(any(i["meta"]["candidates_correct"]) for i in items)
+    assert c["majority_correct"] <= c["majority"] <= 3 and "What the candidates held" in (tmp_path / "results.md").read_text()
+    from kvmas.bench.harness import _score_candidates
+
+    meta = {"facts": {"vote_candidates": [tasks[0].answer, "no", None]}}
+    _score_candidates(meta, tasks[0])
+    assert meta["candidates_correct"] == [True, False, False]

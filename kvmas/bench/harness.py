@@ -3,7 +3,13 @@
 ``kvmas bench accuracy`` and ``kvmas bench efficiency`` both run here: one item record (:class:`ItemResult`,
 carrying the run's :class:`~kvmas.trace.Usage`), one task loop (:func:`run_bench`), one summary, markdown
 report and chart. Options: ``BenchConfig.isolate`` runs each method in its own worker process, so its peak
-memory is its own; ``trace_dir`` keeps every run's trace. Every answer is checked for an echoed role prompt.
+memory is its own; ``trace_dir`` keeps every run's trace; ``workers=N`` (and ``ray_address``) spreads each
+method's tasks over N Ray workers, one model replica each (:mod:`kvmas.bench.fanout`): contiguous chunks of
+tasks, each run as rows of one batch on a worker, kept in task order, so items and statistics equal a
+single-process run; a worker that dies has its chunk re-run elsewhere, and ``config.fanout`` says which tasks.
+``auto`` learning online cannot be split (each choice depends on what the pool learned from the items before
+it): it runs in this process, one item at a time, as without workers. Every answer is checked for an echoed
+role prompt.
 
 Methods (comma-separated): ``single``; ``latent:review``, ``text:vote``, ... (any primitive as ``comm:name``);
 ``pipeline:PATH`` (a spec file); ``auto`` (the organizer over a seeded pool, learning online from each
@@ -34,6 +40,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -149,6 +157,16 @@ class BenchConfig:
     trace_dir: str | None = None  # keep every run's trace here
     device: str | None = None  # where a worker loads the model (None: KVMAS_DEVICE, else auto)
     dtype: str = "auto"
+    workers: int = 1  # Ray workers, one model replica each (1 and no ray_address: this process)
+    ray_address: str | None = None  # a running Ray cluster (None: the one joined already, else a local one)
+
+    @property
+    def fanned_out(self) -> bool:
+        return self.workers > 1 or self.ray_address is not None
+
+    def learns_online(self, m: "Method") -> bool:
+        """``auto`` teaching its pool after each item: its items depend on each other, one at a time."""
+        return m.kind == "auto" and self.learn
 
     def prim_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
@@ -211,6 +229,7 @@ class _Runner:
         usage = result.trace.usage
         facts = {k: v for k, v in result.meta.items() if k != "organizer"}
         meta: dict[str, Any] = {"facts": facts} if facts else {}
+        _score_candidates(meta, task)
         if self.cfg.choice_scoring == "loglik" and task.kind == "choice" and result.state is not None:
             label, scores, extra = self._label_after(result.state, task)
             meta.update({"extracted": pred, "extracted_rule": rule, "label_scores": scores})
@@ -254,6 +273,42 @@ class _Runner:
                           usage, time.perf_counter() - t0, 0, {"scores": [round(s, 4) for s in scores]}, rule="loglik")
 
 
+def _score_candidates(meta: dict[str, Any], task: Task) -> None:
+    """Score each candidate answer a Vote recorded (``facts.vote_candidates``) against the gold answer, so the
+    report can show what selection had to choose from."""
+    keys = (meta.get("facts") or {}).get("vote_candidates")
+    if isinstance(keys, list):
+        meta["candidates_correct"] = [bool(k) and matches_gold(str(k), task) for k in keys]
+
+
+def candidate_summary(items: list[ItemResult]) -> dict[str, int] | None:
+    """What a method's candidates held, over the items that recorded them: ``any_correct`` (the ceiling of
+    any selection), ``majority`` (items with a strict majority answer) and ``majority_correct`` (that answer
+    right), ``unanimous``; None when no item recorded candidates.
+
+    >>> from kvmas.trace import Usage
+    >>> r = ItemResult("kv:vote", "t1", "number", "3", "4", False, "", Usage(), 0.0,
+    ...                meta={"facts": {"vote_candidates": ["3", "3", "4"]}, "candidates_correct": [True, True, False]})
+    >>> candidate_summary([r])
+    {'n': 1, 'any_correct': 1, 'majority': 1, 'majority_correct': 1, 'unanimous': 0}
+    """
+    rows = [r for r in items if "candidates_correct" in r.meta]
+    if not rows:
+        return None
+    out = {"n": len(rows), "any_correct": 0, "majority": 0, "majority_correct": 0, "unanimous": 0}
+    for r in rows:
+        keys, right = r.meta["facts"]["vote_candidates"], r.meta["candidates_correct"]
+        out["any_correct"] += any(right)
+        counts = Counter(k for k in keys if k)
+        if counts:
+            top, count = counts.most_common(1)[0]
+            if count * 2 > len(keys):
+                out["majority"] += 1
+                out["majority_correct"] += right[keys.index(top)]
+            out["unanimous"] += count == len(keys)
+    return out
+
+
 def _summarise(items: list[ItemResult]) -> dict[str, Any]:
     n = len(items)
     k = sum(r.correct for r in items)
@@ -286,6 +341,9 @@ def _summarise(items: list[ItemResult]) -> dict[str, Any]:
         "samples": [{"task_id": r.task_id, "gold": r.gold, "pred": r.pred, "rule": r.rule, "answer": r.answer[:300]}
                     for r in items[:3]],
     }
+    cands = candidate_summary(items)
+    if cands:
+        out["candidates"] = cands
     chosen = [r.meta.get("chosen") for r in items if r.meta.get("chosen")]
     if chosen:
         counts: dict[str, int] = {}
@@ -313,11 +371,14 @@ def _paired(results: dict[str, list[ItemResult]], seed: int) -> list[dict[str, A
 
 def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out_dir: str | Path,
               cfg: BenchConfig | None = None, data_name: str = "",
-              progress: Callable[[str, int, int], None] | None = None, extra=None) -> dict[str, Any]:
+              progress: Callable[[str, int, int], None] | None = None, extra=None,
+              after_submit: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
     """Run every method on every task; write the item log, JSON, markdown and chart; return the results dict.
 
-    ``model``: a Model (or, with ``cfg.isolate``, also a registry name / model dir for the workers to load).
+    ``model``: a Model (or, with ``cfg.isolate`` or ``cfg.workers``, also a registry name / model dir for the
+    workers to load; with workers the name is not loaded here unless ``auto`` learns online).
     ``extra(summary) -> dict`` adds a report section (the efficiency bench's ratios) before anything is written.
+    ``after_submit(actor, chunk)`` hears each chunk handed to a Ray worker (tests: kill a worker mid-run).
     """
     cfg = cfg or BenchConfig()
     if cfg.choice_scoring not in ("extract", "loglik"):
@@ -329,13 +390,19 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
         raise BadInputError("no tasks to run")
     if any(m.kind == "loglik" for m in methods) and any(t.kind != "choice" for t in tasks):
         raise BadInputError("method loglik needs multiple-choice tasks (the data has number tasks)")
+    if cfg.workers < 1:
+        raise BadInputError(f"workers must be >= 1, got {cfg.workers}")
+    if cfg.fanned_out and cfg.isolate:
+        raise BadInputError("isolate measures each method alone in one process; it does not go with workers")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[ItemResult]] = {m.name: [] for m in methods}
     peak: dict[str, float] = {}
     method_wall: dict[str, float] = {}  # each method's whole task loop: with batching, items overlap in time
+    replicas = None  # started when the first method that can be split runs
+    reruns: dict[str, list[str]] = {}
     started = utc_now()
-    with open(out / "items.jsonl", "w", encoding="utf-8") as log:
+    with open(out / "items.jsonl", "w", encoding="utf-8") as log, ExitStack() as stack:
         for m in methods:
             def keep(item: ItemResult, name=m.name) -> None:
                 results[name].append(item)
@@ -349,16 +416,29 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
             t0 = time.perf_counter()
             if cfg.isolate:
                 peak[m.name] = _run_isolated(m, tasks, model, cfg, out, keep)
+            elif cfg.fanned_out and not cfg.learns_online(m):
+                if replicas is None:
+                    replicas = stack.enter_context(_replicas(model, cfg))
+                reruns[m.name] = _run_on_replicas(m, tasks, replicas, cfg, keep, after_submit)
             else:
                 _run_method(m, tasks, model, cfg, out, keep)
             method_wall[m.name] = round(time.perf_counter() - t0, 3)
-    model_name = model if isinstance(model, str) else getattr(model, "name", "?")
+        loaded = replicas.info() if replicas is not None else None
+    if loaded is not None:
+        model_name, model_key = loaded["name"], loaded["key"]
+    else:
+        model_name = model if isinstance(model, str) else getattr(model, "name", "?")
+        model_key = _model_key(model, cfg)
     config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": model_name,
-              "model_key": _model_key(model, cfg), "max_new_tokens": cfg.max_new_tokens,
+              "model_key": model_key, "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
               "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
               "batch_size": cfg.batch_size, "method_wall_s": method_wall,
               "prompt_echo_floor": prompt_echo_floor(tasks, cfg.prompt)}
+    if cfg.fanned_out:
+        config["fanout"] = {"workers": cfg.workers, "workers_died": len(replicas.dead) if replicas else 0,
+                            "reruns": {name: ids for name, ids in reruns.items() if ids},
+                            "in_process": [m.name for m in methods if cfg.learns_online(m)]}
     return _write_summary(out, config, results, peak_rss_mb=peak, extra=extra)
 
 
@@ -368,37 +448,85 @@ def _model_key(model, cfg: "BenchConfig") -> str:
     return model.fingerprint.key
 
 
+def _replicas(model, cfg: BenchConfig):
+    """``cfg.workers`` Ray workers holding ``model`` (a Model: the same weights on the same device, in the same
+    dtype; a name or folder: as ``cfg`` says)."""
+    from kvmas.bench.fanout import Replicas
+
+    if isinstance(model, str) or model is None:
+        return Replicas(model, cfg.workers, address=cfg.ray_address, device=cfg.device, dtype=cfg.dtype)
+    return Replicas(model.source or model.name, cfg.workers, address=cfg.ray_address, device=str(model.device),
+                    dtype=str(model.dtype).removeprefix("torch."))
+
+
+def _run_on_replicas(m: Method, tasks: Sequence[Task], replicas, cfg: BenchConfig,
+                     keep: Callable[[ItemResult], None], after_submit=None) -> list[str]:
+    """The task loop of one method over Ray workers: contiguous chunks of ``cfg.batch_size`` tasks (default:
+    the tasks split evenly over the workers, at most 32 a chunk), each run by :func:`_run_method` on a worker;
+    items kept in task order as chunks come. Returns the ids of the tasks re-run after their worker died."""
+    size = cfg.batch_size or max(1, min(32, -(-len(tasks) // replicas.workers)))
+    chunks = [(m, cfg, i, list(tasks[i:i + size])) for i in range(0, len(tasks), size)]
+    release = _InOrder(lambda items: [keep(item) for item in items])
+    _, reruns = replicas.run(_chunk_job, chunks, ids=lambda chunk: [t.id for t in chunk[3]], on_done=release,
+                             after_submit=after_submit)
+    return reruns
+
+
+def _chunk_job(model, chunk, worker: int) -> list[ItemResult]:
+    """On a Ray worker: one chunk of one method's tasks, as :func:`_run_method` runs them in process."""
+    m, cfg, first, tasks = chunk
+    items: list[ItemResult] = []
+    _run_method(m, tasks, model, cfg, _worker_scratch(), items.append, first=first)
+    return items
+
+
+_SCRATCH: list[Path] = []
+
+
+def _worker_scratch() -> Path:
+    """A folder of this worker process's own (a pool-based method's copy of its pool lives there)."""
+    if not _SCRATCH:
+        import tempfile
+
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="kvmas-worker-")))
+    return _SCRATCH[0]
+
+
+class _InOrder:
+    """``release(i, value)`` passes values on to ``emit`` in index order, whatever order they finish in."""
+
+    def __init__(self, emit: Callable[[Any], Any]):
+        self.emit, self.done, self.next, self.lock = emit, {}, 0, threading.Lock()
+
+    def __call__(self, i: int, value: Any) -> None:
+        with self.lock:
+            self.done[i] = value
+            while self.next in self.done:
+                self.emit(self.done.pop(self.next))
+                self.next += 1
+
+
 def _run_method(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: Path,
-                keep: Callable[[ItemResult], None]) -> None:
+                keep: Callable[[ItemResult], None], first: int = 0) -> None:
     """The task loop of one method, in this process: ``cfg.batch_size`` tasks at a time as rows of shared
     forwards (items still kept in task order, as they finish). ``auto`` learning online runs one at a time:
-    each choice depends on what the pool learned from the items before it."""
+    each choice depends on what the pool learned from the items before it. ``first``: the index of
+    ``tasks[0]`` among the run's tasks (a worker's chunk; trace names count from it)."""
     if isinstance(model, str):
         model = Model.load(model, device=cfg.device, dtype=cfg.dtype)
     runner = _Runner(m, model, cfg, out)
 
     def one(i: int, task: Task) -> ItemResult:
         try:
-            return runner.run(task, i)
+            return runner.run(task, first + i)
         except KvmasError as exc:  # a user-visible limit (context overflow, ...): logged, counted wrong
             return ItemResult(m.name, task.id, task.kind, task.answer, None, False, "", Usage(), 0.0,
                               error=f"{type(exc).__name__}: {exc}")
 
-    size = 1 if (m.kind == "auto" and cfg.learn) else cfg.batch_size
+    size = 1 if cfg.learns_online(m) else cfg.batch_size
     if size is None:
         size = default_batch_size(model, runner.positions(tasks))
-    done: dict[int, ItemResult] = {}
-    lock = threading.Lock()
-    state = {"next": 0}
-
-    def finished(i: int, item: ItemResult) -> None:  # keep in task order whatever order rows finish in
-        with lock:
-            done[i] = item
-            while state["next"] in done:
-                keep(done.pop(state["next"]))
-                state["next"] += 1
-
-    run_batched(model, [lambda i=i, t=t: one(i, t) for i, t in enumerate(tasks)], size, on_done=finished)
+    run_batched(model, [lambda i=i, t=t: one(i, t) for i, t in enumerate(tasks)], size, on_done=_InOrder(keep))
 
 
 def _run_isolated(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out: Path,
@@ -488,6 +616,16 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     config["method_wall_s"] = walls
     config["batch_sizes"] = {m: c.get("batch_size") for c in configs for m in c.get("methods", [])}
     config["merged_from"] = [str(d) for d in run_dirs]
+    fanned = [c["fanout"] for c in configs if c.get("fanout")]
+    config.pop("fanout", None)
+    if fanned:  # the runs over workers, joined: the most workers any used, every death and every re-run
+        reran: dict[str, list[str]] = {}
+        for f in fanned:
+            for name, ids in f.get("reruns", {}).items():
+                reran.setdefault(name, []).extend(ids)
+        config["fanout"] = {"workers": max(f["workers"] for f in fanned),
+                            "workers_died": sum(f.get("workers_died", 0) for f in fanned), "reruns": reran,
+                            "in_process": sorted({m for f in fanned for m in f.get("in_process", [])})}
     return _write_report(Path(out_dir), config, results)
 
 
@@ -517,6 +655,7 @@ def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path)
             else:
                 item.pred, item.rule = reading.answer, reading.rule
                 item.correct = matches_gold(item.pred, task)
+            _score_candidates(item.meta, task)
         results.setdefault(item.method, []).append(item)
     config = dict(before["config"])
     config["prompt_echo_floor"] = prompt_echo_floor([by_id[r.task_id] for r in next(iter(results.values()))],
@@ -602,6 +741,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
                      + f"{rule_counts(s)} |")
     lines += ["", "s/question: each method's wall clock over its questions (run as rows of shared forwards at "
                   "the batch size used), where recorded; else the mean time of one run."]
+    if cfg.get("fanout"):
+        lines += ["", fanout_line(cfg["fanout"])]
     if summary.get("pareto"):
         lines += [f"Pareto front (no method is both more accurate and cheaper): by seconds "
                   f"{', '.join(summary['pareto']['seconds'])}; by computed tokens {', '.join(summary['pareto']['tokens'])}."]
@@ -617,6 +758,13 @@ def to_markdown(summary: dict[str, Any]) -> str:
         for p in shown:
             lines.append(f"| {p['a']} vs {p['b']} | {100 * p['diff']:+.1f} pts | {100 * p['ci95'][0]:+.1f} to "
                          f"{100 * p['ci95'][1]:+.1f} | {p['a_only']} | {p['b_only']} | {p['mcnemar_p']:.3g} |")
+    cands = {n: s["candidates"] for n, s in summary["methods"].items() if "candidates" in s}
+    if cands:
+        lines += ["", "What the candidates held (items with a right candidate bound any selection):", "",
+                  "| method | items | method right | some candidate right | strict majority | majority right | "
+                  "unanimous |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {c['n']} | {summary['methods'][n]['correct']} | {c['any_correct']} | {c['majority']} | "
+                  f"{c['majority_correct']} | {c['unanimous']} |" for n, c in cands.items()]
     chosen = {n: s["chosen_pipelines"] for n, s in summary["methods"].items() if "chosen_pipelines" in s}
     if chosen:
         lines += ["", "Pipelines chosen:"]
@@ -641,6 +789,22 @@ def to_markdown(summary: dict[str, Any]) -> str:
             ans = " ".join(smp["answer"].split())[:160]
             lines.append(f"- {name} / {smp['task_id']} (gold {smp['gold']}, got {smp['pred']}): {ans}")
     return "\n".join(lines) + "\n"
+
+
+def fanout_line(fanout: dict[str, Any]) -> str:
+    """What a run over Ray workers says about them: how many, how many died, which tasks were re-run.
+
+    >>> fanout_line({"workers": 2, "workers_died": 1, "reruns": {"single": ["t3"]}, "in_process": ["auto"]})
+    'Run on 2 Ray workers (in this process, learning online: auto). 1 worker(s) died; re-run elsewhere: single: t3.'
+    """
+    text = f"Run on {fanout['workers']} Ray workers"
+    if fanout.get("in_process"):
+        text += f" (in this process, learning online: {', '.join(fanout['in_process'])})"
+    text += "."
+    if fanout.get("workers_died"):
+        text += (f" {fanout['workers_died']} worker(s) died; re-run elsewhere: "
+                 + "; ".join(f"{m}: {', '.join(ids)}" for m, ids in fanout["reruns"].items()) + ".")
+    return text
 
 
 def seconds_per_question(s: dict[str, Any]) -> float:
