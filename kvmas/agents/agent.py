@@ -67,6 +67,7 @@ class RunContext:
     # several rows: "" per tick); ``final``: the speech is the run's answer. Raising from it stops the run.
     listener: Any = None
     _credited: dict[str, set[int]] = field(default_factory=dict)
+    _adopted: set[tuple] = field(default_factory=set)  # segments of a state the run started from (resume)
 
     def intervention(self, agent: str) -> Intervention | None:
         """The intervention on ``agent`` that applies to the step about to be recorded (first match)."""
@@ -80,19 +81,36 @@ class RunContext:
         """Positions of ``state`` written by other agents that ``agent`` reads for the first time.
 
         A shared (forked) prefix counts once, however many rows read it; a segment is credited to an agent
-        once per run, so re-reading one's own growing state is never counted as reuse.
+        once per run, so re-reading one's own growing state is never counted as reuse. Segments of a state
+        the run started from (:meth:`adopt`) were counted when it was adopted, and never again.
         """
         seen = self._credited.setdefault(agent, set())
         total = 0
         for seg in state.segments:
-            if seg.agent == agent or seg.id in seen:
+            if seg.agent == agent or seg.id in seen or _identity(seg) in self._adopted:
                 continue
             seen.add(seg.id)
-            if seg.start + seg.length <= state.shared_cols:
-                total += seg.length
-            else:
-                total += int(state.mask[:, seg.start: seg.start + seg.length].sum())
+            total += _positions(state, seg)
         return total
+
+    def adopt(self, state: LatentState) -> int:
+        """Positions of ``state``, a state this run starts from instead of computing it (a saved one): the
+        step that reads it counts them as reused, once, whichever agents wrote them and whoever reads them
+        later."""
+        self._adopted.update(_identity(seg) for seg in state.segments)
+        return sum(_positions(state, seg) for seg in state.segments)
+
+
+def _identity(seg) -> tuple:
+    """A segment told apart from one a fresh state of the same run numbers alike (ids count per lineage)."""
+    return seg.id, seg.agent, seg.role, seg.kind, seg.length
+
+
+def _positions(state: LatentState, seg) -> int:
+    """The positions of ``seg`` that ``state``'s rows hold (a shared prefix once; masked padding not)."""
+    if seg.start + seg.length <= state.shared_cols:
+        return seg.length
+    return int(state.mask[:, seg.start: seg.start + seg.length].sum())
 
 
 @dataclass

@@ -65,6 +65,11 @@ class Primitive:
         """Upper bound of context positions one run needs (checked before running)."""
         return question_tokens + 256 + self.latent_steps + self.max_new_tokens
 
+    def continues_state(self) -> bool:
+        """Whether ``forward`` reads on top of its input state, so that a run can continue a saved one:
+        latent and kv hand-offs do; a text-mode team re-reads decoded messages from a fresh cache."""
+        return self.comm != "text"
+
     def params(self) -> dict:
         return {"comm": self.comm, "latent_steps": self.latent_steps, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "handoff": self.handoff_mode}
@@ -81,10 +86,15 @@ class Primitive:
 
         ``listener(agent, text_delta, final)`` hears every speech as it is decoded; ``final`` marks the answer.
         ``state``: continue from a saved :class:`LatentState` (``LatentState.load(path, model)``, same model:
-        the fingerprint is checked) instead of an empty one; the question is read on top of it.
+        the fingerprint is checked) instead of an empty one; the question is read on top of it, and the
+        state's positions count as reused (once). A text-mode team, which re-reads decoded messages from a
+        fresh cache, refuses a state rather than ignore it (``continues_state``).
         """
         if not isinstance(question, str) or not question.strip():
             raise BadInputError("empty question")
+        if state is not None and not self.continues_state():
+            raise BadInputError(f"{self.method} re-reads decoded text from a fresh cache and would ignore the "
+                                "saved state: continue it with comm='latent' or 'kv'")
         model = resolve_model(model)
         ctx = open_run(model, question, method=self.method, params=self.params(), seed=seed,
                        interventions=interventions, skills=skills, trace_path=trace_path, listener=listener,
@@ -210,6 +220,9 @@ class Sequence(Primitive):
 
     def positions_needed(self, question_tokens: int) -> int:
         return question_tokens + sum(s.positions_needed(0) for s in self.steps)
+
+    def continues_state(self) -> bool:
+        return self.steps[0].continues_state()
 
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         out = inp

@@ -43,6 +43,9 @@ class SelfConsistency(Primitive):
     def params(self) -> dict:
         return {**super().params(), "n": self.n}
 
+    def continues_state(self) -> bool:
+        return True  # one prompt in every mode, read on top of the input state
+
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver = Agent("solver", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                        top_p=self.top_p)

@@ -71,6 +71,8 @@ class Output:
         """The input of a run that continues a saved state: the question read on top of it, as a user turn.
 
         The state must come from this run's model (same fingerprint); its segments keep their provenance.
+        Its positions are not computed again: the resume step counts them as reused (once; see
+        :meth:`RunContext.adopt`).
         """
         ctx.model.fingerprint.check(state.model.fingerprint, "the saved state")
         if not state.length:
@@ -81,10 +83,12 @@ class Output:
         head = ctx.model.chat_text([{"role": "system", "content": ctx.system}], add_generation_prompt=False)
         text = full[len(head):] if full.startswith(head) else full
         t0 = time.perf_counter()
+        reused = ctx.adopt(state)
         after = state.extend(text, agent="user", role="question")
         ctx.trace.add(Step(agent="user", role="question", action="read", reads=state.segment_ids(),
                            writes=[after.segments[-1].id], text_in=text,
-                           usage=Usage(prefilled=after.length - state.length), wall_s=time.perf_counter() - t0,
+                           usage=Usage(prefilled=after.length - state.length, reused=reused),
+                           wall_s=time.perf_counter() - t0,
                            meta={"resumed_from": state.length, "message": f"Problem:\n{ctx.question}"}))
         return cls(after)
 

@@ -19,6 +19,9 @@ class Single(Primitive):
     def __init__(self, comm="latent", latent_steps: int = 0, max_new_tokens: int = 512, **kw):
         super().__init__(comm=comm, latent_steps=latent_steps, max_new_tokens=max_new_tokens, **kw)
 
+    def continues_state(self) -> bool:
+        return True  # one prompt in every mode, read on top of the input state
+
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver = Agent("solver", max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                        top_p=self.top_p, latent_steps=self.latent_steps)
