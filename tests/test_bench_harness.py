@@ -212,6 +212,21 @@ def test_task_ranges_run_apart_merge_into_one_run(model, tmp_path):
     walls = [json.loads((tmp_path / d / "results.json").read_text())["config"]["method_wall_s"]["single"]
              for d in ("first", "rest")]
     assert merged["config"]["method_wall_s"]["single"] == pytest.approx(sum(walls), abs=1e-3)
+    # the same data file named by another path is the same data
+    moved = json.loads((tmp_path / "twin" / "results.json").read_text())
+    moved["config"]["data"] = str(tmp_path / "sub" / ".." / "data.jsonl")
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    (tmp_path / "sub").mkdir()
+    for d in ("first", "rest"):
+        c = json.loads((tmp_path / d / "results.json").read_text())
+        c["config"]["data"] = str(tmp_path / "data.jsonl")
+        (tmp_path / d / "results.json").write_text(json.dumps(c))
+    (tmp_path / "twin" / "results.json").write_text(json.dumps(moved))
+    assert merge_runs([tmp_path / "first", tmp_path / "rest", tmp_path / "twin"], tmp_path / "m2")["config"]["n"] == 4
+    moved["config"]["data"] = "other"
+    (tmp_path / "twin" / "results.json").write_text(json.dumps(moved))
+    with pytest.raises(BadInputError, match="config.data"):
+        merge_runs([tmp_path / "first", tmp_path / "twin"], tmp_path / "m3")
     with pytest.raises(BadInputError, match="cannot be combined with shuffle"):
         load_tasks("gsm8k-sample", n=2, start=1, shuffle=True)
     with pytest.raises(BadInputError, match="past the last item"):
@@ -251,6 +266,23 @@ def test_merged_runs_equal_one_run(model, tmp_path):
         f.write('{"method": "text:review"}\n')
     with pytest.raises(BadInputError, match="line 4: not an item record"):
         merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "x")
+
+
+def test_merge_joins_what_runs_over_workers_report(model, tmp_path):
+    """A merged report keeps every worker death and re-run of the runs it joins (the record written by
+    ``run_bench`` over Ray workers, set here by hand: the Ray tests are in test_fanout)."""
+    tasks = load_tasks("synthetic", n=2)
+    run_bench(tasks, "single", model, tmp_path / "a", CFG)
+    run_bench(tasks, "text:review", model, tmp_path / "b", CFG)
+    for d, fanout in (("a", {"workers": 2, "workers_died": 1, "reruns": {"single": [tasks[1].id]}, "in_process": []}),
+                      ("b", {"workers": 4, "workers_died": 0, "reruns": {}, "in_process": []})):
+        summary = json.loads((tmp_path / d / "results.json").read_text())
+        summary["config"]["fanout"] = fanout
+        (tmp_path / d / "results.json").write_text(json.dumps(summary))
+    merged = merge_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    assert merged["config"]["fanout"] == {"workers": 4, "workers_died": 1, "reruns": {"single": [tasks[1].id]},
+                                          "in_process": []}
+    assert f"1 worker(s) died; re-run elsewhere: single: {tasks[1].id}." in (tmp_path / "ab" / "results.md").read_text()
 
 
 def test_loglik_refuses_number_tasks(model, tmp_path):

@@ -595,7 +595,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
         summary, items = _load_run(d)
         cfg = summary["config"]
         for key in MERGE_KEYS:
-            if configs and cfg.get(key) != configs[0].get(key):
+            if configs and _setting(cfg, key) != _setting(configs[0], key):
                 raise BadInputError(f"{d}: config.{key} = {cfg.get(key)!r} differs from "
                                     f"{configs[0].get(key)!r} in {run_dirs[0]}")
         configs.append(cfg)
@@ -627,6 +627,15 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
                             "workers_died": sum(f.get("workers_died", 0) for f in fanned), "reruns": reran,
                             "in_process": sorted({m for f in fanned for m in f.get("in_process", [])})}
     return _write_report(Path(out_dir), config, results)
+
+
+def _setting(cfg: dict[str, Any], key: str) -> Any:
+    """A run's setting as merge compares it: a data file by where it is (``../data/x.jsonl`` run from one folder
+    and ``/abs/data/x.jsonl`` are the same data), anything else as recorded."""
+    value = cfg.get(key)
+    if key == "data" and isinstance(value, str) and Path(value).is_file():
+        return str(Path(value).resolve())
+    return value
 
 
 def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path) -> dict[str, Any]:
