@@ -21,7 +21,7 @@ def test_run_and_trace_show(model_dir, tmp_path):
     res = runner.invoke(app, ["run", "What is 2+3?", "--model", str(model_dir), "--max-new-tokens", "5",
                               "--trace", str(trace)])
     assert res.exit_code == 0, res.output
-    assert "answer:" in res.output and "generated" in res.output
+    assert ("answer:" in res.output or "answer · solver ▸" in res.output) and "generated" in res.output
     data = json.loads(trace.read_text())
     assert data["method"] == "single" and data["steps"][-1]["action"] == "speak"
     shown = runner.invoke(app, ["trace", "show", str(trace)])

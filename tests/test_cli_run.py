@@ -37,10 +37,27 @@ def test_live_output_shows_every_step_and_the_streamed_answer(model_dir, tmp_pat
     shown = [[w for w in ln.split() if not w.startswith("[")][:3] for ln in step_lines]  # [role] when not the agent
     assert shown == [[str(s.index), s.agent, s.action] for s in trace.steps]
     assert all(ln.rstrip().endswith(("ms", "tok/s")) for ln in step_lines)
-    spoken = next(ln for ln in lines if ln.startswith("solver ▸ "))
-    assert spoken.removeprefix("solver ▸ ") == trace.answer.strip()  # the stream adds up to the answer
+    spoken = next(ln for ln in lines if ln.startswith("answer · solver ▸ "))
+    assert spoken.removeprefix("answer · solver ▸ ") == trace.answer.strip()  # the stream adds up to the answer
     assert "reused 0" not in res.output and "latent 0" not in res.output  # zero counters hidden
-    assert lines.index(spoken) < next(i for i, ln in enumerate(lines) if ln.startswith("answer:"))
+    assert not any(ln.startswith("answer:") for ln in lines)  # streamed once, not printed again
+    assert res.output.count(trace.answer.strip()) == 1 and "usage per agent" in res.output
+
+
+def test_an_answer_not_streamed_whole_is_printed_after_the_steps(model_dir):
+    # consistency's answer is one of several rows decoded at once: nothing streams, so the answer line says it
+    res = run("What is 2+3?", "--model", model_dir, "-p", "consistency", "--n", "2", "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert any(ln.startswith("answer:") for ln in lines) and not any(" ▸ " in ln for ln in lines)
+
+
+def test_a_pipeline_runs_live_too(model_dir, tmp_path):
+    spec = tmp_path / "p.json"
+    spec.write_text(json.dumps({"nodes": [{"id": "a", "type": "single", "params": {"max_new_tokens": 3}}]}))
+    res = run("What is 2+3?", "--model", model_dir, "--pipeline", str(spec))
+    assert res.exit_code == 0, res.output
+    assert any(ln[:2].strip().isdigit() for ln in res.output.splitlines())  # its steps, as they finish
 
 
 def test_quiet_prints_the_answer_alone_and_json_one_object(model_dir):

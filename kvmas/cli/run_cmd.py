@@ -128,9 +128,16 @@ def run(
     status = make_console(stderr=True)
     with status.status("loading model…") if live else nullcontext():
         m = open_backend(backend, model, base_url=base_url, device=device, dtype=dtype)
+    def listen(method: str):
+        if not live:
+            return None
+        from kvmas.cli.live import LiveRun
+
+        return LiveRun(out, Text.assemble(("kvmas ", "bold"), (clean(method), "bold cyan"), f" on {clean(m.name)}"))
+
     if pipeline is not None or auto:
-        with status.status("running…") if live else nullcontext():
-            result = _run_pipeline(question, m, pipeline, auto, seed, max_new_tokens)
+        listener = listen("auto" if auto else str(pipeline))
+        result = _run_pipeline(question, m, pipeline, auto, seed, max_new_tokens, listener)
     else:
         from kvmas.primitives import build
 
@@ -144,14 +151,11 @@ def run(
             from kvmas.agents.state import LatentState
 
             state = LatentState.load(from_state, m)
-        listener = None
-        if live:
-            from kvmas.cli.live import LiveRun
-
-            listener = LiveRun(out, Text.assemble(("kvmas ", "bold"), (clean(prim.method), "bold cyan"),
-                                                  f" on {clean(m.name)}"))
+        listener = listen(prim.method)
         result = prim(question, model=m, seed=seed, listener=listener, state=state)
-    _report(result, out, quiet=quiet, as_json=as_json, trace=trace)
+    # the answer streamed live is not printed again
+    _report(result, out, quiet=quiet, as_json=as_json, trace=trace,
+            heard=listener is not None and listener.heard(result.answer))
     if show_trace and not as_json:
         print_trace(result.trace, out)
     if trace is not None:
@@ -164,7 +168,7 @@ def run(
             out.print(Text(f"state written to {clean(save_state)}", style="dim"))
 
 
-def _report(result, out, *, quiet: bool, as_json: bool, trace: Path | None) -> None:
+def _report(result, out, *, quiet: bool, as_json: bool, trace: Path | None, heard: bool = False) -> None:
     t = result.trace
     if as_json:
         agents = {a: sum((s.usage for s in t.steps if s.agent == a), type(t.usage)()).model_dump()
@@ -177,7 +181,8 @@ def _report(result, out, *, quiet: bool, as_json: bool, trace: Path | None) -> N
     if quiet:
         out.print(Text(clean(result.answer.strip())), soft_wrap=True)
         return
-    out.print(Text.assemble(("answer:", "bold green"), " ", clean(result.answer.strip())), soft_wrap=True)
+    if not heard:
+        out.print(Text.assemble(("answer:", "bold green"), " ", clean(result.answer.strip())), soft_wrap=True)
     out.print(agent_table(t))
     out.print(Text(f"{clean(t.method)} · {usage_line(result.usage)} · {t.wall_s:.2f}s · run {clean(t.run_id)}",
                    style="dim"))
@@ -188,9 +193,10 @@ def _plain(facts: dict) -> dict:
     return json.loads(json.dumps(facts, default=str))
 
 
-def _run_pipeline(question, model, pipeline, auto, seed, max_new_tokens):
+def _run_pipeline(question, model, pipeline, auto, seed, max_new_tokens, listener):
     from kvmas import organizer
 
     if auto:
-        return organizer.run_auto(question, model=model, seed=seed, max_new_tokens=max_new_tokens)
-    return organizer.run_pipeline(str(pipeline), question, model=model, seed=seed)
+        return organizer.run_auto(question, model=model, seed=seed, max_new_tokens=max_new_tokens,
+                                  listener=listener)
+    return organizer.run_pipeline(str(pipeline), question, model=model, seed=seed, listener=listener)

@@ -249,15 +249,16 @@ def runs_dir():
 
 
 def run_auto(question: str, model=None, *, seed: int = 0, max_new_tokens: int | None = None,
-             latent_steps: int | None = None, pool_path=None, trace_path=None, comm: str = "latent"):
-    """``kvmas run --auto``: organizer over the user's pool; the trace is kept for ``feedback`` by run id."""
+             latent_steps: int | None = None, pool_path=None, trace_path=None, comm: str = "latent", listener=None):
+    """``kvmas run --auto``: organizer over the user's pool; the trace is kept for ``feedback`` by run id.
+    ``listener``: as for a primitive (each speech as it is decoded, each step as it is recorded)."""
     params: dict[str, Any] = {}
     if max_new_tokens is not None:
         params["max_new_tokens"] = max_new_tokens
     if latent_steps is not None:
         params["latent_steps"] = latent_steps
     org = Organizer(KnowledgePool(pool_path), comm=comm, node_params=params)
-    result = org.run(question, model=model, seed=seed)
+    result = org.run(question, model=model, seed=seed, listener=listener)
     result.trace.save(runs_dir() / f"{result.trace.run_id}.json")
     if trace_path:
         result.trace.save(trace_path)
