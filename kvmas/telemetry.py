@@ -39,22 +39,24 @@ def _start_ns(trace: Trace) -> int:
         raise BadInputError(f"trace {trace.run_id}: created {trace.created!r} is not a timestamp") from None
 
 
-def export_trace(trace: Trace, exporter) -> list:
-    """Send ``trace`` to a span exporter (OTLP, in-memory, console, ...); returns the finished spans."""
+def export_trace(trace: Trace, exporter, where: str | None = None) -> list:
+    """Send ``trace`` to a span exporter (OTLP, in-memory, console, ...) in one batch; returns the spans.
+
+    An exporter that does not take them (an endpoint unreachable or refusing, after the exporter's own
+    retries) is a :class:`KvmasError` naming ``where`` (the target), never a silent success."""
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.trace import Link, SpanKind, set_span_in_context
 
     kept: list = []
 
-    class _Keep(SimpleSpanProcessor):
+    class _Keep(SpanProcessor):
         def on_end(self, span) -> None:
             kept.append(span)
-            super().on_end(span)
 
     provider = TracerProvider(resource=Resource.create({"service.name": "kvmas"}))
-    provider.add_span_processor(_Keep(exporter))
+    provider.add_span_processor(_Keep())
     tracer = provider.get_tracer("kvmas", trace.versions.get("kvmas"))
     model = str(trace.model.get("name", ""))
     t0 = _start_ns(trace)
@@ -84,6 +86,13 @@ def export_trace(trace: Trace, exporter) -> list:
             writer.setdefault(i, span.get_span_context())
     root.end(end_time=max(at, t0 + _ns(trace.wall_s)))
     provider.shutdown()
+    try:
+        result = exporter.export(kept)  # one request to an endpoint, not one per span
+    finally:
+        exporter.shutdown()
+    if result is not SpanExportResult.SUCCESS:
+        raise KvmasError(f"{where or type(exporter).__name__} did not take the {len(kept)} spans of run {trace.run_id} (unreachable or "
+                         "refused; -v shows the exporter's messages)")
     return kept
 
 

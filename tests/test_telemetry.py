@@ -57,3 +57,48 @@ def test_cli_writes_an_otlp_json_file(trace, tmp_path):
     spans = [s for rs in data["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"]]
     assert len(spans) == len(trace.steps) + 1 and f"{len(spans)} spans" in res.output
     assert {a["key"] for a in spans[0]["attributes"]} >= {"gen_ai.operation.name", "gen_ai.usage.input_tokens"}
+
+
+def test_cli_sends_the_spans_to_an_otlp_endpoint(trace, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[tuple[str, ExportTraceServiceRequest]] = []
+
+    class Collector(BaseHTTPRequestHandler):  # an OTLP/HTTP receiver on loopback, as Jaeger or Phoenix run one
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, ExportTraceServiceRequest.FromString(body)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = trace.save(tmp_path / "t.json")
+        url = f"http://127.0.0.1:{server.server_port}/v1/traces"
+        res = CliRunner().invoke(app, ["trace", "export", str(path), "--otlp", url])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 0, res.output
+    spans = [s for _, req in received for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert {p for p, _ in received} == {"/v1/traces"} and len(spans) == len(trace.steps) + 1
+    assert {s.name for s in spans} >= {"invoke_agent latent:review", "chat solver"}
+
+
+def test_an_endpoint_that_refuses_is_an_error_not_a_success(trace, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = trace.save(tmp_path / "t.json")
+    res = CliRunner().invoke(app, ["trace", "export", str(path), "--otlp", f"http://127.0.0.1:{port}/v1/traces"])
+    assert res.exit_code != 0 and "exported" not in res.output and str(port) in res.output

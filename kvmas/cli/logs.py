@@ -15,7 +15,8 @@ import logging
 import os
 import warnings
 
-THIRD_PARTY = ("transformers", "torch", "huggingface_hub", "accelerate", "urllib3", "filelock", "httpx")
+THIRD_PARTY = ("transformers", "torch", "huggingface_hub", "accelerate", "urllib3", "filelock", "httpx",
+               "opentelemetry")
 
 
 def setup_logging(verbose: bool = False) -> None:

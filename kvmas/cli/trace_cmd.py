@@ -42,5 +42,5 @@ def export(
     from kvmas.trace import Trace
 
     trace = Trace.load(file)
-    spans = export_trace(trace, otlp_exporter(otlp))
+    spans = export_trace(trace, otlp_exporter(otlp), where=otlp)
     say(f"{len(spans)} spans of run {trace.run_id} exported to {otlp}")
