@@ -83,3 +83,53 @@ def test_the_readme_snippet_runs_on_a_tiny_model(tmp_path, monkeypatch):
     assert scope["r"].trace.method == "latent:review" and (tmp_path / "runs" / "review.json").is_file()
     assert scope["more"].trace.steps[0].meta["resumed_from"] == scope["r"].state.length
     assert len(scope["rs"]) == 2
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``kvmas`` line of the README's shell blocks, and every inline ``kvmas`` example of six words or
+    more (the shorter inline ones name a command, not a whole invocation)."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = [ln for b in re.findall(r"```bash\n(.*?)```", readme, re.S) for ln in b.splitlines()]
+    lines += [span for span in re.findall(r"`(kvmas [^`]+)`", readme) if len(span.split()) >= 6]
+    return [w for ln in lines if (w := shlex.split(ln, comments=True))[:1] == ["kvmas"]]
+
+
+def _parse(root, words: list[str]) -> str:
+    """Parse a command line as `kvmas` would (options, choices, types, arguments) without running anything:
+    every command's body is replaced by one that records which command it was."""
+    import click
+
+    try:  # newer typer parses with its own copy of click (as kvmas.cli.boundary)
+        from typer.exceptions import TyperException as usage_error
+    except ImportError:  # pragma: no cover - older typer raises click's own
+        usage_error = click.ClickException
+    called: list[str] = []
+
+    def stub(cmd, path):
+        cmd.callback = lambda *a, _name=" ".join(path), **kw: called.append(_name)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            stub(sub, [*path, name])
+
+    stub(root, [])
+    try:
+        root.main(words[1:], prog_name="kvmas", standalone_mode=False)
+    except (click.ClickException, usage_error) as exc:
+        raise AssertionError(f"{' '.join(words)}: {exc.format_message()}") from None
+    return called[-1]
+
+
+def test_every_readme_command_parses_as_written():
+    import typer
+
+    from kvmas.cli.app import app
+
+    commands = _readme_commands()
+    assert len(commands) >= 25 and ["kvmas", "models"] in commands
+    reached = {_parse(typer.main.get_command(app), words) for words in commands}
+    assert {"run", "trace show", "trace export", "models install", "bench accuracy", "serve", "batch run"} <= reached
+    with pytest.raises(AssertionError, match="No such option"):  # the check can fail
+        _parse(typer.main.get_command(app), ["kvmas", "run", "Q?", "--roundz", "1"])
+    root = typer.main.get_command(app)  # `kvmas --install-completion`, named in the prose, is an option
+    assert any("--install-completion" in p.opts for p in root.params)
