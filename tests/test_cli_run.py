@@ -116,6 +116,8 @@ def test_trace_show_is_readable_and_filters(model_dir, tmp_path):
     assert "2 of" in first.output
     bad = runner.invoke(app, ["trace", "show", str(path), "--steps", "two"])
     assert bad.exit_code == 2 and "--steps" in bad.output
+    nobody = runner.invoke(app, ["trace", "show", str(path), "--agent", "planner"])  # not "0 steps shown"
+    assert nobody.exit_code == 2 and "its agents: user, solver, critic" in nobody.output
 
 
 def _commands(group: click.Group, ctx: click.Context, prefix=()):

@@ -213,7 +213,13 @@ def pick_steps(trace: Trace, steps: str | None = None, agent: str | None = None)
     >>> for a in "abab": _ = t.add(Step(agent=a, role=a, action="read"))
     >>> [s.index for s in pick_steps(t, "1-3", "b")]
     [1, 3]
+    >>> pick_steps(t, agent="critic")
+    Traceback (most recent call last):
+    kvmas.errors.BadInputError: --agent critic: run ... has no such agent (its agents: a, b)
     """
+    if agent is not None and agent not in trace.agents():
+        raise BadInputError(f"--agent {agent}: run {trace.run_id} has no such agent "
+                            f"(its agents: {', '.join(trace.agents())})")
     wanted: set[int] | None = None
     if steps:
         wanted = set()
