@@ -100,7 +100,8 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=2.0, help="0: greedy decoding"),
     seed: int = typer.Option(0, "--seed", help="sampling seed (greedy decoding ignores it)"),
     from_state: Path = typer.Option(None, "--from-state", help="continue from a LatentState saved with "
-                                    "LatentState.save (same model: its fingerprint is checked)"),
+                                    "--save-state or LatentState.save (same model: its fingerprint is checked; "
+                                    "its positions count as reused; a text-mode team refuses it)"),
     save_state: Path = typer.Option(None, "--save-state", help="save the run's final LatentState here"),
     trace: Path = typer.Option(None, "--trace", help="write the run trace (JSON) here"),
     pipeline: Path = typer.Option(None, "--pipeline", help="run a pipeline spec (JSON) instead of one primitive"),
@@ -114,7 +115,7 @@ def run(
     base_url: str = BASE_URL,
 ) -> None:
     """Answer a question with one primitive (or a pipeline): live steps and speech, then the answer and usage.
-
+    \f
     The answer is printed before the trace is written, so a trace path that cannot be written costs an error
     line and a non-zero exit, never the answer."""
     if not question.strip():
