@@ -248,3 +248,22 @@ def test_run_errors_are_json(model, tmp_path):
             ask(cl, "broken", QS[0])
         assert err.value.body["code"] == "internal_error"
         assert ask(cl, "single", QS[0]).choices[0].message.content == local("single", QS[0], model).answer
+
+
+def test_the_readme_client_snippet_runs(model, capsys):
+    """The README's openai-client snippet, as written, against a server started as the README starts it (its
+    key; the port is a free one)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import OpenAI" in b]
+    assert "--api-key secret" in readme and 'api_key="secret"' in code
+    with BackgroundServer(create_app(model, ServeConfig(api_key="secret"))) as srv:
+        exec(compile(code.replace("http://127.0.0.1:8000/v1", srv.url + "/v1"), "README.md", "exec"), {})
+        out = capsys.readouterr().out
+    want = parse_method("latent:review", max_new_tokens=256)("What is 17*3?", model=model)
+    u = want.trace.usage
+    assert out.startswith(f"{want.answer}\n{u.prefilled + u.generated} {{'prefilled': {u.prefilled}, ")
+    # the stream, under the server's default budget (256 tokens an agent)
+    assert out.endswith(parse_method("single", max_new_tokens=256)("2+3?", model=model).answer)

@@ -1,6 +1,7 @@
 """Text-mode primitives on an OpenAI-compatible endpoint (RemoteModel), tested against kvmas serve itself:
 each agent's turn is a `single` request to the server, so a run gives the answers, messages and decoded token
-counts of the same run in process; latent and kv hand-offs refuse, endpoint errors are typed."""
+counts of the same run in process, and its trace counts the prompt tokens the server reports as prefilled (the
+same count as in process); latent and kv hand-offs refuse, endpoint errors are typed."""
 
 import pytest
 
@@ -30,6 +31,19 @@ def remote(server):
     return RemoteModel(server.url + "/v1", "single", api_key=KEY)
 
 
+class Recording(RemoteModel):
+    """Keeps the ``usage.prompt_tokens`` the server reported for each request."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.prompt_tokens: list[int] = []
+
+    def complete(self, messages, **kw):
+        text, prompt_tokens, completion_tokens = super().complete(messages, **kw)
+        self.prompt_tokens.append(prompt_tokens)
+        return text, prompt_tokens, completion_tokens
+
+
 def speeches(trace):
     return [(s.agent, s.text_out, s.usage.generated) for s in trace.steps if s.action == "speak"]
 
@@ -42,6 +56,19 @@ def test_remote_text_run_equals_local(model, remote, method, question):
     assert got.answer == want.answer
     assert speeches(got.trace) == speeches(want.trace)  # every agent's message and its decoded tokens
     assert got.trace.model == {"backend": "openai", "base_url": remote.base_url, "model": "single"}
+
+
+@pytest.mark.parametrize("method", ["single", "text:review", "text:vote", "text:plan"])
+def test_prompt_tokens_are_the_traces_prefilled(model, server, method):
+    remote = Recording(server.url + "/v1", "single", api_key=KEY)
+    prim = parse_method(method, max_new_tokens=BUDGET)
+    got, want = prim(QS[1], model=remote), prim(QS[1], model=model)
+    assert remote.prompt_tokens and min(remote.prompt_tokens) > 0
+    assert got.trace.usage.prefilled == sum(remote.prompt_tokens)  # what the server reported, every request
+    assert got.trace.usage == want.trace.usage  # the server prefilled what the run in process prefills
+    # on the speak step that sent each request; in process, on the read step before it
+    assert [s.usage.prefilled for s in got.trace.steps if s.action == "speak"] == \
+        [s.usage.prefilled for s in want.trace.steps if s.action == "read"]
 
 
 def test_batch_of_remote_runs(model, remote):
@@ -87,6 +114,7 @@ def test_bench_accuracy_on_the_endpoint_equals_local(model, remote, server, tmp_
     for name in ("single", "text:vote"):
         assert got["methods"][name]["correct"] == want["methods"][name]["correct"]
         assert got["methods"][name]["samples"] == want["methods"][name]["samples"]
+        assert got["methods"][name]["tokens_total"] == want["methods"][name]["tokens_total"]
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     res = CliRunner().invoke(app, ["bench", "accuracy", "--backend", "openai", "--base-url", server.url + "/v1",
                                    "--model", "single", "--data", "gsm8k-sample", "--n", "1", "--methods",

@@ -296,7 +296,8 @@ class Agent:
         gen = sum(len(r) for r in sp.token_ids)
         after, closing = self._close_turn(ctx, sp.state) if close_turn else (sp.state, 0)
         shown = sp.texts[0] if state.rows == 1 else "\n---\n".join(sp.texts)
-        self._record(ctx, "speak", state, after, t0, Usage(generated=gen, prefilled=closing, reused=reused),
+        self._record(ctx, "speak", state, after, t0,
+                     Usage(generated=gen, prefilled=closing + sp.prefilled, reused=reused),
                      text_out=shown, tokens=[len(r) for r in sp.token_ids])
         return (sp.texts[0] if state.rows == 1 else sp.texts), after
 

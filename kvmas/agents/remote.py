@@ -7,9 +7,10 @@ parallel, so a batching server runs them as rows too). Latent and kv hand-offs n
 process, so every state operation they use (think, a continuation turn, merge, score, drop) refuses with a
 :class:`RemoteTextOnly` error saying so.
 
-The trace counts what the endpoint reports it decoded (``generated``); prompt tokens are the endpoint's
-business and not counted in the trace (its ``usage.prompt_tokens`` is kept per speech in
-``Conversation.prompt_tokens``).
+The trace counts what the endpoint reports: each request's ``usage.prompt_tokens`` as ``prefilled`` and its
+``usage.completion_tokens`` as ``generated``, both on the speak step that sent the request (the read step
+before it computes nothing here: the endpoint prefills the prompt when it is asked to answer it). What the
+endpoint reused from its own prefix cache is not reported by the OpenAI usage fields and is not counted.
 
 >>> RemoteModel("http://127.0.0.1:9/v1", "single").name
 'openai:single'
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from kvmas.agents.state import Segment, Speech
@@ -164,7 +165,6 @@ class Conversation:
     model: RemoteModel
     messages: tuple[tuple[dict, ...], ...]
     segments: tuple[Segment, ...] = ()
-    prompt_tokens: tuple[int, ...] = field(default=(), compare=False)  # the endpoint's count, per speech
 
     shared_cols = 0
 
@@ -197,7 +197,8 @@ class Conversation:
               stop: Sequence[str] = (), agent: str = "agent", role: str = "agent", min_new_tokens: int = 0,
               on_token=None) -> Speech:
         """One request per row, in parallel; the replies become assistant messages. Token ids are unknown here:
-        each row's ``token_ids`` holds ``-1`` once per token the endpoint says it decoded."""
+        each row's ``token_ids`` holds ``-1`` once per token the endpoint says it decoded; the speech's
+        ``prefilled`` is the prompt tokens the endpoint says it read, over the rows."""
         if not self.length:
             raise BadInputError("speak needs a turn to answer (extend it first)")
         if min_new_tokens:
@@ -218,9 +219,8 @@ class Conversation:
                       rows=self.rows, token_ids=ids, text=texts)
         after = replace(self, messages=tuple(m + ({"role": "assistant", "content": t},)
                                              for m, t in zip(self.messages, texts)),
-                        segments=self.segments + (seg,),
-                        prompt_tokens=self.prompt_tokens + tuple(p for _, p, _ in replies))
-        return Speech(texts=texts, token_ids=ids, state=after)
+                        segments=self.segments + (seg,))
+        return Speech(texts=texts, token_ids=ids, state=after, prefilled=sum(p for _, p, _ in replies))
 
     def fork(self, k: int) -> "Conversation":
         if k < 1:

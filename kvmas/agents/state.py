@@ -67,11 +67,16 @@ class _Ids:
 
 @dataclass(frozen=True)
 class Speech:
-    """What ``speak`` returns: decoded text and token ids per row, and the state including them."""
+    """What ``speak`` returns: decoded text and token ids per row, and the state including them.
+
+    ``prefilled``: positions the backend computed for this speech that no read step counted (0 here: a local
+    prompt is prefilled when it is read; a remote endpoint's ``usage.prompt_tokens``, see
+    :mod:`kvmas.agents.remote`)."""
 
     texts: list[str]
     token_ids: list[list[int]]
     state: "LatentState"
+    prefilled: int = 0
 
     @property
     def text(self) -> str:

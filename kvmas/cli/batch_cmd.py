@@ -62,7 +62,8 @@ def run(
     model: str = typer.Option(None, "--model", "-m", help="registry name or model folder every worker loads"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="decode budget per speaking agent"),
     workers: int = typer.Option(1, "--workers", "-w", help="Ray workers, one model replica each (1: this process)"),
-    ray_address: str = typer.Option(None, "--ray-address", help="a running Ray cluster (default: a local one)"),
+    ray_address: str = typer.Option(None, "--ray-address", help="a running Ray cluster, e.g. auto or HOST:6379 "
+                                   "(default: the one `ray start` started here, else a local one for this run)"),
     out: Path = typer.Option(None, "--out", "-o", help="answers JSONL (default: FILE.answers.jsonl)"),
     device: str = DEVICE,
     dtype: str = DTYPE,

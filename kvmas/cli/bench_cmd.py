@@ -3,6 +3,7 @@
     kvmas bench accuracy --data ../shared/data/gsm8k/test_dev.jsonl --methods single,latent:vote,auto --n 100
     kvmas bench accuracy                       # no data needed: the seeded synthetic tasks
     kvmas bench efficiency --n 20              # tokens, time, peak memory per method, each in its own process
+    kvmas bench accuracy --workers 4 --ray-address auto   # tasks spread over Ray workers, one model each
     kvmas bench merge runs/a runs/b -o runs/ab  # methods run in separate processes, one report
     kvmas bench decode | kvmas bench latent-steps
 """
@@ -22,7 +23,7 @@ from kvmas.cli.backend import BACKEND, BASE_URL, open_backend
 from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.options import BATCH_SIZE, DEVICE, DTYPE
 from kvmas.cli.render import DataTable, console as make_console, esc, lit
-from kvmas.errors import KvmasError
+from kvmas.errors import BadInputError, KvmasError
 from kvmas.progress import progress_bar
 
 app = typer.Typer(help="Benchmarks: accuracy (and efficiency) of single, primitives and auto.", no_args_is_help=True,
@@ -96,7 +97,14 @@ def accuracy(
                                             "rank the option labels by likelihood after the method's answer"),
     prompt: str = typer.Option("cot", "--prompt", help="answer instruction: cot (reason step by step, then "
                                                        "\\boxed{}) or direct (the answer alone)"),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (of this process; a Ray worker "
+                                                        "uses the CPUs the cluster gives it)"),
+    workers: int = typer.Option(1, "--workers", "-w", help="Ray workers, one model replica each: each method's "
+                                "tasks go out in chunks of --batch-size (default: split evenly), the results the "
+                                "same as one process gives. auto learning online (--learn) cannot be split and "
+                                "runs in this process (1: no Ray)"),
+    ray_address: str = typer.Option(None, "--ray-address", help="a running Ray cluster, e.g. auto or HOST:6379 "
+                                    "(default: the one `ray start` started here, else a local one for this run)"),
     batch_size: int = BATCH_SIZE,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -112,16 +120,27 @@ def accuracy(
         meths = parse_methods(methods)
         tasks = load_tasks(data, n=n, seed=seed, shuffle=shuffle, start=start)
         from kvmas.agents.model import Model
+        from kvmas.models.registry import default_model
 
+        fanned = workers > 1 or ray_address is not None
+        if fanned and (backend != "local" or base_url):
+            raise BadInputError("--workers goes with --backend local (an endpoint spreads its own load)")
         with console.status("loading model…"):
-            if backend == "local" and not base_url:
+            if fanned:  # every worker loads its replica; this process only if auto learns online here
+                m = model or default_model()
+                if threads:
+                    import torch
+
+                    torch.set_num_threads(threads)
+            elif backend == "local" and not base_url:
                 m = Model.load(model, threads=threads, device=device, dtype=dtype)
             else:  # the endpoint batches: 8 questions in flight unless told otherwise
                 m, batch_size = open_backend(backend, model, base_url=base_url), batch_size or 8
         out_dir = out or Path("runs") / f"bench-accuracy-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         cfg = BenchConfig(seed=seed, max_new_tokens=max_new_tokens, latent_steps=latent_steps,
                           pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring,
-                          prompt=prompt, batch_size=batch_size)
+                          prompt=prompt, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
+                          ray_address=ray_address)
         with _progress(console) as progress:
             summary = run_bench(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"),
                                 progress=_bars(progress))
@@ -185,6 +204,11 @@ def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
 
     for name, s in summary["methods"].items():
         console.print(lit(f"  {name} answers by rule (correct/read): {rule_counts(s)}"))
+    if summary["config"].get("fanout"):
+        from kvmas.bench.harness import fanout_line
+
+        fanout = summary["config"]["fanout"]
+        console.print(lit("  " + fanout_line(fanout), "yellow" if fanout.get("workers_died") else "dim"))
     if "prompt_echo_floor" in summary["config"]:
         console.print(f"  prompt-echo floor: {summary['config']['prompt_echo_floor']} of {summary['config']['n']} "
                       "items credited to a reply that only repeats its prompt", highlight=False)
