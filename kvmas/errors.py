@@ -40,6 +40,11 @@ class StoreBusyError(KvmasError):
     exit_code = 75  # EX_TEMPFAIL
 
 
+class EnvError(KvmasError):
+    """A text environment could not be had or used: its package or a Java runtime missing, an unknown task or
+    variation, a game file that fails to load, a step past its timeout. Nothing of a run is stored."""
+
+
 class OutputError(KvmasError, OSError):
     """An output file could not be written (a directory in the way, no permission, disk full).
 

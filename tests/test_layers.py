@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "kvmas"
 FLOORS = [
     {"__init__", "errors"},
     {"paths", "clock", "stats", "db", "progress"},
-    {"trace", "tasks"},
+    {"trace", "tasks", "envs"},
     {"models", "telemetry"},
     {"agents"},
     {"primitives", "memory", "attribution", "testing"},

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvmas.memory.episode import run_episode
-from kvmas.memory.envs import StepResult
+from kvmas.envs import StepResult
 from kvmas.memory.gate import GateConfig, Transition, gate, replay_inputs, surrogate, transitions_from
 from kvmas.memory.policy import ActionPolicy, StepInputs
 from kvmas.memory.skill import Skill

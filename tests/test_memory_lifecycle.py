@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kvmas.cli.skills_cmd import app
 from kvmas.memory.critic import ContrastiveRuleCritic, essential, extract
-from kvmas.memory.envs import StepResult, make_env
+from kvmas.envs import StepResult, make_env
 from kvmas.memory.lifecycle import LearnConfig, Learner, seed_skills
 from kvmas.memory.maintain import MaintainConfig, maintain
 from kvmas.memory.policy import ActionPolicy, StepInputs

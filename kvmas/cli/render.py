@@ -197,6 +197,11 @@ def _step_label(s) -> Text:
         label.append(f"  {s.usage.generated / s.wall_s:.1f} tok/s", style="dim")
     if s.meta.get("intervention"):
         label.append(f"  [intervention: {one_line(s.meta['intervention'])}]", style="red")
+    if s.meta.get("skill_id"):  # a skills episode: the skill active when this action was chosen
+        name = s.meta.get("skill_name") or str(s.meta["skill_id"])[:8]
+        label.append(f"  [skill {clean(name)} ({clean(s.meta.get('skill_source') or '?')})]", style="magenta")
+    elif "skill_id" in s.meta:
+        label.append("  [no skill]", style="dim")
     return label
 
 
@@ -256,6 +261,9 @@ def trace_tree(trace: Trace, full_text: bool = False, steps: list | None = None)
         text_in = s.meta.get("message") or message_text(s.text_in)
         if text_in:
             node.add(Text.assemble(("in: ", "cyan"), clean(text_in) if full_text else _clip(text_in)))
+        hint = (s.meta.get("inputs") or {}).get("hint") if isinstance(s.meta.get("inputs"), dict) else None
+        if hint:
+            node.add(Text.assemble(("skill step: ", "magenta"), clean(hint) if full_text else _clip(hint)))
         if s.text_out is not None:
             node.add(Text.assemble(("out: ", "green"), clean(s.text_out) if full_text else _clip(s.text_out)))
     if steps is not None and len(steps) < len(trace.steps):

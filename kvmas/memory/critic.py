@@ -17,19 +17,25 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from kvmas.memory.envs import abstract
+from kvmas.envs.base import abstract
 from kvmas.memory.skill import Skill
 from kvmas.trace import Trace
 
 FAMILY_TERMS = {"clean": ["clean"], "heat": ["hot"], "cool": ["cold"], "place": ["put"]}
 
 
+def step_template(step) -> str:
+    """A recorded step's action as a skill step: the world's template when it recorded one, else the action
+    with the step's slots abstracted."""
+    tpl = step.meta.get("template")
+    return tpl if tpl else abstract(step.text_out or "", step.meta.get("slots") or {})
+
+
 def essential(trace: Trace) -> list[str]:
     """Abstracted actions that reached a sub-goal, each with the move right before it (wandering dropped)."""
     out, last_move = [], None
     for s in trace.steps:
-        slots = s.meta.get("slots") or {}
-        act = abstract(s.text_out or "", slots)
+        act = step_template(s)
         if act.startswith("go to "):
             last_move = act
         elif s.meta.get("event"):
@@ -77,8 +83,8 @@ def extract(traces: list[Trace], scope: str, *, min_support: int = 2) -> list[Sk
             if len(grp) < min_support:
                 continue
             steps = common_prefix([essential(t)[:6] for t in grp])
-            slots = grp[0].steps[0].meta.get("slots") or {}
-            fin = [st for st in grp[0].steps if abstract(st.text_out or "", slots) == steps[-1]]
+            slots = grp[0].steps[-1].meta.get("slots") or {}  # the last step's: every slot the episode bound
+            fin = [st for st in grp[0].steps if step_template(st) == steps[-1]]
             termination = abstract(fin[-1].meta.get("obs_after", ""), slots) if fin else ""
             termination = termination or "the task is done"
             template = _task_template(grp[0])
@@ -102,8 +108,7 @@ class Critic(Protocol):
 
 
 def _under(trace: Trace, skill_id: str) -> list[str]:
-    slots = trace.steps[0].meta.get("slots") or {} if trace.steps else {}
-    return [abstract(s.text_out or "", slots) for s in trace.steps if s.meta.get("skill_id") == skill_id]
+    return [step_template(s) for s in trace.steps if s.meta.get("skill_id") == skill_id]
 
 
 class ContrastiveRuleCritic:

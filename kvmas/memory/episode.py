@@ -3,7 +3,7 @@ is a kvmas :class:`~kvmas.trace.Trace` whose steps carry the exact prompt inputs
 
 >>> import random
 >>> from kvmas.testing import tiny_model
->>> from kvmas.memory.envs import make_env
+>>> from kvmas.envs import make_env
 >>> from kvmas.memory.policy import ActionPolicy
 >>> from kvmas.memory.episode import run_episode
 >>> tr = run_episode(make_env("codebreaker", 1), ActionPolicy(tiny_model()), None, random.Random(0))
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import random
 import time
+
+from kvmas.envs.base import abstract
 from kvmas.memory.policy import ActionPolicy, StepInputs, sample
 from kvmas.memory.runtime import SkillMemory, step_hint
 from kvmas.trace import Step, Trace, Usage
@@ -38,9 +40,25 @@ def episode_return(outcome: dict, step_cost: float = STEP_COST) -> float:
 
 def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Random, *,
                 greedy: bool = False, iteration: int = 0) -> Trace:
-    """Play one episode; actions are sampled from the policy (or argmax when ``greedy``)."""
+    """Play one episode of ``env`` (a :class:`~kvmas.envs.base.TextEnv`); actions are sampled from the policy
+    (or argmax when ``greedy``). The world is closed afterwards, whatever happens.
+
+    Every step records the skill active when the action was chosen (``skill_id``, ``skill_name``,
+    ``skill_source``; None without one), the step hint it gave, and the action as a skill would write it
+    (``template``: the world's own ``template(action)`` when it has one, else the slots abstracted)."""
+    try:
+        return _play(env, policy, memory, rng, greedy=greedy, iteration=iteration)
+    finally:
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+
+
+def _play(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Random, *, greedy: bool,
+          iteration: int) -> Trace:
     t0 = time.perf_counter()
     obs = env.reset()
+    template = getattr(env, "template", None)
     trace = Trace(method=f"skills:{env.name}", question=env.task, seed=env.seed,
                   model={"name": policy.model.name, "key": policy.model.fingerprint.key},
                   params={"split": env.split, "task_family": env.task_family, "greedy": greedy,
@@ -63,7 +81,8 @@ def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: rand
                     done_ids.add(active.id)
                     active = None
             if active is None:
-                active, sel = memory.select(env.task, f"{transcript} {obs}", rng, exclude=done_ids)
+                active, sel = memory.select(env.task, f"{transcript} {obs}", rng, exclude=done_ids,
+                                            admissible=admissible, slots=env.slots)
                 selected = True
                 age, since = 0, len(history)
                 if active is not None:
@@ -75,21 +94,26 @@ def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: rand
         scored = policy.score(inputs, active.render() if active else None)
         idx = max(range(len(scored.logp)), key=lambda i: scored.logp[i]) if greedy else sample(scored.logp, rng)
         action = inputs.admissible[idx]
+        slots = env.slots  # as they were when the action was chosen (a step may bind new ones)
+        tpl = template(action) if template is not None else abstract(action, slots)
         res = env.step(action)
         trace.add(Step(
             agent="actor", role="actor", action="score", text_in=obs, text_out=action,
             usage=Usage(prefilled=scored.prefilled, reused=scored.reused), wall_s=time.perf_counter() - ts,
             meta={"inputs": inputs.model_dump(), "choice": idx, "logp": scored.logp[idx],
-                  "skill_id": active.id if active else None, "skill_source": active.source if active else None,
+                  "skill_id": active.id if active else None, "skill_name": active.name if active else None,
+                  "skill_source": active.source if active else None,
                   "skill_tokens": scored.skill_tokens, "skill_since": since, "context": scored.context,
-                  "selected": selected,
-                  "event": res.event, "obs_after": res.obs, "reward": res.reward, "slots": env.slots},
+                  "selected": selected, "template": tpl,
+                  "event": res.event, "obs_after": res.obs, "reward": res.reward, "score": res.score,
+                  "slots": slots},
         ))
         history = history + [[action, res.obs]]
-        obs, reward, done = res.obs, res.reward, res.done
+        obs, reward, done, last = res.obs, res.reward, res.done, res
         age += 1
     trace.answer = trace.steps[-1].text_out
-    trace.outcome = {"reward": reward, "success": reward > 0, "n_steps": len(trace.steps),
-                     "task_family": env.task_family, "invocations": invocations}
+    won = reward > 0 if last.won is None else bool(last.won)
+    trace.outcome = {"reward": reward, "success": won, "score": reward if last.score is None else last.score,
+                     "n_steps": len(trace.steps), "task_family": env.task_family, "invocations": invocations}
     trace.wall_s = time.perf_counter() - t0
     return trace

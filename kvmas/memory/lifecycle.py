@@ -23,8 +23,8 @@ from typing import Callable
 
 from pydantic import BaseModel, Field
 
+from kvmas.envs import make_env
 from kvmas.memory.critic import ContrastiveRuleCritic, Critic, extract
-from kvmas.memory.envs import make_env
 from kvmas.memory.episode import STEP_COST, episode_return, run_episode
 from kvmas.memory.gate import GateConfig, GateReport, gate, transitions_from
 from kvmas.memory.maintain import MaintainConfig, jaccard, maintain
@@ -72,6 +72,24 @@ def seed_skills(env: str, scope: str) -> list[Skill]:
         specs = [("ConsistentGuess", "guessing the secret code",
                   ["keep digits that scored exact in place", "move partial digits to new places",
                    "drop digits that scored nothing"], "all digits exact", ["code"])]
+    elif env == "textworld":
+        # Few and generic on purpose (what any cooking game starts with): what to cook with, in what order
+        # and how to finish is left for the memory to learn.
+        specs = [
+            ("ExamineRecipe", "the cookbook's recipe has not been read yet", ["examine cookbook"],
+             "Ingredients: Directions:", ["cookbook"]),
+            ("TakeIngredients", "the recipe is read and its ingredients are not all carried",
+             ["take <ingredient1>", "take <ingredient2>", "take <ingredient3>"],
+             "every ingredient carried", ["ingredients"]),
+            ("Explore", "an ingredient of the recipe is not in sight", ["look", "inventory"],
+             "You are carrying", ["ingredients"]),
+        ]
+    elif env == "scienceworld":
+        specs = [
+            ("Explore", "you do not yet see what the task needs", ["look around"], "This room is called", []),
+            ("GoToTaskRoom", "the task names a room", ["teleport to <room>", "look around"],
+             "This room is called the <room>", []),
+        ]
     else:
         specs = []
     return [Skill(scope=scope, name=n, activation=a, steps=s, termination=t, activation_terms=terms,
@@ -83,11 +101,12 @@ class Learner:
 
     def __init__(self, store: SkillStore, policy: ActionPolicy, env: str, scope: str,
                  cfg: LearnConfig | None = None, *, critic: Critic | None = None, split: str = "train",
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, env_options: dict | None = None):
         self.store, self.policy, self.env, self.scope = store, policy, env, scope
         self.cfg = cfg or LearnConfig()
         self.critic = critic or ContrastiveRuleCritic()
         self.split, self.progress = split, progress
+        self.env_options = dict(env_options or {})  # for make_env (e.g. ScienceWorld's tasks=)
 
     # -- helpers ------------------------------------------------------------------------------------
     def baselines(self) -> dict[str, float]:
@@ -112,8 +131,8 @@ class Learner:
         traces = []
         for j in range(cfg.episodes_per_iter):
             seed = cfg.seed_base + it * cfg.episodes_per_iter + j
-            traces.append(run_episode(make_env(self.env, seed, self.split), self.policy, mem, random.Random(seed),
-                                      iteration=it))
+            traces.append(run_episode(make_env(self.env, seed, self.split, **self.env_options), self.policy, mem,
+                                      random.Random(seed), iteration=it))
             if self.progress:
                 self.progress(j + 1, cfg.episodes_per_iter)
         uses, base = self._credit(traces)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvmas.memory.envs import ground
+from kvmas.envs.base import ground, unbound
 from kvmas.memory.policy import ActionPolicy
 from kvmas.memory.skill import Skill
 from kvmas.memory.store import SkillStore
@@ -37,19 +37,41 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP}
 
 
+def matches(step: str, action: str) -> bool:
+    """Whether ``action`` carries out a grounded step: the same command, or the step's words followed by more
+    (``take red potato`` is done by ``take red potato from counter``; ``go to table 1`` is not done by
+    ``go to table 10``).
+
+    >>> matches("take red potato", "take red potato from counter"), matches("go to table 1", "go to table 10")
+    (True, False)
+    """
+    return action == step or action.startswith(step + " ")
+
+
 def step_hint(skill: Skill, actions: list[str], admissible: list[str], slots: dict[str, str]) -> str | None:
     """The skill's next step, grounded with the episode's slots; None when the procedure is complete.
 
     A pure function of the actions taken since activation: the pointer advances past each step matched in
-    order; a ``go to`` step that is not admissible (already there) is skipped. Replays recompute it exactly."""
+    order (:func:`matches`); a ``go to`` step that is not admissible (already there) is skipped, and so is a
+    step naming a slot the episode has no value for (a third ingredient in a two-ingredient recipe). A step
+    that is the start of exactly one admissible command is shown as that command. Replays recompute it
+    exactly."""
     p = 0
     grounded = [ground(s, slots) for s in skill.steps]
     for a in actions:
-        if p < len(grounded) and a == grounded[p]:
+        if p < len(grounded) and matches(grounded[p], a):
             p += 1
-    while p < len(grounded) and grounded[p].startswith("go to ") and grounded[p] not in admissible:
+    while p < len(grounded) and (unbound(grounded[p])
+                                 or grounded[p].startswith("go to ") and grounded[p] not in admissible):
         p += 1
-    return grounded[p] if p < len(grounded) else None
+    if p >= len(grounded):
+        return None
+    step = grounded[p]
+    if step not in admissible:
+        full = [a for a in admissible if matches(step, a)]
+        if len(full) == 1:
+            return full[0]
+    return step
 
 
 @dataclass
@@ -117,10 +139,14 @@ class SkillMemory:
         yes, no = pol.model.encode(" Yes")[0], pol.model.encode(" No")[0]
         return float(torch.sigmoid(lp[yes] - lp[no]))
 
-    def select(self, task: str, obs: str, rng: random.Random,
-               exclude: set[str] = frozenset()) -> tuple[Skill | None, dict]:
-        """Pick a skill (or none), never one in ``exclude`` (completed in this episode). Returns (skill, info)."""
+    def select(self, task: str, obs: str, rng: random.Random, exclude: set[str] = frozenset(), *,
+               admissible: list[str] | None = None, slots: dict[str, str] | None = None) -> tuple[Skill | None, dict]:
+        """Pick a skill (or none), never one in ``exclude`` (completed in this episode), nor, when the
+        ``admissible`` commands are given, one with no step to do now (:func:`step_hint` None: every step
+        names a slot the episode lacks, or is a move to where it is). Returns (skill, info)."""
         cands = [c for c in self.candidates(task, obs) if c[0].id not in exclude]
+        if admissible is not None:
+            cands = [c for c in cands if step_hint(c[0], [], admissible, slots or {}) is not None]
         if not cands:
             return None, {"n_candidates": 0}
         if self.explore_eps > 0 and rng.random() < self.explore_eps:

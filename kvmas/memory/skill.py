@@ -138,3 +138,4 @@ class SkillStats(BaseModel):
     def lcb(self, t: int, beta: float = 0.2) -> float:
         """Lower confidence bound of the credited advantage: mean - beta*sqrt(ln(1+t)/max(1,n))."""
         return self.mean_credit - beta * math.sqrt(math.log(1 + max(t, 0)) / max(1, self.n_episodes))
+

@@ -1,4 +1,4 @@
-"""Procedurally generated text environments with admissible-action lists (seeded, no downloads).
+"""Procedurally generated text environments of our own, with admissible-action lists (seeded, no downloads).
 
 - ``house``: ALFWorld-lite. Put an object somewhere, possibly after cleaning / heating / cooling it.
   Recurring sub-procedures: fetch (go to + take), treat (go to appliance + use it), deliver (go to + put).
@@ -7,7 +7,7 @@
 
 Splits: ``train`` (in-domain) and ``ood`` (unseen objects and furniture; a longer code).
 
->>> from kvmas.memory.envs import make_env
+>>> from kvmas.envs import make_env
 >>> env = make_env("house", seed=3)
 >>> obs = env.reset()
 >>> env.task_family in ("place", "clean", "heat", "cool"), "go to sinkbasin 1" in env.admissible()
@@ -19,18 +19,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from kvmas.envs.base import StepResult
 from kvmas.errors import BadInputError
 
-ENVS = ("house", "codebreaker")
 SPLITS = ("train", "ood")
-
-
-@dataclass
-class StepResult:
-    obs: str
-    reward: float
-    done: bool
-    event: str | None = None  # a sub-goal event ("take", "clean", "put", ...) or None
 
 
 # -- house ----------------------------------------------------------------------------------------------
@@ -187,30 +179,3 @@ class CodeBreaker:
             self._choices = self._sample_choices()
         event = "solve" if solved else ("progress" if fb[0] + fb[1] > 0 else None)
         return StepResult(obs, 1.0 if solved else 0.0, done, event)
-
-
-def make_env(name: str, seed: int, split: str = "train"):
-    """Build an environment by name (``house`` | ``codebreaker``) for a seed and split (``train`` | ``ood``)."""
-    if split not in SPLITS:
-        raise BadInputError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    if name == "house":
-        return House(seed=seed, split=split)
-    if name == "codebreaker":
-        return CodeBreaker(seed=seed, split=split)
-    raise BadInputError(f"unknown environment {name!r} (expected one of {', '.join(ENVS)})")
-
-
-def abstract(action: str, slots: dict[str, str]) -> str:
-    """Replace episode-specific names by slots (``<object>``, ``<target>``, ``<place>``), longest first."""
-    out = action
-    for key, val in sorted(slots.items(), key=lambda kv: -len(kv[1])):
-        if val:
-            out = out.replace(val, f"<{key}>")
-    return out
-
-
-def ground(template: str, slots: dict[str, str]) -> str:
-    out = template
-    for key, val in slots.items():
-        out = out.replace(f"<{key}>", val)
-    return out
