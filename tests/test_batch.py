@@ -184,3 +184,37 @@ def test_a_state_continued_twice_keeps_each_continuation_exact(model):
         for x, y in zip(state.keys, fresh.keys):
             assert (x - y).abs().max() < 1e-4
     assert all(bool((x == y).all()) for x, y in zip(s.keys, keys))
+
+
+def test_rows_that_finish_leave_the_decode_and_the_rest_continue_the_buffer(model):
+    """A multi-row speak whose rows stop at different ticks: after a row stops, the live rows still continue
+    the engine's buffer tick after tick (no rebuild of every row's past per tick), and the state it returns
+    lays the stopped row back in place: its columns after the stop are padding (masked, zero KV, at the row's
+    next position), exactly as if it had been fed masked columns."""
+    from kvmas.agents.state import LatentState
+
+    prefix = LatentState.empty(model).extend("Shared question: name a colour.")
+    suffixes = ["A:", "Persona two says:", "B?"]
+    full = prefix.fork(3).extend(suffixes).speak(12, min_new_tokens=12)
+    stop = full.texts[0][1:3]
+    assert stop and stop not in full.texts[1][:4] + full.texts[2][:4]
+    rows = prefix.fork(3).extend(suffixes)
+    before_fwd, before_cont = model.engine.forwards, model.engine.continued
+    sp = rows.speak(12, stop=[stop])
+    forwards, continued = model.engine.forwards - before_fwd, model.engine.continued - before_cont
+    lengths = [len(t) for t in sp.token_ids]
+    assert min(lengths) < max(lengths)
+    stops = len(set(lengths)) - 1  # ticks at which the live rows changed: each rebuilds the buffer once
+    assert continued >= forwards - 2 - stops  # first tick, the tail feed and each change start a new buffer
+    st = sp.state
+    assert st.rows == 3 and rows.length + max(lengths) <= st.length <= rows.length + max(lengths) + 1
+    short = lengths.index(min(lengths))
+    gen = st.mask[short, rows.length:]
+    assert int(gen.sum()) == lengths[short]  # every token it said, each once
+    pads = (gen == 0).nonzero().flatten() + rows.length
+    fed = int(pads[0]) - rows.length  # the columns it was fed before it stopped
+    assert bool(st.mask[short, rows.length: rows.length + fed].all())
+    assert bool((st.positions[short, pads] == rows.next_pos[short] + fed).all())
+    assert all(not t[short, :, pads].any() for t in st.keys + st.values)
+    for t in st.keys + st.values:
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()

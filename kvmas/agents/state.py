@@ -271,23 +271,25 @@ class LatentState:
         self.model.check_fits(int(self.next_pos.max()) + max_new_tokens, "state + max_new_tokens")
         eos = set(self.model.eos_ids)
         gen = torch.Generator().manual_seed(seed)
-        pad = self.model.tokenizer.pad_token_id or 0
         rows = self.rows
         done = torch.zeros(rows, dtype=torch.bool)
         out: list[list[int]] = [[] for _ in range(rows)]
         texts = [""] * rows
-        state, logits = self, self.last_logits
-        cols: list[torch.Tensor] = []  # tokens fed back (columns of the generated segment)
-        masks: list[torch.Tensor] = []
+        # Finished rows leave the decode: ``live`` holds the rows still fed (their original indices, in order)
+        # and ``state`` only those rows, so every tick is one continuation of the engine's batch buffer; a
+        # finished row is parked and laid back in place after the loop, as if it had been fed masked padding.
+        # Sampling still draws over every row (finished rows keep their last logits): the same draws as one
+        # tick over all rows.
+        live, state, head = list(range(rows)), self, self.last_logits.float()
+        parked: dict[int, tuple[LatentState, int]] = {}
+        fed = [0] * rows
         for t in range(max_new_tokens):
-            logits = logits.float()
+            logits = head
             if t < min_new_tokens and eos:
                 logits = logits.clone()
                 logits[:, sorted(eos)] = float("-inf")
             nxt = _sample(logits.cpu(), temperature, top_p, gen)  # on the host: the same draws on every device
-            for i in range(rows):
-                if done[i]:
-                    continue
+            for i in live:
                 tok = int(nxt[i])
                 if tok in eos:
                     done[i] = True
@@ -304,13 +306,20 @@ class LatentState:
                         continue
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            live = (~done).long()[:, None].to(self.device)
-            feed = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None].to(self.device)
-            parts = state._forward(live, ids=feed)
-            state = state._with(**parts)
-            cols.append(feed)
-            masks.append(live)
-            logits = state.last_logits
+            keep = [j for j, i in enumerate(live) if not done[i]]
+            if len(keep) < len(live):
+                for j, i in enumerate(live):
+                    if done[i]:
+                        parked[i] = (state._rows([j]), 0)
+                state, live = state._rows(keep), [live[j] for j in keep]
+            feed = nxt[live][:, None].to(self.device)
+            state = state._with(**state._forward(torch.ones_like(feed), ids=feed))
+            for i in live:
+                fed[i] += 1
+            head = head.index_copy(0, torch.tensor(live, device=head.device), state.last_logits.float())
+        for j, i in enumerate(live):
+            parked[i] = (state, j)
+        state = self._laid_back([parked[i] for i in range(rows)], self.length + max(fed))
         for i in range(rows):
             if not texts[i]:
                 texts[i] = self.model.decode(out[i])
@@ -319,7 +328,6 @@ class LatentState:
                         texts[i] = texts[i][: texts[i].find(s)]
         # The state after speaking holds every emitted token: the loop fed back all but the last sampled token
         # of rows that hit the budget or a stop string; feed those too, so a reader sees exactly the text.
-        fed = [sum(int(m[i, 0]) for m in masks) for i in range(rows)]
         tail = [out[i][fed[i]:] for i in range(rows)]
         if any(tail):
             state = state.extend(tail, agent=agent, role=role, kind="generated")
@@ -329,6 +337,38 @@ class LatentState:
         if total:
             state = state._with(segments=self.segments + (seg,))
         return Speech(texts=texts, token_ids=out, state=state._settled())
+
+    def _rows(self, rows: list[int]) -> "LatentState":
+        """The given rows with every column kept (the decode loop's live rows; segments are not updated)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        return self._with(keys=tuple(pick(t) for t in self.keys), values=tuple(pick(t) for t in self.values),
+                          mask=pick(self.mask), positions=pick(self.positions), next_pos=pick(self.next_pos),
+                          last_hidden=pick(self.last_hidden), last_logits=pick(self.last_logits))
+
+    def _laid_back(self, sources: list[tuple["LatentState", int]], length: int) -> "LatentState":
+        """This state's rows grown to ``length`` columns, row i taken from row ``j`` of ``sources[i] = (s, j)``
+        (a row of ``s`` extends this state's row i); the columns a row lacks are padding: masked, zero KV,
+        at the row's next position. With one source holding every row in order, that source itself."""
+        first = sources[0][0]
+        if all(s is first and j == i for i, (s, j) in enumerate(sources)) and first.rows == len(sources) \
+                and first.length == length:
+            return first
+        rows = len(sources)
+        keys = [t.new_zeros((rows, t.shape[1], length, t.shape[3])) for t in first.keys]
+        values = [t.new_zeros((rows, t.shape[1], length, t.shape[3])) for t in first.values]
+        mask = first.mask.new_zeros((rows, length))
+        next_pos = torch.stack([s.next_pos[j] for s, j in sources])
+        positions = next_pos[:, None].repeat(1, length)
+        for i, (s, j) in enumerate(sources):
+            n = s.length
+            for dst, src in zip(keys + values, s.keys + s.values):
+                dst[i, :, :n] = src[j]
+            mask[i, :n] = s.mask[j]
+            positions[i, :n] = s.positions[j]
+        return self._with(keys=tuple(keys), values=tuple(values), mask=mask, positions=positions,
+                          next_pos=next_pos, last_hidden=torch.stack([s.last_hidden[j] for s, j in sources]),
+                          last_logits=torch.stack([s.last_logits[j] for s, j in sources]))
 
     def fork(self, k: int) -> "LatentState":
         """k batch rows per row sharing the prefix (row i of the result came from row i // k)."""
