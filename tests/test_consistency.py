@@ -27,7 +27,7 @@ def rigged(keys):
 def test_the_most_common_answer_wins(model, keys, pick):
     res = SelfConsistency(n=5, max_new_tokens=6, answer_key=rigged(keys))(Q, model=model)
     samples = next(s for s in res.trace.steps if s.action == "speak").text_out.split("\n---\n")
-    assert res.meta["consistency_answers"] == keys and res.meta["consistency_pick"] == pick
+    assert res.meta["vote_candidates"] == keys and res.meta["consistency_pick"] == pick
     assert res.answer == samples[pick]
 
 

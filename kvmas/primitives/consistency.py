@@ -5,7 +5,7 @@ plurality vote over their final answers. It is the bar a primitive that spends n
 
 >>> from kvmas.testing import tiny_model
 >>> r = SelfConsistency(n=3, max_new_tokens=4)("2+2?", model=tiny_model())
->>> r.trace.method, len(r.meta["consistency_answers"])
+>>> r.trace.method, len(r.meta["vote_candidates"])
 ('consistency', 3)
 """
 
@@ -61,4 +61,4 @@ class SelfConsistency(Primitive):
         counts = Counter(k for k in keys if k is not None)
         pick = keys.index(max(counts, key=lambda k: (counts[k], -keys.index(k)))) if counts else 0
         return inp.then(rows.select([pick]), answer=texts[pick], message=("Most consistent solution", texts[pick]),
-                        consistency_answers=keys, consistency_pick=pick)
+                        vote_candidates=keys, consistency_pick=pick)
