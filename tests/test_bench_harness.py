@@ -28,23 +28,12 @@ def test_parse_methods():
             parse_methods(bad)
 
 
-def _small_pool(path):
-    from kvmas.organizer import KnowledgePool
-
-    pool = KnowledgePool(path, seed=False)
-    for q, spec in [("sums", PipelineSpec.chain("single")), ("options", PipelineSpec.chain(("vote", {"n": 2}))),
-                    ("steps", PipelineSpec.chain(("plan", {"k": 1})))]:
-        pool.add(q, spec)
-    pool.close()
-    return str(path)
-
-
-def test_run_bench_writes_everything(model, tmp_path):
+def test_run_bench_writes_everything(model, tmp_path, small_pool):
     tasks = load_tasks("synthetic-choice", n=2, seed=2)
     spec = tmp_path / "spec.json"
     PipelineSpec.chain(("vote", {"n": 2})).save(spec)
     methods = f"single,loglik,auto,auto-empty,random,pipeline:{spec}"
-    cfg = BenchConfig(max_new_tokens=4, latent_steps=1, pool_path=_small_pool(tmp_path / "start.sqlite"))
+    cfg = BenchConfig(max_new_tokens=4, latent_steps=1, pool_path=small_pool(tmp_path / "start.sqlite"))
     s = run_bench(tasks, methods, model, tmp_path / "out", cfg, data_name="synth")
     out = tmp_path / "out"
     items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]

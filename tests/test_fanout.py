@@ -52,6 +52,14 @@ def test_a_dead_worker_has_its_question_rerun(model_dir, cluster):
     assert len(report.dead_workers) == 1 and len(report.reruns) == 1 and report.reruns[0] in ("q3", "q4", "q5")
 
 
+def test_more_workers_than_the_cluster_can_place_are_refused(model_dir, cluster):
+    from kvmas.bench.fanout import Replicas
+    from kvmas.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="needs 3 CPUs.*cluster has 2"):
+        Replicas(model_dir, 3)
+
+
 def test_batch_run_command(model_dir, tmp_path):
     import json
 
@@ -75,17 +83,6 @@ def test_batch_run_command(model_dir, tmp_path):
 BENCH = "single,latent:vote,text:review,auto,auto-empty,random"
 
 
-def _pool(path):
-    from kvmas.organizer import KnowledgePool, PipelineSpec
-
-    pool = KnowledgePool(path, seed=False)
-    for q, spec in [("sums", PipelineSpec.chain("single")), ("options", PipelineSpec.chain(("vote", {"n": 2}))),
-                    ("steps", PipelineSpec.chain(("plan", {"k": 1})))]:
-        pool.add(q, spec)
-    pool.close()
-    return str(path)
-
-
 def _items(d):
     import json
 
@@ -101,13 +98,13 @@ def _timeless(summary):
 
 
 @pytest.fixture(scope="module")
-def one_process(model_dir, tmp_path_factory):
+def one_process(model_dir, tmp_path_factory, small_pool):
     from kvmas.agents.model import Model
     from kvmas.bench.harness import BenchConfig, run_bench
     from kvmas.tasks import load_tasks
 
     out = tmp_path_factory.mktemp("one")
-    cfg = BenchConfig(max_new_tokens=4, latent_steps=1, batch_size=2, pool_path=_pool(out / "start.sqlite"))
+    cfg = BenchConfig(max_new_tokens=4, latent_steps=1, batch_size=2, pool_path=small_pool(out / "start.sqlite"))
     tasks = load_tasks("synthetic", n=5, seed=3)
     return tasks, cfg, run_bench(tasks, BENCH, Model.load(model_dir), out / "run", cfg), out / "run"
 

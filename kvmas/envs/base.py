@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 from dataclasses import dataclass
@@ -60,6 +61,20 @@ class TextEnv(Protocol):
     def admissible(self) -> list[str]: ...
 
     def step(self, action: str) -> StepResult: ...
+
+
+def require(*modules: str, name: str, install: str):
+    """Import ``modules`` (an optional package and the parts of it an adapter needs) and return the first, or
+    raise :class:`EnvError` naming the world and how to install it.
+
+    >>> require("json", name="JSON", install="it ships with Python").__name__
+    'json'
+    """
+    try:
+        found = [importlib.import_module(m) for m in modules]
+    except ImportError as exc:
+        raise EnvError(f"{name} is not installed ({exc.name or exc}); {install}") from None
+    return found[0]
 
 
 def call_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:

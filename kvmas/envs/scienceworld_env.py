@@ -40,7 +40,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 
-from kvmas.envs.base import StepResult, abstract, call_with_timeout
+from kvmas.envs.base import StepResult, abstract, call_with_timeout, require
 from kvmas.errors import BadInputError, EnvError
 
 SPLITS = ("train", "dev", "test", "ood")
@@ -55,11 +55,7 @@ _JAVA = "apt-get install -y default-jre-headless"
 
 
 def _package():
-    try:
-        import scienceworld
-    except ImportError as exc:
-        raise EnvError(f"ScienceWorld is not installed ({exc.name or exc}); {_INSTALL}") from None
-    return scienceworld
+    return require("scienceworld", name="ScienceWorld", install=_INSTALL)
 
 
 def task_names() -> list[str]:

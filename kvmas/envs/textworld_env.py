@@ -35,7 +35,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmas.envs.base import StepResult, abstract, call_with_timeout
+from kvmas.envs.base import StepResult, abstract, call_with_timeout, require
 from kvmas.errors import BadInputError, EnvError
 from kvmas.paths import kvmas_home
 
@@ -60,12 +60,8 @@ _INSTALL = "pip install 'kvmas[envs]' (or: pip install textworld)"
 
 
 def _textworld():
-    try:
-        import textworld
-        import textworld.challenges.tw_cooking.cooking  # noqa: F401  (the challenge's generator)
-    except ImportError as exc:
-        raise EnvError(f"TextWorld is not installed ({exc.name or exc}); {_INSTALL}") from None
-    return textworld
+    # the challenge module is the game generator, imported apart from the package
+    return require("textworld", "textworld.challenges.tw_cooking.cooking", name="TextWorld", install=_INSTALL)
 
 
 def settings(seed: int, split: str) -> dict:
