@@ -114,6 +114,12 @@ class Replicas:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         gpus = 1 if device and device.startswith("cuda") else 0
+        # an actor the cluster cannot place waits for resources forever: refuse up front instead
+        have = ray.cluster_resources()
+        for kind, each in (("CPU", 1), ("GPU", gpus)):
+            if each and have.get(kind, 0) < workers * each:
+                raise BadInputError(f"--workers {workers} needs {workers * each} {kind}s, one per replica; the Ray "
+                                    f"cluster has {have.get(kind, 0):g} (add nodes or ask for fewer workers)")
         Replica = _replica_class(ray)
         self.workers = workers
         self.actors = {k: Replica.options(num_cpus=1, num_gpus=gpus).remote(model_ref, device, dtype, k)
