@@ -294,3 +294,20 @@ def test_plant_on_a_model_that_never_gets_it_right_writes_nothing(tmp_path):
     out = tmp_path / "p.jsonl"
     r = runner.invoke(app, ["plant", "--out", str(out), "--n", "0"])
     assert r.exit_code == 2 and "--n must be" in r.output and not out.exists()
+
+
+def test_answer_origin_is_the_earliest_step_the_final_answer_comes_from():
+    """The final answer repeats 1234 (first printed by the coder's code) and 'Springfield' (said later by the
+    writer): only the coder's turn is the origin, and a tool output credits the turn that ran it."""
+    log = from_generic([{"agent": "human", "content": "Which town, and how many people?"},
+                        {"agent": "planner", "content": "Plan: look the town up, then count."},
+                        {"agent": "coder", "content": "```python\nprint(1234)\n```"},
+                        {"agent": "Computer_terminal", "content": "exitcode: 0\nCode output: 1234"},
+                        {"agent": "writer", "content": "The town is 'Springfield'."},
+                        {"agent": "checker", "content": "The answer is 1234 people in 'Springfield'."}],
+                       question="Which town, and how many people?")
+    fx, cand = portable_features(log)
+    origin = [r[PORTABLE.index("answer_origin")] for r in fx.rows]
+    assert origin == [0, 0, 1, 0, 0, 0] and 2 in cand
+    assert [r[PORTABLE.index("introduces_answer")] for r in fx.rows] == [0, 0, 1, 0, 1, 0]
+    assert "the earliest step that introduces a value of the final answer" in fx.evidence[2]

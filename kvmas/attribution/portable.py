@@ -34,7 +34,8 @@ PORTABLE = [
     "rel_pos", "rel_pos_sq", "first_candidate", "agent_first_turn", "agent_turn_rel",
     "kind_instruct", "kind_act", "kind_plan", "kind_report", "kind_handover", "kind_other",
     "next_result_bad", "reads_bad", "says_failure", "repeats", "repeated_later",
-    "unsupported_values", "claim_unsupported", "contradicts", "introduces_answer", "reach", "reaches_outcome",
+    "unsupported_values", "claim_unsupported", "contradicts", "introduces_answer", "answer_origin", "reach",
+    "reaches_outcome",
     "assume_cue", "verify_cue", "length_rel", "empty",
 ]
 FEATURE_SETS = ("portable", "cdc")
@@ -133,6 +134,7 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
             "claim_unsupported": float(unsupported),
             "contradicts": float(contradicts),
             "introduces_answer": 0.0,
+            "answer_origin": 0.0,
             "reach": reaches[i] / max(1, n - 1),
             "reaches_outcome": float(i in upstream),
             "assume_cue": float(bool(_ASSUME.search(text))),
@@ -164,6 +166,10 @@ def portable_features(log: AttributionLog) -> tuple[StepFeatures, list[int]]:
     for j, c in introduced.items():
         rows[j]["introduces_answer"] = 1.0
         ev[j].append(f"first introduces {c} value(s) that the final answer repeats")
+    origin = min((j for j in introduced if j in rank), default=None)
+    if origin is not None:  # where the (wrong) final answer comes from: the run's earliest answer value
+        rows[origin]["answer_origin"] = 1.0
+        ev[origin].append("the earliest step that introduces a value of the final answer")
     return StepFeatures(names=list(PORTABLE), rows=[[r[k] for k in PORTABLE] for r in rows], evidence=ev,
                         perf=perf), cand
 
