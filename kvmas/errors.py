@@ -45,6 +45,12 @@ class EnvError(KvmasError):
     variation, a game file that fails to load, a step past its timeout. Nothing of a run is stored."""
 
 
+class InterruptedRunError(KvmasError):
+    """A long run stopped by Ctrl-C or SIGTERM; what finished before it was kept (the message says where)."""
+
+    exit_code = 130  # 128 + SIGINT, as shells report an interrupted command
+
+
 class OutputError(KvmasError, OSError):
     """An output file could not be written (a directory in the way, no permission, disk full).
 

@@ -51,7 +51,7 @@ from kvmas.agents.engine import default_batch_size, run_batched
 from kvmas.agents.model import Model
 from kvmas.agents.state import LatentState
 from kvmas.clock import utc_now
-from kvmas.errors import BadInputError, KvmasError
+from kvmas.errors import BadInputError, InterruptedRunError, KvmasError
 from kvmas.organizer import KnowledgePool, Organizer
 from kvmas.organizer.pipeline import Pipeline
 from kvmas.organizer.spec import PipelineSpec
@@ -402,8 +402,9 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
     replicas = None  # started when the first method that can be split runs
     reruns: dict[str, list[str]] = {}
     started = utc_now()
+    interrupted = None
     with open(out / "items.jsonl", "w", encoding="utf-8") as log, ExitStack() as stack:
-        for m in methods:
+        for k, m in enumerate(methods):
             def keep(item: ItemResult, name=m.name) -> None:
                 results[name].append(item)
                 log.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
@@ -414,15 +415,21 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
             if progress:
                 progress(m.name, 0, len(tasks))
             t0 = time.perf_counter()
-            if cfg.isolate:
-                peak[m.name] = _run_isolated(m, tasks, model, cfg, out, keep)
-            elif cfg.fanned_out and not cfg.learns_online(m):
-                if replicas is None:
-                    replicas = stack.enter_context(_replicas(model, cfg))
-                reruns[m.name] = _run_on_replicas(m, tasks, replicas, cfg, keep, after_submit)
-            else:
-                _run_method(m, tasks, model, cfg, out, keep)
+            try:
+                if cfg.isolate:
+                    peak[m.name] = _run_isolated(m, tasks, model, cfg, out, keep)
+                elif cfg.fanned_out and not cfg.learns_online(m):
+                    if replicas is None:
+                        replicas = stack.enter_context(_replicas(model, cfg))
+                    reruns[m.name] = _run_on_replicas(m, tasks, replicas, cfg, keep, after_submit)
+                else:
+                    _run_method(m, tasks, model, cfg, out, keep)
+            except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, from the CLI): report what finished, then stop
+                interrupted = {"method": m.name, "done": len(results[m.name]), "of": len(tasks),
+                               "not_run": [x.name for x in methods[k + 1:]]}
             method_wall[m.name] = round(time.perf_counter() - t0, 3)
+            if interrupted:
+                break
         loaded = replicas.info() if replicas is not None else None
     if loaded is not None:
         model_name, model_key = loaded["name"], loaded["key"]
@@ -439,7 +446,27 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
         config["fanout"] = {"workers": cfg.workers, "workers_died": len(replicas.dead) if replicas else 0,
                             "reruns": {name: ids for name, ids in reruns.items() if ids},
                             "in_process": [m.name for m in methods if cfg.learns_online(m)]}
+    if interrupted is not None:
+        _report_interrupted(out, config, results, interrupted, peak)
     return _write_summary(out, config, results, peak_rss_mb=peak, extra=extra)
+
+
+def _report_interrupted(out: Path, config: dict[str, Any], results: dict[str, list[ItemResult]],
+                        interrupted: dict[str, Any], peak: dict[str, float]) -> None:
+    """An interrupted run's report over the items that finished (a method's first ``done`` tasks, since items
+    are kept in task order: a range that ``--start`` continues and ``merge`` joins), then the error."""
+    kept = {name: items for name, items in results.items() if items}
+    where = f"{interrupted['method']}: {interrupted['done']} of {interrupted['of']} items finished"
+    if kept:
+        config = {**config, "methods": list(kept), "interrupted": interrupted,
+                  "method_wall_s": {n: w for n, w in config["method_wall_s"].items() if n in kept}}
+        _write_summary(out, config, kept, peak_rss_mb=peak)
+        where += f"; their report is in {out}"
+    else:
+        where += "; no report written"
+    err = InterruptedRunError(f"interrupted ({where})")
+    err.report = interrupted
+    raise err
 
 
 def _model_key(model, cfg: "BenchConfig") -> str:

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import signal
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from kvmas.cli.backend import BACKEND, BASE_URL, open_backend
 from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.options import BATCH_SIZE, DEVICE, DTYPE
 from kvmas.cli.render import DataTable, console as make_console, esc, lit
-from kvmas.errors import BadInputError, KvmasError
+from kvmas.errors import BadInputError, InterruptedRunError, KvmasError
 from kvmas.progress import progress_bar
 
 app = typer.Typer(help="Benchmarks: accuracy (and efficiency) of single, primitives and auto.", no_args_is_help=True,
@@ -141,12 +143,32 @@ def accuracy(
                           pool_path=str(pool) if pool else None, learn=learn, choice_scoring=choice_scoring,
                           prompt=prompt, batch_size=batch_size, device=device, dtype=dtype, workers=workers,
                           ray_address=ray_address)
-        with _progress(console) as progress:
+        with _progress(console) as progress, _sigterm_interrupts():
             summary = run_bench(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"),
                                 progress=_bars(progress))
+    except InterruptedRunError as exc:
+        rep = exc.report
+        if rep["done"]:
+            exc.args = (f"{exc}; to go on: the same command with --start {start + rep['done']} "
+                        f"--n {rep['of'] - rep['done']} --methods {','.join([rep['method'], *rep['not_run']])} "
+                        "-o ANOTHER_DIR, then kvmas bench merge the two",)
+        _fail(exc)
     except KvmasError as exc:
         _fail(exc)
     _print_summary(console, summary, out_dir)
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (``kill``, a job scheduler's stop) ends a run as Ctrl-C does: what finished is reported."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command("merge")
