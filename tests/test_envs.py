@@ -108,10 +108,12 @@ def test_textworld_adapter_plays_the_walkthrough_to_a_win(tw_game):
             assert tpl == "take <ingredient1>"  # no "from <where>": a layout-free skill step
         if a.split()[0] in ("slice", "dice", "chop"):
             assert tpl == "<cut1> <ingredient1> with knife"  # the recipe's cut, by slot
+        if a.startswith("cook "):
+            assert tpl == "cook <ingredient1> with <cook1>"  # what the recipe cooks it with, by slot
         if res.done:
             break
     assert res.done and res.won and res.score == 1.0 and res.reward == 1.0
-    assert "read" in events and "eat" in events and list(env.slots) == ["ingredient1", "cut1"]
+    assert "read" in events and "eat" in events and list(env.slots) == ["ingredient1", "cut1", "cook1"]
     env.close()
 
 
@@ -161,6 +163,43 @@ def test_textworld_seed_skills_hint_layout_free_steps(tw_game):
     env.step(hint)
     assert step_hint(take, [hint], env.admissible(), env.slots) is None  # <ingredient2> unbound: skipped
     env.close()
+
+
+def _gold(seed: int, split: str):
+    """Game ``seed`` of ``split`` played by its walkthrough (no model), as a trace."""
+    from kvmas.memory.episode import play_script
+
+    env = make_env("textworld", seed, split)
+    env.reset()
+    return play_script(env, list(env.walkthrough))
+
+
+@needs_tw
+def test_extraction_finds_procedures_past_the_shared_prefix_and_they_ground_on_unseen_games(tw_game):
+    """Walkthroughs of a one- and a two-ingredient game: the only prefix they share is reading the recipe and
+    taking an ingredient (what the seeds do; all the old prefix rule proposed). Extraction must find what comes
+    after it, across the two recipe sizes, and it must ground on a game of unseen foods."""
+    from kvmas.memory.lifecycle import seed_skills
+    from kvmas.memory.procedures import carried_out, extract
+
+    seeds = seed_skills("textworld", "tw")
+    train = [_gold(0, "train"), _gold(1, "train")]
+    assert [t.outcome["task_family"] for t in train] == ["recipe1", "recipe2"]
+    assert all(t.outcome["success"] for t in train)
+    ex = extract(train, "tw", min_support=2, live=seeds)
+    seed_steps = {s for sk in seeds for s in sk.steps}
+    new = [s for sk in ex.skills for s in sk.steps if s not in seed_steps]
+    assert {"<cut1> <ingredient1> with knife", "cook <ingredient1> with <cook1>", "eat meal"} <= set(new), \
+        [sk.steps for sk in ex.skills]
+    assert all(sk.provenance["families"] == ["recipe1", "recipe2"] for sk in ex.skills)  # across recipe sizes
+    assert any(sk.steps[0] not in ("inventory", "examine cookbook") for sk in ex.skills)  # not a prefix
+    assert ex.rejected and all(p.reason for p in ex.rejected)  # every candidate not proposed says why
+    test = _gold(100_001, "test")  # foods never built on
+    assert test.outcome["success"]
+    for sk in ex.skills:
+        done = carried_out(sk.steps, test)
+        assert done is not None, sk.steps  # the gold walkthrough does each proposed procedure, grounded
+        assert all(test.steps[i].text_out in test.steps[i].meta["inputs"]["admissible"] for i in done)
 
 
 @needs_tw

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kvmas.cli.skills_cmd import app
-from kvmas.memory.critic import ContrastiveRuleCritic, essential, extract
+from kvmas.memory.critic import ContrastiveRuleCritic
+from kvmas.memory.procedures import carried_out, extract, units
 from kvmas.envs import StepResult, make_env
 from kvmas.memory.lifecycle import LearnConfig, Learner, seed_skills
 from kvmas.memory.maintain import MaintainConfig, maintain
@@ -110,11 +111,13 @@ def test_kv_prefix_scores_equal_text_and_activation_costs_no_prefill(model):
 def test_extraction_finds_recurring_procedure_and_critic_contrasts():
     traces = [scripted_trace("house", s) for s in range(40)]
     heat = [t for t in traces if t.outcome["task_family"] == "heat"]
-    assert essential(heat[0]) == ["go to <place>", "take <object> from <place>", "go to microwave 1",
-                                  "heat <object> with microwave 1", "go to <target>", "put <object> in <target>"]
-    cands = {c.provenance["family"]: c for c in extract(traces, "h")}
-    assert cands["heat"].steps == essential(heat[0]) and cands["heat"].activation_terms == ["hot"]
+    assert [tpl for _, tpl in units(heat[0])] == [
+        "go to <place>", "take <object> from <place>", "go to microwave 1", "heat <object> with microwave 1",
+        "go to <target>", "put <object> in <target>"]
+    cands = {c.provenance["family"]: c for c in extract(traces, "h").skills}
+    assert cands["heat"].steps == [tpl for _, tpl in units(heat[0])] and cands["heat"].activation_terms == ["hot"]
     assert cands["heat"].termination == "You put the <object> in <target>."
+    assert all(len(c.provenance["episodes"]) >= 2 for c in cands.values())
     # contrast: successes under a parent skill went to the microwave, failures did not
     parent = Skill(scope="h", name="Hot", activation="hot task", steps=["go to <place>"], termination="done")
     succ, fail = [], []
@@ -239,3 +242,19 @@ def test_embedding_retrieval_and_llm_critic_interface(model, tmp_path):
         for s in t.steps:
             s.meta["skill_id"] = parent.id
     assert LLMCritic(model, max_new_tokens=8).propose(parent, [ok, bad]) == []
+
+
+def test_a_step_naming_a_slot_the_episode_lacks_never_stalls_the_pointer():
+    """A procedure extracted across recipe sizes starts with a second ingredient's step; where there is none
+    it is skipped before the actions are matched too (else the pointer stayed on it and hinted step 2 forever)."""
+    from kvmas.memory.runtime import step_hint
+
+    sk = Skill(scope="h", name="P", activation="x", termination="done",
+               steps=["take <second>", "go to <place>", "take <object> from <place>", "go to <target>"])
+    slots = {"object": "mug", "place": "table 1", "target": "shelf 1"}
+    adm = ["go to table 1", "go to shelf 1", "take mug from table 1"]
+    assert step_hint(sk, [], adm, slots) == "go to table 1"
+    assert step_hint(sk, ["go to table 1"], adm, slots) == "take mug from table 1"
+    assert step_hint(sk, ["go to table 1", "take mug from table 1"], adm, slots) == "go to shelf 1"
+    tr = scripted_trace("house", 2)  # a "place" task: the procedure is carried out, the unbound step skipped
+    assert carried_out(sk.steps, tr) == [0, 1, 2]

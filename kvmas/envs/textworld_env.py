@@ -13,10 +13,11 @@ Splits (what the skills eval builds on and evaluates on):
 - ``ood``: a harder recipe (3 ingredients), test foods.
 
 Slots: nothing is known at the start; once the cookbook has been read, ``<ingredient1>``, ``<ingredient2>``, ...
-name the recipe's ingredients in its order and ``<cut1>``, ... how its directions say to cut each (parsed from
-what the agent read). ``template`` drops where a thing is taken from (``take <ingredient1> from counter`` →
-``take <ingredient1>``) and writes a cut by its slot (``<cut1> <ingredient1> with knife``), so a learned step
-carries neither one game's layout nor one recipe's preparation.
+name the recipe's ingredients in its order, ``<cut1>``, ... how its directions say to cut each and ``<cook1>``,
+... what to cook each with (parsed from what the agent read). ``template`` drops where a thing is taken from
+(``take <ingredient1> from counter`` → ``take <ingredient1>``) and writes a cut and a cook by their slots
+(``<cut1> <ingredient1> with knife``, ``cook <ingredient1> with <cook1>``), so a learned step carries neither
+one game's layout nor one recipe's preparation.
 
 >>> from kvmas.envs.textworld_env import clean_feedback, parse_recipe
 >>> clean_feedback("\\nYou take the knife.\\n\\n>      -= Kitchen =-2/6")
@@ -169,6 +170,7 @@ def ensure_games(items: list[tuple[int, str]], workers: int = 1,
 
 _PROMPT_LINE = re.compile(r"^\s*>")
 _CUT = ("slice", "dice", "chop")
+_HEAT = {"fry": "stove", "roast": "oven", "grill": "BBQ"}  # the directions' verb -> what `cook ... with` names
 
 
 def clean_feedback(text: str) -> str:
@@ -188,11 +190,12 @@ def parse_recipe(text: str) -> list[str]:
 
 
 def recipe_slots(text: str) -> dict[str, str]:
-    """Slots from cookbook text: ``ingredientK`` for each ingredient and ``cutK`` for how the directions say
-    to cut it (``slice`` / ``dice`` / ``chop``: the verb of the command that does it).
+    """Slots from cookbook text: ``ingredientK`` for each ingredient, ``cutK`` for how the directions say
+    to cut it (``slice`` / ``dice`` / ``chop``: the verb of the command that does it) and ``cookK`` for what
+    to cook it with (fry: ``stove``, roast: ``oven``, grill: ``BBQ``: the object ``cook ... with`` names).
 
     >>> recipe_slots("Ingredients:\\nred potato\\n\\nDirections:\\ndice the red potato\\n  fry the red potato\\n")
-    {'ingredient1': 'red potato', 'cut1': 'dice'}
+    {'ingredient1': 'red potato', 'cut1': 'dice', 'cook1': 'stove'}
     """
     out: dict[str, str] = {}
     directions = text.split("Directions:", 1)[1] if "Directions:" in text else ""
@@ -201,6 +204,9 @@ def recipe_slots(text: str) -> dict[str, str]:
         m = re.search(rf"\b({'|'.join(_CUT)}) the {re.escape(ing)}\b", directions)
         if m:
             out[f"cut{i}"] = m.group(1)
+        m = re.search(rf"\b({'|'.join(_HEAT)}) the {re.escape(ing)}\b", directions)
+        if m:
+            out[f"cook{i}"] = _HEAT[m.group(1)]
     return out
 
 
@@ -282,7 +288,7 @@ class CookingGame:
         if score > self._score:
             verb = action.split()[0]
             event = "cut" if verb in _CUT else verb
-        elif raw.strip().startswith("You take the"):
+        elif raw.strip().startswith(("You take the", "You pick up the")):
             event = "take"
         if parse_recipe(raw) and not self._read:
             self._read, event = True, event or "read"
@@ -295,13 +301,17 @@ class CookingGame:
 
     def template(self, action: str) -> str:
         """The action as a skill step: ingredients by slot, a cut by the recipe's cut of that ingredient
-        (``slice <ingredient2> with knife`` → ``<cut2> <ingredient2> with knife``), no "from <where>" on a
-        take."""
+        (``slice <ingredient2> with knife`` → ``<cut2> <ingredient2> with knife``), a cook by what the recipe
+        cooks it with (``cook <ingredient1> with oven`` → ``cook <ingredient1> with <cook1>``), no "from
+        <where>" on a take."""
         names = {k: v for k, v in self._slots.items() if k.startswith("ingredient")}
         out = abstract(action, names)
         m = re.match(rf"^({'|'.join(_CUT)}) <ingredient(\d+)> (.+)$", out)
         if m and self._slots.get(f"cut{m.group(2)}") == m.group(1):
             out = f"<cut{m.group(2)}> <ingredient{m.group(2)}> {m.group(3)}"
+        m = re.match(r"^cook <ingredient(\d+)> with (.+)$", out)
+        if m and self._slots.get(f"cook{m.group(1)}") == m.group(2):
+            out = f"cook <ingredient{m.group(1)}> with <cook{m.group(1)}>"
         return re.sub(r"^take (.+?) from .+$", r"take \1", out)
 
     def close(self) -> None:

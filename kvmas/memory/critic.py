@@ -1,103 +1,26 @@
-"""Where candidate skills come from: extraction from successful episodes, and critics that propose edits from
-contrasts between successful and failed episodes (rule-based by default; an LLM critic behind the same interface).
+"""Critics: edits of a live skill proposed from contrasts between the successful and failed episodes it was
+active in (rule-based by default; an LLM critic behind the same interface). New skills come from
+:mod:`kvmas.memory.procedures`.
 
 All inputs are traces of finished episodes (:func:`kvmas.memory.episode.run_episode`).
 
->>> from kvmas.memory.critic import common_prefix
->>> common_prefix([["go to <place>", "take <object>"], ["go to <place>", "take <object>", "look"]])
-['go to <place>', 'take <object>']
+>>> from kvmas.memory.critic import ContrastiveRuleCritic
+>>> ContrastiveRuleCritic().propose(None, [])
+[]
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Protocol
 
 from pydantic import ValidationError
 
-from kvmas.envs.base import abstract
+from kvmas.memory.procedures import step_template
 from kvmas.memory.skill import Skill
 from kvmas.trace import Trace
-
-FAMILY_TERMS = {"clean": ["clean"], "heat": ["hot"], "cool": ["cold"], "place": ["put"]}
-
-
-def step_template(step) -> str:
-    """A recorded step's action as a skill step: the world's template when it recorded one, else the action
-    with the step's slots abstracted."""
-    tpl = step.meta.get("template")
-    return tpl if tpl else abstract(step.text_out or "", step.meta.get("slots") or {})
-
-
-def essential(trace: Trace) -> list[str]:
-    """Abstracted actions that reached a sub-goal, each with the move right before it (wandering dropped)."""
-    out, last_move = [], None
-    for s in trace.steps:
-        act = step_template(s)
-        if act.startswith("go to "):
-            last_move = act
-        elif s.meta.get("event"):
-            if last_move:
-                out.append(last_move)
-                last_move = None
-            out.append(act)
-    return out
-
-
-def common_prefix(seqs: list[list[str]]) -> list[str]:
-    out = []
-    for items in zip(*seqs):
-        if len(set(items)) != 1:
-            break
-        out.append(items[0])
-    return out
-
-
-def _task_template(trace: Trace) -> str:
-    slots = trace.steps[0].meta.get("slots") or {} if trace.steps else {}
-    return abstract(trace.question.split(". ")[0], slots)
-
-
-def _camel(text: str) -> str:
-    return "".join(w.capitalize() for w in re.findall(r"[a-z]+", text.lower())[:4]) or "Skill"
-
-
-def extract(traces: list[Trace], scope: str, *, min_support: int = 2) -> list[Skill]:
-    """New-skill candidates: per task family, the longest procedure prefix shared by >= ``min_support`` successes."""
-    by_family: dict[str, list[Trace]] = defaultdict(list)
-    for tr in traces:
-        if tr.outcome.get("success"):
-            by_family[tr.outcome.get("task_family", "")].append(tr)
-    out = []
-    for fam, trs in sorted(by_family.items()):
-        if len(trs) < min_support:
-            continue
-        groups: dict[tuple, list[Trace]] = defaultdict(list)
-        for tr in trs:
-            seq = essential(tr)[:6]
-            if seq:
-                groups[tuple(seq[:2])].append(tr)  # group by the opening, then take the shared prefix
-        for key, grp in sorted(groups.items()):
-            if len(grp) < min_support:
-                continue
-            steps = common_prefix([essential(t)[:6] for t in grp])
-            slots = grp[0].steps[-1].meta.get("slots") or {}  # the last step's: every slot the episode bound
-            fin = [st for st in grp[0].steps if step_template(st) == steps[-1]]
-            termination = abstract(fin[-1].meta.get("obs_after", ""), slots) if fin else ""
-            termination = termination or "the task is done"
-            template = _task_template(grp[0])
-            try:
-                out.append(Skill(
-                    scope=scope, name=_camel(fam) + _camel(" ".join(steps[-1:])), source="extracted",
-                    activation=f"the task is to {template}", activation_terms=FAMILY_TERMS.get(fam, []),
-                    steps=steps, termination=termination,
-                    provenance={"episodes": [t.run_id for t in grp], "family": fam, "rule": "common-prefix"}))
-            except ValidationError:
-                continue
-    return out
-
 
 class Critic(Protocol):
     """Proposes edited versions of ``parent`` (or new skills when ``parent`` is None) from episodes."""

@@ -9,6 +9,10 @@ is a kvmas :class:`~kvmas.trace.Trace` whose steps carry the exact prompt inputs
 >>> tr = run_episode(make_env("codebreaker", 1), ActionPolicy(tiny_model()), None, random.Random(0))
 >>> tr.outcome["n_steps"] == len(tr.steps) > 0
 True
+>>> from kvmas.memory.episode import play_script
+>>> env = make_env("house", 1)
+>>> play_script(env, ["look"]).steps[0].meta["template"]
+'look'
 """
 
 from __future__ import annotations
@@ -54,6 +58,53 @@ def run_episode(env, policy: ActionPolicy, memory: SkillMemory | None, rng: rand
             close()
 
 
+def play_script(env, actions: list[str]) -> Trace:
+    """Play ``actions`` in ``env`` (a gold walkthrough, a scripted plan) with no model: a trace of the shape
+    :func:`run_episode` writes (template, event, slots, observation after each step), for extraction and its
+    checks. Decisions carry no log-prob or model key, so the gate never replays them. Stops when the episode
+    ends; the world is closed afterwards."""
+    try:
+        obs = env.reset()
+        template = getattr(env, "template", None)
+        trace = Trace(method=f"skills:{env.name}", question=env.task, seed=env.seed,
+                      params={"split": env.split, "task_family": env.task_family, "script": True})
+        history: list[list[str]] = []
+        last = None
+        for action in actions:
+            admissible = env.admissible()
+            inputs = StepInputs(task=env.task, history=history, obs=obs, admissible=admissible)
+            slots = env.slots
+            tpl = template(action) if template is not None else abstract(action, slots)
+            last = env.step(action)
+            trace.add(Step(agent="actor", role="actor", action="script", text_in=obs, text_out=action,
+                           meta={"inputs": inputs.model_dump(), "choice": admissible.index(action),
+                                 "skill_id": None, "skill_name": None, "skill_source": None, "template": tpl,
+                                 **_result_meta(last, slots)}))
+            history = history + [[action, last.obs]]
+            obs = last.obs
+            if last.done:
+                break
+        trace.answer = trace.steps[-1].text_out if trace.steps else None
+        trace.outcome = _outcome(last, len(trace.steps), env.task_family, [])
+        return trace
+    finally:
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+
+
+def _result_meta(res, slots: dict[str, str]) -> dict:
+    return {"event": res.event, "obs_after": res.obs, "reward": res.reward, "score": res.score, "slots": slots}
+
+
+def _outcome(last, n_steps: int, family: str, invocations: list) -> dict:
+    reward = last.reward if last is not None else 0.0
+    won = reward > 0 if last is None or last.won is None else bool(last.won)
+    score = reward if last is None or last.score is None else last.score
+    return {"reward": reward, "success": won, "score": score, "n_steps": n_steps, "task_family": family,
+            "invocations": invocations}
+
+
 def _play(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Random, *, greedy: bool,
           iteration: int) -> Trace:
     t0 = time.perf_counter()
@@ -65,7 +116,7 @@ def _play(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Ran
                           "iteration": iteration, "kv_prefix": policy.kv_prefix})
     history: list[list[str]] = []
     active, age, since, invocations, done_ids = None, 0, 0, [], set()
-    reward, done = 0.0, False
+    done = False
     while not done:
         selected = False
         admissible = env.admissible()
@@ -104,16 +155,12 @@ def _play(env, policy: ActionPolicy, memory: SkillMemory | None, rng: random.Ran
                   "skill_id": active.id if active else None, "skill_name": active.name if active else None,
                   "skill_source": active.source if active else None,
                   "skill_tokens": scored.skill_tokens, "skill_since": since, "context": scored.context,
-                  "selected": selected, "template": tpl,
-                  "event": res.event, "obs_after": res.obs, "reward": res.reward, "score": res.score,
-                  "slots": slots},
+                  "selected": selected, "template": tpl, **_result_meta(res, slots)},
         ))
         history = history + [[action, res.obs]]
-        obs, reward, done, last = res.obs, res.reward, res.done, res
+        obs, done, last = res.obs, res.done, res
         age += 1
     trace.answer = trace.steps[-1].text_out
-    won = reward > 0 if last.won is None else bool(last.won)
-    trace.outcome = {"reward": reward, "success": won, "score": reward if last.score is None else last.score,
-                     "n_steps": len(trace.steps), "task_family": env.task_family, "invocations": invocations}
+    trace.outcome = _outcome(last, len(trace.steps), env.task_family, invocations)
     trace.wall_s = time.perf_counter() - t0
     return trace

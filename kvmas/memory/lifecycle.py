@@ -24,11 +24,12 @@ from typing import Callable
 from pydantic import BaseModel, Field
 
 from kvmas.envs import make_env
-from kvmas.memory.critic import ContrastiveRuleCritic, Critic, extract
+from kvmas.memory.critic import ContrastiveRuleCritic, Critic
 from kvmas.memory.episode import STEP_COST, episode_return, run_episode
 from kvmas.memory.gate import GateConfig, GateReport, gate, transitions_from
 from kvmas.memory.maintain import MaintainConfig, jaccard, maintain
 from kvmas.memory.policy import ActionPolicy
+from kvmas.memory.procedures import extract
 from kvmas.memory.runtime import SkillMemory
 from kvmas.memory.skill import LIVE, Skill
 from kvmas.memory.store import SkillStore
@@ -39,6 +40,7 @@ class LearnConfig(BaseModel):
     episodes_per_iter: int = 8
     explore_eps: float = 0.2
     min_support: int = 2
+    max_extracted: int = 4  # new-skill candidates extracted per iteration (each costs a gate run)
     buffer_min: int = 4  # episodes under a skill before the critic may edit it
     probation_min_uses: int = 4
     ema_alpha: float = 0.1
@@ -196,7 +198,11 @@ class Learner:
         st, cfg = self.store, self.cfg
         ev = self.evidence()
         live = st.all(self.scope, LIVE)
-        proposals: list[Skill] = extract(ev, self.scope, min_support=cfg.min_support)
+        found = extract(ev, self.scope, min_support=cfg.min_support, live=live, max_candidates=cfg.max_extracted)
+        if found.skills or found.rejected:  # what extraction chose and every candidate it did not, with why
+            st.log("extract", self.scope, actor="extract", reason=f"{len(found.skills)} proposed, "
+                   f"{len(found.rejected)} not", after=found.summary())
+        proposals: list[Skill] = list(found.skills)
         for parent in live:
             used = [t for t in ev if any(s.meta.get("skill_id") == parent.id for s in t.steps)]
             if len(used) >= cfg.buffer_min:
@@ -218,9 +224,9 @@ class Learner:
             if cand.parent_id:
                 tr = transitions_from(ev, baseline=base, behavior_skill=cand.parent_id, model_key=key,
                                       step_cost=cfg.step_cost)
-            else:
-                fam = cand.provenance.get("family")
-                tr = transitions_from(ev, baseline=base, families={fam} if fam else None, model_key=key,
+            else:  # a new skill: replayed on the families whose episodes carried it out (all when it spans them)
+                fams = set(cand.provenance.get("families") or [cand.provenance.get("family")]) - {None, ""}
+                tr = transitions_from(ev, baseline=base, families=fams or None, model_key=key,
                                       step_cost=cfg.step_cost, from_start=True)
             if cfg.use_gate:
                 rep = gate(self.policy, cand, tr, cfg.gate, parent_id=cand.parent_id)
@@ -231,7 +237,9 @@ class Learner:
             if rep.decision == "defer":
                 st.log("defer", self.scope, cand.id, actor="gate", reason=rep.reason)
                 continue
-            results[cand.parent_id or f"new:{cand.provenance.get('family')}"].append((cand, rep))
+            # best of N per parent; new skills compete with those that start on the same new step
+            group = cand.provenance.get("group") or cand.provenance.get("family")
+            results[cand.parent_id or f"new:{group}"].append((cand, rep))
         out = []
         for group in results.values():
             accepted = [(c, r) for c, r in group if r.decision == "accept"]

@@ -59,6 +59,8 @@ def step_hint(skill: Skill, actions: list[str], admissible: list[str], slots: di
     p = 0
     grounded = [ground(s, slots) for s in skill.steps]
     for a in actions:
+        while p < len(grounded) and unbound(grounded[p]):  # skipped here too, or one would stall the pointer
+            p += 1
         if p < len(grounded) and matches(grounded[p], a):
             p += 1
     while p < len(grounded) and (unbound(grounded[p])
