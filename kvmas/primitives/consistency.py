@@ -22,9 +22,9 @@ from kvmas.primitives.vote import answer_key as default_answer_key
 class SelfConsistency(Primitive):
     """``n`` samples (default 5, temperature 0.7) of Single's prompt, as batch rows of one prefilled question.
 
-    The answer is the first sample whose answer (``answer_key``: last box, else last number) is the most
-    common one; ties go to the earliest sample, and when no sample has a readable answer the first sample is
-    returned. ``comm`` is accepted for a uniform interface and changes nothing (there is nothing to hand off).
+    The answer is the first sample whose answer (``answer_key``: the number the scorer would read, else a
+    worded box) is the most common one; ties go to the earliest sample, and when no sample has a readable
+    answer the first sample is returned. ``comm`` is accepted for a uniform interface and changes nothing (there is nothing to hand off).
     """
 
     name = "consistency"

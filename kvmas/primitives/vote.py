@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Callable
 
@@ -24,12 +25,20 @@ SELECT = ("You are the Selector. Several solvers worked on the problem above. Us
 
 
 def answer_key(text: str) -> str | None:
-    """A comparable answer: the last \\boxed{} content, else the last number (for answer-level majority)."""
+    r"""A comparable answer for answer-level majority: the reply's number, canonical, else a worded box.
 
-    boxed = boxed_contents(text or "")
-    if boxed:
-        return boxed[-1].strip()
-    return extract_number(text or "")
+    Numbers are read as the scorer reads them (``tasks.answers.extract_number``), so ``\boxed{$18}``,
+    ``\boxed{18.00}`` and "the answer is 18." are one answer; a last box that holds no number (a choice label,
+    a word) is its own text.
+
+    >>> [answer_key(t) for t in (r"\boxed{$18}", r"so \boxed{18.00}", "The answer is 18.", r"\boxed{B}", "hmm")]
+    ['18', '18', '18', 'B', None]
+    """
+    text = text or ""
+    boxed = [b for b in boxed_contents(text) if b]
+    if boxed and not re.search(r"\d", boxed[-1]):
+        return boxed[-1]
+    return extract_number(text)
 
 
 class Vote(Primitive):
@@ -45,7 +54,8 @@ class Vote(Primitive):
     the selector reads the candidates' own KV, nothing re-prefilled.
     ``aggregate="majority"`` answers with the majority answer when candidate answers are extractable and a
     strict majority exists (text candidates), else falls back to the selector. ``answer_key`` maps a
-    candidate's text to a comparable answer (default :func:`answer_key`: last box, else last number).
+    candidate's text to a comparable answer (default :func:`answer_key`: the number the scorer would read,
+    else a worded box).
     """
 
     name = "vote"
