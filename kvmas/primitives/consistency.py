@@ -24,7 +24,8 @@ class SelfConsistency(Primitive):
 
     The answer is the first sample whose answer (``answer_key``: the number the scorer would read, else a
     worded box) is the most common one; ties go to the earliest sample, and when no sample has a readable
-    answer the first sample is returned. ``comm`` is accepted for a uniform interface and changes nothing (there is nothing to hand off).
+    answer the first sample is returned. ``comm`` is accepted for a uniform interface and changes nothing
+    (there is nothing to hand off).
     """
 
     name = "consistency"
