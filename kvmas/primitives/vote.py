@@ -29,13 +29,16 @@ def answer_key(text: str) -> str | None:
 
     Numbers are read as the scorer reads them (``tasks.answers.extract_number``), so ``\boxed{$18}``,
     ``\boxed{18.00}`` and "the answer is 18." are one answer; a last box that holds no number (a choice label,
-    a word) is its own text.
+    a word) is its own text. A box introduced as a format example ("e.g. \boxed{N}") is not an answer, as
+    for the scorer.
 
     >>> [answer_key(t) for t in (r"\boxed{$18}", r"so \boxed{18.00}", "The answer is 18.", r"\boxed{B}", "hmm")]
     ['18', '18', '18', 'B', None]
+    >>> answer_key(r"I will answer as e.g. \boxed{N}. The total is 12.")
+    '12'
     """
     text = text or ""
-    boxed = [b for b in boxed_contents(text) if b]
+    boxed = [b for b in boxed_contents(text, answers_only=True) if b]
     if boxed and not re.search(r"\d", boxed[-1]):
         return boxed[-1]
     return extract_number(text)

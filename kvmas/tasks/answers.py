@@ -92,13 +92,16 @@ class Reading:
 NONE = Reading(None, None)
 
 
-def boxed_contents(text: str) -> list[str]:
-    r"""Contents of every ``\boxed{...}`` / ``\fbox{...}`` in order, with nested braces balanced.
+def boxed_contents(text: str, answers_only: bool = False) -> list[str]:
+    r"""Contents of every ``\boxed{...}`` / ``\fbox{...}`` in order, with nested braces balanced;
+    ``answers_only`` leaves out boxes introduced as format examples ("e.g. \boxed{N}"), as the scorer does.
 
     >>> boxed_contents(r"\boxed{\frac{1}{2}} and \boxed{7}")
     ['\\frac{1}{2}', '7']
+    >>> boxed_contents(r"Put it as e.g. \boxed{N}. So \boxed{7}", answers_only=True)
+    ['7']
     """
-    return _boxes(text)
+    return _boxes(text, answers_only)
 
 
 def _boxes(text: str, answers_only: bool = False) -> list[str]:
