@@ -47,3 +47,20 @@ def test_samples_share_one_prefill_and_differ(model):
 def test_it_is_a_bench_method(model):
     assert [m.name for m in parse_methods("single,consistency")] == ["single", "consistency"]
     assert parse_method("consistency", max_new_tokens=4, latent_steps=2).method == "consistency"
+
+
+def test_the_default_key_reads_a_choice_question_as_the_scorer_does(model):
+    """On a multiple-choice question the samples' keys are option labels (a worded reply included): before,
+    every such sample keyed None and the first sample won whatever the others said."""
+    from kvmas.tasks import format_question
+    from kvmas.tasks.answers import extract_answer
+    from kvmas.tasks.task import Choice, Task
+
+    task = Task(id="c", question="Which is a gas?", answer="B", kind="choice",
+                choices=[Choice(label="A", text="iron"), Choice(label="B", text="steam")])
+    question = format_question(task, style="direct")
+    res = SelfConsistency(n=5, max_new_tokens=6, temperature=1.0)(question, model=model)
+    samples = next(s for s in res.trace.steps if s.action == "speak").text_out.split("\n---\n")
+    assert res.meta["vote_candidates"] == [extract_answer(s, task) for s in samples]
+    from kvmas.primitives.vote import answer_key
+    assert [answer_key(t, question) for t in ("B. steam", "steam", r"\boxed{A}", "either")] == ["B", "B", "A", None]

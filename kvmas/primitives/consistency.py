@@ -16,14 +16,14 @@ from typing import Callable
 
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.primitives.base import Output, Primitive, check_param
-from kvmas.primitives.vote import answer_key as default_answer_key
+from kvmas.primitives.vote import keys_of
 
 
 class SelfConsistency(Primitive):
     """``n`` samples (default 5, temperature 0.7) of Single's prompt, as batch rows of one prefilled question.
 
-    The answer is the first sample whose answer (``answer_key``: the number the scorer would read, else a
-    worded box) is the most common one; ties go to the earliest sample, and when no sample has a readable
+    The answer is the first sample whose answer (``answer_key``, default ``vote.answer_key`` for the run's
+    question: the option label or number the scorer would read) is the most common one; ties go to the earliest sample, and when no sample has a readable
     answer the first sample is returned. ``comm`` is accepted for a uniform interface and changes nothing
     (there is nothing to hand off).
     """
@@ -31,7 +31,7 @@ class SelfConsistency(Primitive):
     name = "consistency"
 
     def __init__(self, comm="latent", n: int = 5, temperature: float = 0.7, max_new_tokens: int = 512,
-                 latent_steps: int = 0, answer_key: Callable[[str], str | None] = default_answer_key, **kw):
+                 latent_steps: int = 0, answer_key: Callable[[str], str | None] | None = None, **kw):
         super().__init__(comm=comm, latent_steps=latent_steps, max_new_tokens=max_new_tokens,
                          temperature=temperature, **kw)
         self.n = check_param("n", n)
@@ -58,7 +58,7 @@ class SelfConsistency(Primitive):
                                 self.text_context(ctx, inp) + "\n\nSolve the problem.")
         texts, rows = solver.speak(ctx, state.fork(self.n))
         texts = texts if isinstance(texts, list) else [texts]
-        keys = [self.answer_key(t) for t in texts]
+        keys = keys_of(texts, ctx, self.answer_key)
         counts = Counter(k for k in keys if k is not None)
         pick = keys.index(max(counts, key=lambda k: (counts[k], -keys.index(k)))) if counts else 0
         return inp.then(rows.select([pick]), answer=texts[pick], message=("Most consistent solution", texts[pick]),

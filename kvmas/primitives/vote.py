@@ -10,7 +10,8 @@ from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState, MERGE_POLICIES
 from kvmas.errors import BadInputError
 from kvmas.primitives.base import Output, Primitive, check_param
-from kvmas.tasks.answers import boxed_contents, extract_number
+from kvmas.tasks.answers import boxed_contents, extract_choice, extract_number
+from kvmas.tasks.prompts import parse_choices
 
 PERSONAS = (
     "You are Solver {i}, a careful mathematician who checks every calculation.",
@@ -24,24 +25,37 @@ SELECT = ("You are the Selector. Several solvers worked on the problem above. Us
           "solve the problem step by step and give the single best final answer in the format the problem asks for.")
 
 
-def answer_key(text: str) -> str | None:
-    r"""A comparable answer for answer-level majority: the reply's number, canonical, else a worded box.
+def answer_key(text: str, question: str = "") -> str | None:
+    r"""A comparable answer for answer-level majority, read as the scorer reads it.
 
-    Numbers are read as the scorer reads them (``tasks.answers.extract_number``), so ``\boxed{$18}``,
-    ``\boxed{18.00}`` and "the answer is 18." are one answer; a last box that holds no number (a choice label,
-    a word) is its own text. A box introduced as a format example ("e.g. \boxed{N}") is not an answer, as
-    for the scorer.
+    When ``question`` lists options as ``tasks.format_question`` writes them, the key is the option label the
+    reply chose (``tasks.answers.extract_choice``: "B. steam", "steam" and "\boxed{B}" are one answer).
+    Otherwise numbers are read with ``extract_number``, so ``\boxed{$18}``, ``\boxed{18.00}`` and "the answer
+    is 18." are one answer; a last box that holds no number (a word) is its own text. A box introduced as a
+    format example ("e.g. \boxed{N}") is not an answer, as for the scorer.
 
     >>> [answer_key(t) for t in (r"\boxed{$18}", r"so \boxed{18.00}", "The answer is 18.", r"\boxed{B}", "hmm")]
     ['18', '18', '18', 'B', None]
     >>> answer_key(r"I will answer as e.g. \boxed{N}. The total is 12.")
     '12'
+    >>> q = "Which is a gas?\nA. iron\nB. steam\nAnswer with the letter of the correct option only."
+    >>> [answer_key(t, q) for t in ("B. steam", "steam", r"\boxed{B}", "A or B")]
+    ['B', 'B', 'B', None]
     """
     text = text or ""
+    choices = parse_choices(question) if question else None
+    if choices:
+        return extract_choice(text, *choices)
     boxed = [b for b in boxed_contents(text, answers_only=True) if b]
     if boxed and not re.search(r"\d", boxed[-1]):
         return boxed[-1]
     return extract_number(text)
+
+
+def keys_of(texts: list[str], ctx: RunContext, key: Callable[[str], str | None] | None = None) -> list:
+    """Each text's answer key: ``key(text)`` when a key was given, else :func:`answer_key` for the run's
+    question."""
+    return [key(t) if key else answer_key(t, ctx.question) for t in texts]
 
 
 class Vote(Primitive):
@@ -57,14 +71,14 @@ class Vote(Primitive):
     the selector reads the candidates' own KV, nothing re-prefilled.
     ``aggregate="majority"`` answers with the majority answer when candidate answers are extractable and a
     strict majority exists (text candidates), else falls back to the selector. ``answer_key`` maps a
-    candidate's text to a comparable answer (default :func:`answer_key`: the number the scorer would read,
-    else a worded box).
+    candidate's text to a comparable answer (default None: :func:`answer_key` for the run's question, the
+    option label or number the scorer would read).
     """
 
     name = "vote"
 
     def __init__(self, comm="latent", n: int = 3, merge_policy: str = "shared", aggregate: str = "selector",
-                 answer_key: Callable[[str], str | None] = answer_key, **kw):
+                 answer_key: Callable[[str], str | None] | None = None, **kw):
         super().__init__(comm=comm, **kw)
         self.answer_key = answer_key
         self.n = check_param("n", n)
@@ -116,7 +130,7 @@ class Vote(Primitive):
             rows = solvers.read(ctx, base.fork(self.n), prompts, fresh=True)
             cands, _ = solvers.speak(ctx, rows)
         cands = list(cands) if isinstance(cands, list) else [cands]
-        keys = [self.answer_key(c) for c in cands]
+        keys = keys_of(cands, ctx, self.answer_key)
         shown = [(f"Solver {i + 1}'s solution", c) for i, c in enumerate(cands)]
         top, count = Counter(k for k in keys if k).most_common(1)[0] if any(keys) else (None, 0)
         if self.aggregate == "majority" and top is not None and count * 2 > len(keys):

@@ -1,6 +1,6 @@
 r"""Prompt text for tasks: the same instruction for every method, so methods differ only in how agents talk.
 
->>> from kvmas.tasks.task import Task
+>>> from kvmas.tasks.task import Choice, Task
 >>> from kvmas.tasks.prompts import format_question
 >>> print(format_question(Task(id="t", question="What is 2+3?", answer="5")))
 What is 2+3?
@@ -8,6 +8,8 @@ Reason step by step, then give the final answer as \boxed{N}.
 """
 
 from __future__ import annotations
+
+import re
 
 from kvmas.errors import BadInputError
 from kvmas.tasks.answers import is_correct
@@ -21,11 +23,43 @@ CHOICE_INSTRUCTION = "Reason step by step, then give the letter of the correct o
 DIRECT_NUMBER_INSTRUCTION = "Answer with the final number only."
 DIRECT_CHOICE_INSTRUCTION = "Answer with the letter of the correct option only."
 STYLES = ("cot", "direct")
+_OPTION_RE = re.compile(r"^([A-Za-z0-9]{1,2})\. (.*)$")  # one line of format_choices
 
 
 def format_choices(task: Task) -> str:
     """``A. text`` lines, one per option (empty for number tasks)."""
     return "\n".join(f"{c.label}. {c.text}" for c in task.choices or ())
+
+
+def parse_choices(question: str) -> tuple[list[str], list[str]] | None:
+    """The options of a question as :func:`format_question` writes them (labels, texts), else None.
+
+    Only a block of ``L. text`` lines directly before a multiple-choice instruction counts, so a numbered
+    list inside a word problem is not read as options.
+
+    >>> from kvmas.tasks.task import Choice
+    >>> t = Task(id="t", question="Which is a gas?", answer="B", kind="choice",
+    ...          choices=[Choice(label="A", text="iron"), Choice(label="B", text="steam")])
+    >>> parse_choices(format_question(t, style="direct"))
+    (['A', 'B'], ['iron', 'steam'])
+    >>> parse_choices(format_question(Task(id="n", question="1. Add 2.\\n2. Add 3.", answer="5"))) is None
+    True
+    """
+    lines = question.splitlines()
+    for end, line in enumerate(lines):
+        if line.strip() in (CHOICE_INSTRUCTION, DIRECT_CHOICE_INSTRUCTION):
+            break
+    else:
+        return None
+    labels: list[str] = []
+    texts: list[str] = []
+    for line in reversed(lines[:end]):
+        m = _OPTION_RE.match(line)
+        if not m:
+            break
+        labels.insert(0, m.group(1))
+        texts.insert(0, m.group(2).strip())
+    return (labels, texts) if len(labels) >= 2 and len(set(labels)) == len(labels) else None
 
 
 def check_style(style: str) -> str:
