@@ -296,6 +296,27 @@ def test_plant_on_a_model_that_never_gets_it_right_writes_nothing(tmp_path):
     assert r.exit_code == 2 and "--n must be" in r.output and not out.exists()
 
 
+def test_plant_refuses_an_unknown_fault_and_choice_tasks_before_loading_a_model(tmp_path):
+    out = tmp_path / "p.jsonl"
+    r = runner.invoke(app, ["plant", "--out", str(out), "--fault", "typo"])
+    assert r.exit_code == 2 and "--fault must be one of claim, slip" in r.output and not out.exists()
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text(json.dumps({"id": "c1", "question": "Which is a gas?", "choices": {"label": ["A", "B"], "text": [
+        "iron", "steam"]}, "answerKey": "B"}) + "\n")
+    r = runner.invoke(app, ["plant", "--out", str(out), "--data", str(arc), "--n", "1"])
+    assert r.exit_code == 2 and "planting needs number answers; c1 is a choice task" in r.output
+    assert not out.exists()
+
+
+def test_a_slip_keeps_the_agents_words_and_changes_one_value():
+    from kvmas.attribution.planted import slip
+
+    text = "She had 1,200 apples and sold 300, so 1,200 - 300 = 900 remain. Answer: 900."
+    assert slip(text, "900") == "She had 1,200 apples and sold 300, so 1,200 - 300 = 901 remain. Answer: 901."
+    assert slip("Take 1,200 and subtract 300.", "900") == "Take 1,200 and subtract 301."  # last number + 1
+    assert slip("Step 2.5 is 7.5", "7.5") == "Step 2.5 is 8.5" and slip("", "3") is None
+
+
 def test_answer_origin_is_the_earliest_step_the_final_answer_comes_from():
     """The final answer repeats 1234 (first printed by the coder's code) and 'Springfield' (said later by the
     writer): only the coder's turn is the origin, and a tool output credits the turn that ran it."""

@@ -14,6 +14,7 @@ replay) and score agent and step hits.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -175,35 +176,82 @@ FAULTS = [  # a planted mistake, in a few voices: a confident claim, an assumpti
     "Let's assume the numbers were meant differently; then the result is {wrong}.",
     "Adding them up step by step gives {wrong}. The answer is {wrong}.",
 ]
+FAULT_KINDS = ("claim", "slip")
+_NUMBER_TOKEN = re.compile(r"(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+
+
+def slip(text: str, gold: str) -> str | None:
+    r"""The agent's own message with one value wrong, in its own words: every number equal to ``gold``
+    becomes :func:`wrong_value` (``gold`` + 1), else (the message never states it) its last number + 1;
+    None when the message holds no number (nothing to get wrong).
+
+    >>> slip(r"48 / 2 = 24 in May, so 48 + 24 = 72. The answer is \boxed{72}.", "72")
+    '48 / 2 = 24 in May, so 48 + 24 = 73. The answer is \\boxed{73}.'
+    >>> slip("First halve 48, then add.", "72"), slip("No numbers here.", "72")
+    ('First halve 49, then add.', None)
+    """
+    g = parse_number(gold)
+    found = list(_NUMBER_TOKEN.finditer(text))
+    if g is None or not found:
+        return None
+    hits = [m for m in found if parse_number(m.group(0)) == g]
+    if hits:
+        wrong = wrong_value(gold)
+        return _NUMBER_TOKEN.sub(lambda m: wrong if parse_number(m.group(0)) == g else m.group(0), text)
+    last = found[-1]
+    value = parse_number(last.group(0))
+    return text[:last.start()] + format_number(value + 1) + text[last.end():]
 
 
 def planted_traces(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, seed: int = 0,
-                   plant: str = "first", progress: Callable[[str], None] | None = None):
+                   plant: str = "first", progress: Callable[[str], None] | None = None,
+                   batch_size: int | None = None, fault: str = "claim"):
     """Failed runs with a known decisive error, for attribution data: ``(label, trace)`` pairs.
 
     Every (primitive, task) whose clean run is right gets, for each agent, that agent's first (or last) content
-    step replaced by a wrong claim (the voice rotates through :data:`FAULTS`); a faulted run that ends wrong is
-    kept, its trace's ``outcome`` recording ``gold``, ``correct: false`` and ``planted: {agent, step, reason}``.
+    step replaced by a wrong one; a faulted run that ends wrong is kept, its trace's ``outcome`` recording
+    ``gold``, ``correct: false`` and ``planted: {agent, step, reason}``. ``fault``: ``claim``, a wrong claim in
+    one of the voices of :data:`FAULTS` (rotating), or ``slip``, the agent's own clean message with one value
+    wrong (:func:`slip`; a step with no number to get wrong is skipped, said so). The clean runs of a primitive
+    run as one batch (``batch_size`` at a time, default all), then its faulted runs as another: each run
+    computes what it would alone (the engine's batch invariance), in the same order.
     """
+    from kvmas.agents.engine import run_batched
+
+    if fault not in FAULT_KINDS:
+        raise BadInputError(f"fault must be one of {', '.join(FAULT_KINDS)}, not {fault!r}")
     n = 0
     for label, prim in primitives.items():
-        for q, gold in tasks:
-            judge = number_judge(gold)
-            clean = prim(q, model=model, seed=seed)
-            if judge(clean.answer) < 1.0:
+        cleans = run_batched(model, [lambda q=q: prim(q, model=model, seed=seed) for q, _ in tasks], batch_size)
+        faults = []  # (question, gold, agent, step, text) of every fault to plant, in the sequential order
+        for (q, gold), clean in zip(tasks, cleans):
+            if number_judge(gold)(clean.answer) < 1.0:
                 if progress:
                     progress(f"{label} {q!r}: clean run wrong ({clean.answer!r}), skipped")
                 continue
             for agent, (k, _action) in content_steps(clean.trace, plant).items():
-                text = FAULTS[n % len(FAULTS)].format(wrong=wrong_value(gold))
-                n += 1
-                faulted = prim(q, model=model, seed=seed, interventions={agent: Intervention("replace", text, {k})})
-                if judge(faulted.answer) >= 1.0:
-                    if progress:
-                        progress(f"{label} {q!r}: fault at {agent}@{k} ineffective, skipped")
-                    continue
-                faulted.trace.outcome = {"gold": gold, "correct": False, "planted": {
-                    "agent": agent, "step": k, "reason": f"planted: {agent}'s step replaced by {text!r}"}}
+                if fault == "slip":
+                    text = slip((clean.trace.steps[k].text_out or "").split("\n---\n")[0], gold)
+                    if text is None:
+                        if progress:
+                            progress(f"{label} {q!r}: {agent}@{k} states no number to get wrong, skipped")
+                        continue
+                else:
+                    text = FAULTS[n % len(FAULTS)].format(wrong=wrong_value(gold))
+                    n += 1
+                faults.append((q, gold, agent, k, text))
+        faulted_runs = run_batched(model, [
+            lambda q=q, agent=agent, k=k, text=text: prim(
+                q, model=model, seed=seed, interventions={agent: Intervention("replace", text, {k})})
+            for q, _gold, agent, k, text in faults], batch_size)
+        for (q, gold, agent, k, text), faulted in zip(faults, faulted_runs):
+            if number_judge(gold)(faulted.answer) >= 1.0:
                 if progress:
-                    progress(f"{label} {q!r}: fault at {agent}@{k} -> {faulted.answer!r}")
-                yield label, faulted.trace
+                    progress(f"{label} {q!r}: fault at {agent}@{k} ineffective, skipped")
+                continue
+            short = text if len(text) <= 200 else text[:200] + " [...]"
+            faulted.trace.outcome = {"gold": gold, "correct": False, "planted": {
+                "agent": agent, "step": k, "fault": fault, "reason": f"planted: {agent}'s step replaced by {short!r}"}}
+            if progress:
+                progress(f"{label} {q!r}: fault at {agent}@{k} -> {faulted.answer[-80:]!r}")
+            yield label, faulted.trace

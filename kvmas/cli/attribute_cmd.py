@@ -23,6 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from kvmas.cli.boundary import fail as _fail
+from kvmas.cli.options import BATCH_SIZE
 from kvmas.cli.render import console, lit
 from kvmas.errors import KvmasError
 from kvmas.paths import atomic_write_text
@@ -141,33 +142,54 @@ def planted_cmd(
 @app.command("plant")
 def plant_cmd(
     out_path: Path = typer.Option(..., "--out", help="Who&When-format JSONL of the planted-fault failures"),
-    n: int = typer.Option(8, help="how many arithmetic tasks"),
+    n: int = typer.Option(8, help="how many tasks"),
+    data: Optional[Path] = typer.Option(None, "--data", help="number-answer tasks (.jsonl, e.g. GSM8K train), "
+                                        "asked as the bench asks them (default: generated sums)"),
+    start: int = typer.Option(0, help="skip this many tasks of --data first"),
+    fault: str = typer.Option("claim", help="claim: a wrong claim in one of a few voices; slip: the agent's own "
+                              "message with one value wrong"),
     methods: str = typer.Option("text:review,text:vote,text:plan", help="comma-separated primitives"),
     model: Optional[str] = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
     max_new_tokens: int = typer.Option(32, help="decode budget per speaking agent"),
     plant: str = typer.Option("first", help="plant on each agent's first or last content step"),
     traces: Optional[Path] = typer.Option(None, help="also save every faulted trace in this folder"),
+    batch_size: Optional[int] = BATCH_SIZE,
 ) -> None:
     """Failure logs of our own system with known decisive errors: planted faults in real runs, exported in the
     Who&When format (a second system to test whether attribution transfers)."""
     from kvmas.agents.model import Model
     from kvmas.attribution.export import to_whowhen
-    from kvmas.attribution.planted import arithmetic_tasks, planted_traces
+    from kvmas.attribution.planted import FAULT_KINDS, arithmetic_tasks, planted_traces
     from kvmas.errors import BadInputError
     from kvmas.paths import inside, safe_name
     from kvmas.primitives import parse_method
+    from kvmas.tasks.loaders import load_tasks
+    from kvmas.tasks.prompts import format_question
 
     out = console()
     try:
         if n < 1:
             raise BadInputError("--n must be >= 1")
+        if batch_size is not None and batch_size < 1:
+            raise BadInputError("--batch-size must be >= 1")
+        if fault not in FAULT_KINDS:
+            raise BadInputError(f"--fault must be one of {', '.join(FAULT_KINDS)}, not {fault!r}")
         prims = {m: parse_method(m, max_new_tokens=max_new_tokens)
                  for m in [x.strip() for x in methods.split(",") if x.strip()]}
+        if data is None:
+            tasks = arithmetic_tasks(n)
+        else:
+            loaded = load_tasks(data, n=n, start=start)
+            wrong_kind = [t for t in loaded if t.kind != "number"]
+            if wrong_kind:
+                raise BadInputError(f"{data}: planting needs number answers; {wrong_kind[0].id} is a "
+                                    f"{wrong_kind[0].kind} task")
+            tasks = [(format_question(t), t.answer) for t in loaded]
         records = []
-        for label, trace in planted_traces(prims, arithmetic_tasks(n), Model.load(model), plant=plant,
-                                           progress=lambda msg: out.print(lit(msg))):
+        for label, trace in planted_traces(prims, tasks, Model.load(model), plant=plant, fault=fault,
+                                           progress=lambda msg: out.print(lit(msg)), batch_size=batch_size):
             p = trace.outcome["planted"]
-            rid = f"planted-{len(records)}"
+            rid = f"planted-{fault}-{plant}-{start}-{len(records)}"  # unique across files of one system
             records.append(to_whowhen(trace, (p["agent"], p["step"]), system=f"kvmas-planted/{label}",
                                       record_id=rid))
             if traces:
