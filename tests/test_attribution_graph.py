@@ -59,3 +59,23 @@ def test_reach_all_matches_descendants():
                         for _ in range(40)])
     perf = performance_graph(data_graph(log), log)
     assert reach_all(perf) == {i: reach(perf, i) for i in range(40)}
+
+
+def test_an_orchestrator_ledger_is_structure_not_an_answer():
+    """A Magentic-One-style ledger (JSON keys, "provide the final answer") neither states the final answer nor
+    carries values: before, its quoted keys were 'values', the ledger that asked for the answer was a final
+    step, and every earlier ledger 'introduced' the answer's values."""
+    ledger = ('Updated Ledger:\n{"is_request_satisfied": {"reason": "not yet", "answer": false},\n'
+              ' "next_speaker": {"reason": "needed", "answer": "Assistant"},\n'
+              ' "instruction_or_question": {"reason": "done", "answer": "Provide the final answer."}}')
+    log = from_whowhen({"question": "How many albums?", "history": [
+        {"role": "human", "content": "How many albums?"},
+        {"role": "Orchestrator (thought)", "content": ledger},
+        {"role": "WebSurfer", "content": "The page lists 'Silver Roads' (2002) and 'Northbound' (2005)."},
+        {"role": "Assistant", "content": "Silver Roads (2002) and Northbound (2005): the answer is 2 albums."},
+        {"role": "Orchestrator (thought)", "content": ledger},
+        {"role": "Orchestrator (termination condition)", "content": "The request is satisfied. FINAL ANSWER: 2"}]})
+    assert "next_speaker" not in values(ledger) and "not yet" in values(ledger)
+    assert final_steps(log) == [3, 5]  # the Assistant states the answer; the ledger only asks for it
+    perf = performance_graph(data_graph(log), log)
+    assert perf.has_edge(2, OUTCOME) and not perf.has_edge(1, OUTCOME)  # the values come from the WebSurfer

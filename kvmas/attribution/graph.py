@@ -27,7 +27,7 @@ from kvmas.attribution.log import AttributionLog, normalize_agent
 
 OUTCOME = "Y"
 _NUM = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?%?(?![\w])")
-_QUOTED = re.compile(r"[\"'“‘`]([^\"'”’`\n]{3,60})[\"'”’`]")
+_QUOTED = re.compile(r"[\"'“‘`]([^\"'”’`\n]{3,60})[\"'”’`](?!\s*:)")  # a quoted key ("next_speaker":) is structure
 _URL = re.compile(r"https?://[^\s)\]>\"']+")
 _FILE = re.compile(r"\b[\w\-/]+\.(?:py|csv|xlsx|xls|json|txt|pdf|png|jpg|mp3|mp4|docx|pptx|html|xml|zip)\b")
 _CODE = re.compile(r"```")
@@ -146,11 +146,27 @@ def final_steps(log: AttributionLog) -> list[int]:
     speakers = [s for s in subst if not s.is_terminal] or subst
     last = speakers[-1].index
     out = [last]
-    for s in reversed(subst):
-        if s.index != last and _FINAL.search(s.content) and not s.is_terminal:
+    for s in reversed(subst):  # an instruction to give the answer ("provide the final answer.") states none
+        if s.index != last and not s.is_terminal and _FINAL.search(s.content) and stated_answer(s.content).strip(" .*:\n\"'}"):
             out.append(s.index)
             break
     return sorted(set(out))
+
+
+def stated_answer(text: str) -> str:
+    """What a turn states as its answer: the text after its last answer marker ("FINAL ANSWER:", "the answer
+    is", ...), else the whole turn. A closing turn's boilerplate (a ledger's keys, "the request is
+    satisfied") is then no part of the answer.
+
+    >>> stated_answer('{"next_speaker": "Assistant"}\\nThe request is satisfied. FINAL ANSWER: 4')
+    ': 4'
+    >>> stated_answer("Done, see above.")
+    'Done, see above.'
+    """
+    last = None
+    for last in _FINAL.finditer(text):
+        pass
+    return text if last is None else text[last.end():]
 
 
 def final_values(log: AttributionLog) -> set[str]:
