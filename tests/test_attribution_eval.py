@@ -80,3 +80,15 @@ def test_shipped_weights_attribute_a_log(tmp_path):
     assert res.step == log.gold_step and res.ranking[0].evidence
     assert abs(sum(r.score for r in res.ranking) - 1) < 1e-6
     assert res.suggested_fix
+
+
+def test_too_few_usable_records_for_the_folds_is_an_error_naming_the_file_and_the_skips(tmp_path):
+    from kvmas.errors import BadInputError
+
+    bad = tmp_path / "few.jsonl"
+    bad.write_text('{"question": "q", "history": [{"name": "a", "content": "x"}, {"name": "b", "content": "y"}], '
+                   '"mistake_agent": "a", "mistake_step": "0"}\n'
+                   '{"question": "q", "history": [], "mistake_agent": "a", "mistake_step": "0"}\n')
+    with pytest.raises(BadInputError, match=r"few.jsonl: 1 usable labelled record\(s\) \(1 unreadable record\); "
+                                            r"5-fold cross-validation needs at least 5"):
+        evaluate(bad, feature_sets=("portable",))

@@ -234,6 +234,9 @@ def evaluate(path: str | Path, with_gt: bool = False, folds: int = 5, seeds: tup
     out: dict[str, Any] | None = None
     for fs in feature_sets:
         ds = load(path, with_gt, fs)
+        if len(ds.items) < max(2, folds):
+            raise BadInputError(f"{path}: {len(ds.items)} usable labelled record(s) ({_skips(ds.skipped)}); "
+                                f"{folds}-fold cross-validation needs at least {max(2, folds)}")
         runs = [cross_validate(ds, folds, sd, l2) for sd in seeds]
         preds0, base0 = runs[0]
         rep = _report(ds, {f"{fs}_{r}": preds0[r] for r in RULES}, base0, mode="cv", data=str(path),
