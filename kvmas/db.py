@@ -62,6 +62,8 @@ def _typed(path: str | Path) -> Iterator[None]:
         raise typed from None
     except UnicodeDecodeError:  # a TEXT cell that is not UTF-8
         raise CacheCorruptError(f"{path} holds text that is not UTF-8 (damaged or altered outside kvmas)") from None
+    except OverflowError as exc:  # an imported number past SQLite's 64-bit INTEGER; the transaction rolls back
+        raise BadInputError(f"a number too large to store in {path} ({exc}); nothing was written") from None
 
 
 class _Cursor(sqlite3.Cursor):

@@ -2,6 +2,7 @@
 every count is checked exactly afterwards: no outcome recorded without being counted, none counted twice,
 no lost update, a sound file. A planted non-atomic writer shows the checks catch what they look for."""
 
+import json
 import multiprocessing as mp
 import os
 import random
@@ -163,3 +164,19 @@ def test_the_checks_catch_a_split_transaction(tmp_path):
             assert p.exitcode == (-signal.SIGKILL if plant is not None else 0)
     assert pool_problems(KnowledgePool(pool_path, seed=False), entry.id, 1, 6) != []
     assert skill_problems(SkillStore(skills_path), shared.id, 1, 6) != []
+
+
+def test_an_imported_number_past_64_bits_is_refused_and_nothing_is_written(tmp_path):
+    """Found by the fuzz test: a pool export whose entry has tokens = 10**30 raised OverflowError from sqlite3."""
+    from kvmas.errors import BadInputError
+    from kvmas.organizer.pool import KnowledgePool
+
+    pool = KnowledgePool(tmp_path / "pool.sqlite")
+    doc = json.loads(pool.export_json())
+    before = len(doc["entries"])
+    doc["entries"][0]["tokens"] = 10 ** 30
+    doc["entries"][0]["query"] = "a query that is new, so the entry would be added"
+    fresh = KnowledgePool(tmp_path / "fresh.sqlite")
+    with pytest.raises(BadInputError, match="too large to store"):
+        fresh.import_json(json.dumps(doc))
+    assert len(json.loads(fresh.export_json())["entries"]) == before

@@ -143,8 +143,9 @@ def planted_cmd(
 def plant_cmd(
     out_path: Path = typer.Option(..., "--out", help="Who&When-format JSONL of the planted-fault failures"),
     n: int = typer.Option(8, help="how many tasks"),
-    data: Optional[Path] = typer.Option(None, "--data", help="number-answer tasks (.jsonl, e.g. GSM8K train), "
-                                        "asked as the bench asks them (default: generated sums)"),
+    data: Optional[Path] = typer.Option(None, "--data", help="number-answer tasks, a .jsonl (GSM8K train) or a "
+                                        "generated set (synthetic-number), asked as the bench asks them (default: "
+                                        "generated sums)"),
     start: int = typer.Option(0, help="skip this many tasks of --data first"),
     fault: str = typer.Option("claim", help="claim: a wrong claim in one of a few voices; slip: the agent's own "
                               "message with one value wrong"),
