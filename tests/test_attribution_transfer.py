@@ -332,3 +332,37 @@ def test_answer_origin_is_the_earliest_step_the_final_answer_comes_from():
     assert origin == [0, 0, 1, 0, 0, 0] and 2 in cand
     assert [r[PORTABLE.index("introduces_answer")] for r in fx.rows] == [0, 0, 1, 0, 1, 0]
     assert "the earliest step that introduces a value of the final answer" in fx.evidence[2]
+
+
+def test_the_report_attributor_takes_a_judge_whose_verdicts_decide_among_the_top_steps(tmp_path):
+    """kvmas attribute --judge: the scorer's top k blameable steps re-ranked by a real (tiny) model's cached
+    verdicts; a verdict planted in the cache for the third-ranked step makes it the answer, with its speaker."""
+    from kvmas.attribution.attributor import LogAttributor
+    from kvmas.attribution.judge import LogJudge
+    from kvmas.testing import tiny_model
+
+    log = _orchestrator_log()
+    cache = tmp_path / "cache"
+    plain = LogAttributor().attribute(log)
+    judged = LogAttributor(judge=LogJudge(tiny_model("llama"), cache_dir=cache), judge_k=3).attribute(log)
+    assert "judge" in judged.method and any("judge verdicts" in e for e in judged.evidence)
+    top3 = [r.step for r in plain.ranking if r.agent != "human"][:3]
+    assert judged.step in top3
+    (entry,) = cache.glob("*.json")
+    e = json.loads(entry.read_text())
+    assert sorted(map(int, e["verdicts"])) == sorted(top3)
+    e["verdicts"] = {str(s): (50.0 if s == top3[2] else -50.0) for s in top3}
+    entry.write_text(json.dumps(e))
+    again = LogAttributor(judge=LogJudge(tiny_model("llama"), cache_dir=cache), judge_k=3).attribute(log)
+    assert (again.step, again.agent) == (top3[2], log.steps[top3[2]].agent)
+
+
+def test_report_refuses_a_bad_judge_k_and_judge_with_replay(tmp_path):
+    p = tmp_path / "log.json"
+    p.write_text(json.dumps({"question": "q", "history": [{"name": "a", "content": "It is 5."},
+                                                          {"name": "b", "content": "So 5."}],
+                             "mistake_agent": "a", "mistake_step": "0"}))
+    r = runner.invoke(app, [str(p), "--judge", "no-such-model", "--judge-k", "0"])
+    assert r.exit_code == 2 and "--judge-k must be >= 1" in r.output
+    r = runner.invoke(app, [str(p), "--judge", "no-such-model", "--replay"])
+    assert r.exit_code == 2 and "--replay attributes by re-running" in r.output

@@ -75,10 +75,12 @@ VALUE_FUNCTION = (
 class LogAttributor:
     """Attributes external logs with a learned step scorer (default: the portable features and their shipped
     weights); ``agent_rule`` picks who: the Shapley bottleneck (CDC-MAS style, the default for the development
-    set's features) or the speaker of the top-ranked step (the default for portable ones)."""
+    set's features) or the speaker of the top-ranked step (the default for portable ones). ``judge`` (a
+    :class:`~kvmas.attribution.judge.LogJudge`) re-ranks the scorer's top ``judge_k`` blameable steps by its
+    mistake verdicts (:func:`~kvmas.attribution.judge.rerank`); the agent is then the chosen step's speaker."""
 
     def __init__(self, scorer: StepScorer | None = None, with_gt: bool = False,
-                 agent_rule: AgentRule | None = None) -> None:
+                 agent_rule: AgentRule | None = None, judge=None, judge_k: int = 3) -> None:
         if scorer is None:
             # the portable features by default; the development set's features when the gold answer is used
             w = DEFAULT_WEIGHTS_GT if with_gt else PORTABLE_WEIGHTS
@@ -89,6 +91,7 @@ class LogAttributor:
         # portable scorers name the speaker of the top step: over a long log the surrogate's Shapley values
         # add up many small step probabilities, so they track how often an agent speaks, not what it did
         self.agent_rule: AgentRule = agent_rule or ("speaker" if self.scorer.names == PORTABLE else "shapley")
+        self.judge, self.judge_k = judge, judge_k
 
     def attribute(self, log: AttributionLog) -> Attribution:
         if self.scorer.names == PORTABLE:
@@ -108,11 +111,21 @@ class LogAttributor:
         agent, step, blame, order = decide(probs, agents, players, live_steps(fx.perf), self.agent_rule)
         ranking = [RankedStep(step=i, agent=agents[i], score=float(probs[i]), evidence=fx.evidence[i])
                    for i in order if i in set(cand)]
+        method = f"log/{self.agent_rule}"
+        judged: list[str] = []
+        if self.judge is not None:
+            from kvmas.attribution.judge import rerank
+
+            top = [r.step for r in ranking if r.agent in players][:max(1, self.judge_k)]
+            step = rerank(probs, top, lambda i: self.judge.verdict(log, i), k=len(top))
+            agent, method = agents[step], f"log/speaker+judge({self.judge.model.name}, top {len(top)})"
+            judged = [f"judge verdicts (log-odds of a mistake) on the scorer's top {len(top)}: "
+                      + ", ".join(f"step {i} {self.judge.verdict(log, i):+.2f}" for i in top)]
         chosen = next(r for r in ranking if r.step == step)
         ev = [f"step {step} ({agent}) ranks {ranking.index(chosen) + 1}/{len(ranking)} "
-              f"with p={chosen.score:.2f}"] + chosen.evidence
+              f"with p={chosen.score:.2f}"] + judged + chosen.evidence
         return Attribution(
-            log_id=log.log_id, agent=agent, step=step, method=f"log/{self.agent_rule}",
+            log_id=log.log_id, agent=agent, step=step, method=method,
             blame=[BlameRow(agent=b.agent, phi=b.phi, delta=b.delta, score=b.score) for b in blame],
             ranking=ranking, value_function=VALUE_FUNCTION, evidence=ev,
             suggested_fix=suggest_fix(log, step, chosen.evidence),

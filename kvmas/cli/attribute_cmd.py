@@ -54,6 +54,9 @@ def report(
     gold: Optional[str] = typer.Option(None, help="gold answer (number): judges the trace's answer and its replays "
                                        "(default: the trace's outcome.gold)"),
     max_replays: int = typer.Option(32, help="replay budget"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="re-rank the scorer's top steps by this model's "
+                                        "mistake verdicts (registry name or local HF dir; cached per log)"),
+    judge_k: int = typer.Option(3, "--judge-k", help="how many of the scorer's top steps the judge re-ranks"),
 ) -> None:
     """Attribute one failed run: agent blame, critical step with neighbourhood, evidence, suggested fix."""
     from kvmas.attribution.attributor import LogAttributor
@@ -72,12 +75,24 @@ def report(
             outcome = "it succeeded" if judged else "its trace records no outcome and no gold answer"
             raise BadInputError(f"nothing to attribute: run {log.log_id} has no recorded failure ({outcome}); "
                                 "pass --gold ANSWER to judge its answer")
+        if replay and judge is not None:
+            raise BadInputError("--judge re-ranks the log scorer's steps; --replay attributes by re-running instead")
         if replay:
             res = _replay(path, gold, max_replays)
         else:
             scorer = StepScorer.load(weights) if weights else None
             rule = None if agent_rule == "auto" else agent_rule
-            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=rule).attribute(log)  # type: ignore[arg-type]
+            log_judge = None
+            if judge is not None:
+                from kvmas.agents.model import Model
+                from kvmas.attribution.judge import LogJudge
+                from kvmas.paths import kvmas_home
+
+                if judge_k < 1:
+                    raise BadInputError("--judge-k must be >= 1")
+                log_judge = LogJudge(Model.load(judge), cache_dir=kvmas_home() / "attribution" / "judge")
+            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=rule, judge=log_judge,  # type: ignore[arg-type]
+                                judge_k=judge_k).attribute(log)
     except KvmasError as exc:
         _fail(exc)
     if as_json:
