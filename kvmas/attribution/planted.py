@@ -99,6 +99,27 @@ def content_steps(trace, which: str = "first") -> dict[str, tuple[int, str]]:
     return out
 
 
+PLANT_SITES = ("first", "last", "each")
+
+
+def plant_sites(trace, which: str = "first") -> list[tuple[str, int]]:
+    """Where faults go, one per faulted run, in step order: each agent's ``first`` or ``last`` content step,
+    or ``each`` content step of every agent (so that mistakes sit anywhere in a run, late ones included).
+
+    >>> from kvmas.trace import Step, Trace
+    >>> t = Trace(question="q")
+    >>> for a in ("solver", "critic", "solver"):
+    ...     _ = t.add(Step(agent=a, role=a, action="speak", text_out="x"))
+    >>> plant_sites(t, "first"), plant_sites(t, "last"), plant_sites(t, "each")
+    ([('solver', 0), ('critic', 1)], [('critic', 1), ('solver', 2)], [('solver', 0), ('critic', 1), ('solver', 2)])
+    """
+    if which not in PLANT_SITES:
+        raise BadInputError(f"plant must be one of {', '.join(PLANT_SITES)}, not {which!r}")
+    if which == "each":
+        return [(s.agent, s.index) for s in trace.steps if s.action in CONTENT_ACTIONS]
+    return sorted(((a, k) for a, (k, _action) in content_steps(trace, which).items()), key=lambda x: x[1])
+
+
 def run_suite(primitives: dict[str, Any], tasks: list[tuple[str, str]], model, seed: int = 0,
               max_replays: int = 32, progress: Callable[[PlantedCase], None] | None = None,
               judge_for: Callable[[str], Callable[[str | None], float]] = number_judge,
@@ -208,8 +229,9 @@ def planted_traces(primitives: dict[str, Any], tasks: list[tuple[str, str]], mod
                    batch_size: int | None = None, fault: str = "claim"):
     """Failed runs with a known decisive error, for attribution data: ``(label, trace)`` pairs.
 
-    Every (primitive, task) whose clean run is right gets, for each agent, that agent's first (or last) content
-    step replaced by a wrong one; a faulted run that ends wrong is kept, its trace's ``outcome`` recording
+    Every (primitive, task) whose clean run is right gets a faulted run per site of :func:`plant_sites`
+    (``plant``: each agent's first or last content step, or each content step), that step replaced by a
+    wrong one; a faulted run that ends wrong is kept, its trace's ``outcome`` recording
     ``gold``, ``correct: false`` and ``planted: {agent, step, reason}``. ``fault``: ``claim``, a wrong claim in
     one of the voices of :data:`FAULTS` (rotating), or ``slip``, the agent's own clean message with one value
     wrong (:func:`slip`; a step with no number to get wrong is skipped, said so). The clean runs of a primitive
@@ -220,6 +242,8 @@ def planted_traces(primitives: dict[str, Any], tasks: list[tuple[str, str]], mod
 
     if fault not in FAULT_KINDS:
         raise BadInputError(f"fault must be one of {', '.join(FAULT_KINDS)}, not {fault!r}")
+    if plant not in PLANT_SITES:
+        raise BadInputError(f"plant must be one of {', '.join(PLANT_SITES)}, not {plant!r}")
     n = 0
     for label, prim in primitives.items():
         cleans = run_batched(model, [lambda q=q: prim(q, model=model, seed=seed) for q, _ in tasks], batch_size)
@@ -229,7 +253,7 @@ def planted_traces(primitives: dict[str, Any], tasks: list[tuple[str, str]], mod
                 if progress:
                     progress(f"{label} {q!r}: clean run wrong ({clean.answer!r}), skipped")
                 continue
-            for agent, (k, _action) in content_steps(clean.trace, plant).items():
+            for agent, k in plant_sites(clean.trace, plant):
                 if fault == "slip":
                     text = slip((clean.trace.steps[k].text_out or "").split("\n---\n")[0], gold)
                     if text is None:

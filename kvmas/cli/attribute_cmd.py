@@ -167,7 +167,8 @@ def plant_cmd(
     methods: str = typer.Option("text:review,text:vote,text:plan", help="comma-separated primitives"),
     model: Optional[str] = typer.Option(None, "--model", help="registry name or local HF dir (default: embedded)"),
     max_new_tokens: int = typer.Option(32, help="decode budget per speaking agent"),
-    plant: str = typer.Option("first", help="plant on each agent's first or last content step"),
+    plant: str = typer.Option("first", help="plant on each agent's first or last content step, or on each "
+                              "content step (one fault per run)"),
     traces: Optional[Path] = typer.Option(None, help="also save every faulted trace in this folder"),
     batch_size: Optional[int] = BATCH_SIZE,
 ) -> None:
@@ -175,7 +176,7 @@ def plant_cmd(
     Who&When format (a second system to test whether attribution transfers)."""
     from kvmas.agents.model import Model
     from kvmas.attribution.export import to_whowhen
-    from kvmas.attribution.planted import FAULT_KINDS, arithmetic_tasks, planted_traces
+    from kvmas.attribution.planted import FAULT_KINDS, PLANT_SITES, arithmetic_tasks, planted_traces
     from kvmas.errors import BadInputError
     from kvmas.paths import inside, safe_name
     from kvmas.primitives import parse_method
@@ -190,6 +191,8 @@ def plant_cmd(
             raise BadInputError("--batch-size must be >= 1")
         if fault not in FAULT_KINDS:
             raise BadInputError(f"--fault must be one of {', '.join(FAULT_KINDS)}, not {fault!r}")
+        if plant not in PLANT_SITES:
+            raise BadInputError(f"--plant must be one of {', '.join(PLANT_SITES)}, not {plant!r}")
         prims = {m: parse_method(m, max_new_tokens=max_new_tokens)
                  for m in [x.strip() for x in methods.split(",") if x.strip()]}
         if data is None:
