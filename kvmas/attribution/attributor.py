@@ -77,7 +77,7 @@ class LogAttributor:
     weights); ``agent_rule`` picks who: the Shapley bottleneck (CDC-MAS style, the default for the development
     set's features) or the speaker of the top-ranked step (the default for portable ones). ``judge`` (a
     :class:`~kvmas.attribution.judge.LogJudge`) re-ranks the scorer's top ``judge_k`` blameable steps by its
-    mistake verdicts (:func:`~kvmas.attribution.judge.rerank`); the agent is then the chosen step's speaker."""
+    mistake verdicts (:func:`rerank`); the agent is then the chosen step's speaker."""
 
     def __init__(self, scorer: StepScorer | None = None, with_gt: bool = False,
                  agent_rule: AgentRule | None = None, judge=None, judge_k: int = 3) -> None:
@@ -114,8 +114,6 @@ class LogAttributor:
         method = f"log/{self.agent_rule}"
         judged: list[str] = []
         if self.judge is not None:
-            from kvmas.attribution.judge import rerank
-
             top = [r.step for r in ranking if r.agent in players][:max(1, self.judge_k)]
             step = rerank(probs, top, lambda i: self.judge.verdict(log, i), k=len(top))
             agent, method = agents[step], f"log/speaker+judge({self.judge.model.name}, top {len(top)})"
@@ -130,6 +128,16 @@ class LogAttributor:
             ranking=ranking, value_function=VALUE_FUNCTION, evidence=ev,
             suggested_fix=suggest_fix(log, step, chosen.evidence),
         )
+
+
+def rerank(probs: np.ndarray, order: list[int], verdict, k: int = 3, weight: float = 1.0) -> int:
+    """The best of the scorer's top ``k`` steps (``order``, best first) by ``log p + weight * verdict(step)``.
+
+    >>> rerank(np.array([0.5, 0.3, 0.2]), [0, 1, 2], lambda i: 3.0 if i == 1 else 0.0, k=2)
+    1
+    """
+    top = order[:max(1, k)]
+    return max(top, key=lambda i: (float(np.log(max(float(probs[i]), 1e-12))) + weight * verdict(i), -order.index(i)))
 
 
 def players_of(log: AttributionLog) -> list[str]:

@@ -6,7 +6,7 @@ step number as the answer to "which step is the decisive mistake?" (mean log-pro
 not penalised for being two tokens against "3"). Both are cached per log (one JSON file per model, log and
 prompt version under ``cache_dir``), so a re-run costs nothing.
 
-:func:`rerank` re-orders the step scorer's top-k with the verdicts: ``log p_scorer + weight * verdict``
+:func:`~kvmas.attribution.attributor.rerank` re-orders the step scorer's top-k with the verdicts: ``log p_scorer + weight * verdict``
 (``weight`` 1.0: the two are both log-odds-like, and no tuning on scored data picks it).
 
 >>> from kvmas.attribution.log import from_generic
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from kvmas.attribution.attributor import rerank
 from kvmas.attribution.log import AttributionLog
 from kvmas.errors import BadInputError
 from kvmas.paths import atomic_write_text, inside, read_json, safe_name
@@ -127,16 +128,6 @@ class LogJudge:
             self._save(log)
         scores = entry["all_at_once"]["scores"]
         return int(candidates[int(np.argmax(scores))])
-
-
-def rerank(probs: np.ndarray, order: list[int], verdict, k: int = 3, weight: float = 1.0) -> int:
-    """The best of the scorer's top ``k`` steps (``order``, best first) by ``log p + weight * verdict(step)``.
-
-    >>> rerank(np.array([0.5, 0.3, 0.2]), [0, 1, 2], lambda i: 3.0 if i == 1 else 0.0, k=2)
-    1
-    """
-    top = order[:max(1, k)]
-    return max(top, key=lambda i: (float(np.log(max(float(probs[i]), 1e-12))) + weight * verdict(i), -order.index(i)))
 
 
 def judge_eval(test_path: str | Path, model, train_path: str | Path | None = None, k: int = 3, limit: int = 30,
