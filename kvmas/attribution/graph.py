@@ -27,7 +27,8 @@ from kvmas.attribution.log import AttributionLog, normalize_agent
 
 OUTCOME = "Y"
 _NUM = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?%?(?![\w])")
-_QUOTED = re.compile(r"[\"'“‘`]([^\"'”’`\n]{3,60})[\"'”’`](?!\s*:)")  # a quoted key ("next_speaker":) is structure
+# a quoted key ("next_speaker":) is structure, not a value
+_QUOTED = re.compile(r"[\"'“‘`]([^\"'”’`\n]{3,60})[\"'”’`](?!\s*:)")
 _URL = re.compile(r"https?://[^\s)\]>\"']+")
 _FILE = re.compile(r"\b[\w\-/]+\.(?:py|csv|xlsx|xls|json|txt|pdf|png|jpg|mp3|mp4|docx|pptx|html|xml|zip)\b")
 _CODE = re.compile(r"```")
@@ -147,7 +148,8 @@ def final_steps(log: AttributionLog) -> list[int]:
     last = speakers[-1].index
     out = [last]
     for s in reversed(subst):  # an instruction to give the answer ("provide the final answer.") states none
-        if s.index != last and not s.is_terminal and _FINAL.search(s.content) and stated_answer(s.content).strip(" .*:\n\"'}"):
+        states = _FINAL.search(s.content) and stated_answer(s.content).strip(" .*:\n\"'}")
+        if s.index != last and not s.is_terminal and states:
             out.append(s.index)
             break
     return sorted(set(out))

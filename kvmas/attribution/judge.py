@@ -6,7 +6,8 @@ step number as the answer to "which step is the decisive mistake?" (mean log-pro
 not penalised for being two tokens against "3"). Both are cached per log (one JSON file per model, log and
 prompt version under ``cache_dir``), so a re-run costs nothing.
 
-:func:`~kvmas.attribution.attributor.rerank` re-orders the step scorer's top-k with the verdicts: ``log p_scorer + weight * verdict``
+:func:`~kvmas.attribution.attributor.rerank` re-orders the step scorer's top-k with the verdicts:
+``log p_scorer + weight * verdict``
 (``weight`` 1.0: the two are both log-odds-like, and no tuning on scored data picks it).
 
 >>> from kvmas.attribution.log import from_generic

@@ -215,8 +215,7 @@ def slip(text: str, gold: str) -> str | None:
     found = list(_NUMBER_TOKEN.finditer(text))
     if g is None or not found:
         return None
-    hits = [m for m in found if parse_number(m.group(0)) == g]
-    if hits:
+    if any(parse_number(m.group(0)) == g for m in found):
         wrong = wrong_value(gold)
         return _NUMBER_TOKEN.sub(lambda m: wrong if parse_number(m.group(0)) == g else m.group(0), text)
     last = found[-1]

@@ -91,8 +91,8 @@ def report(
                 if judge_k < 1:
                     raise BadInputError("--judge-k must be >= 1")
                 log_judge = LogJudge(Model.load(judge), cache_dir=kvmas_home() / "attribution" / "judge")
-            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=rule, judge=log_judge,  # type: ignore[arg-type]
-                                judge_k=judge_k).attribute(log)
+            res = LogAttributor(scorer=scorer, with_gt=with_gt, agent_rule=rule,  # type: ignore[arg-type]
+                                judge=log_judge, judge_k=judge_k).attribute(log)
     except KvmasError as exc:
         _fail(exc)
     if as_json:

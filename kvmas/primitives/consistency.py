@@ -23,9 +23,9 @@ class SelfConsistency(Primitive):
     """``n`` samples (default 5, temperature 0.7) of Single's prompt, as batch rows of one prefilled question.
 
     The answer is the first sample whose answer (``answer_key``, default ``vote.answer_key`` for the run's
-    question: the option label or number the scorer would read) is the most common one; ties go to the earliest sample, and when no sample has a readable
-    answer the first sample is returned. ``comm`` is accepted for a uniform interface and changes nothing
-    (there is nothing to hand off).
+    question: the option label or number the scorer would read) is the most common one; ties go to the
+    earliest sample, and when no sample has a readable answer the first sample is returned. ``comm`` is
+    accepted for a uniform interface and changes nothing (there is nothing to hand off).
     """
 
     name = "consistency"
