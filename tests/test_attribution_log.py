@@ -107,6 +107,19 @@ def test_invalid_json_line_warns(tmp_path):
         assert [lg.log_id for lg in iter_jsonl(p)] == ["3.json"]
 
 
+def test_a_line_that_is_not_utf8_says_so_and_a_record_without_id_is_named_once(tmp_path):
+    """Bytes FF FE made json.loads guess UTF-16 ('utf-16-le codec can't decode'); a record with no id of its
+    own was named twice ('d.jsonl line 2: line 2: ...')."""
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xff\xfe bad\n" + json.dumps({"history": []}).encode() + b"\n" + json.dumps(_rec(4)).encode())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [lg.log_id for lg in iter_jsonl(p)] == ["4.json"]
+    msgs = [str(w.message) for w in caught]
+    assert msgs[0] == "d.jsonl line 1: not UTF-8 text (byte 0xff at position 0)"
+    assert msgs[1].startswith("d.jsonl line 2: ") and msgs[1].count("line 2") == 1, msgs[1]
+
+
 def test_iter_logs_directory_and_missing(tmp_path):
     for i in (2, 10, 1):
         (tmp_path / f"{i}.json").write_text(json.dumps(_rec(i)))

@@ -269,18 +269,23 @@ def iter_jsonl(path: str | Path, max_line_bytes: int = 64 << 20) -> Iterator[Att
                 continue
             if not raw.strip():
                 continue
-            try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                warnings.warn(f"{path.name} line {lineno}: invalid JSON "
-                              f"({exc.msg if hasattr(exc, 'msg') else exc})", SkippedRecord, 2)
+            try:  # decoded as UTF-8 first: json.loads of bytes would guess UTF-16 from a stray FF FE
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                warnings.warn(f"{path.name} line {lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                              f"position {exc.start})", SkippedRecord, 2)
+                continue
+            except json.JSONDecodeError as exc:
+                warnings.warn(f"{path.name} line {lineno}: invalid JSON ({exc.msg})", SkippedRecord, 2)
                 continue
             rid = rec.get("source_file") or rec.get("question_ID") if isinstance(rec, dict) else None
             rid = str(rid or f"line {lineno}")
             try:
                 yield from_whowhen(rec, record_id=rid)
             except BadInputError as exc:
-                warnings.warn(f"{path.name} line {lineno}: {exc}", SkippedRecord, 2)
+                msg = str(exc)  # names the record, which is "line N" when it has no id of its own
+                warnings.warn(f"{path.name} {msg}" if msg.startswith(f"line {lineno}:")
+                              else f"{path.name} line {lineno}: {msg}", SkippedRecord, 2)
 
 
 def iter_logs(path: str | Path) -> Iterator[AttributionLog]:
