@@ -24,6 +24,7 @@ from kvmas.agents.agent import Intervention
 from kvmas.attribution.replay import CONTENT_ACTIONS, ReplayAttributor, compose
 from kvmas.errors import BadInputError
 from kvmas.tasks.answers import extract_number, format_number, parse_number
+from kvmas.tasks.numbers import DIGITS
 
 TASKS = [(f"What is {a} + {b}? Answer with a number.", str(a + b))
          for a, b in [(7, 5), (3, 4), (9, 6), (12, 8), (5, 5), (6, 2), (14, 3), (8, 9), (11, 11), (2, 7)]]
@@ -198,7 +199,7 @@ FAULTS = [  # a planted mistake, in a few voices: a confident claim, an assumpti
     "Adding them up step by step gives {wrong}. The answer is {wrong}.",
 ]
 FAULT_KINDS = ("claim", "slip")
-_NUMBER_TOKEN = re.compile(r"(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+_NUMBER_TOKEN = re.compile(r"(?<![\w.])" + DIGITS + r"(?![\w])")  # digits only: a slip keeps "$", signs, "/"
 
 
 def slip(text: str, gold: str) -> str | None:

@@ -11,10 +11,11 @@ import re
 from fractions import Fraction
 
 _MINUS = "\u2212\u2013"  # Unicode minus and en dash used as minus signs
+DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # an unsigned decimal, thousands commas allowed
 _NUM = (
     r"(?<![\w.])"  # not glued to a word or another number
     r"[-" + _MINUS + r"]?\$?\s?"
-    r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+    + DIGITS +
     r"(?:\s?/\s?\d+(?:\.\d+)?)?"
     r"|(?<![\w.])[-" + _MINUS + r"]?\.\d+"
 )
