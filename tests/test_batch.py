@@ -34,9 +34,10 @@ def stable(trace, approx: bool = False):
 
 
 def same_facts(a: dict, b: dict) -> bool:
-    margins = "review_verdict_margins"
-    return ({k: v for k, v in a.items() if k != margins} == {k: v for k, v in b.items() if k != margins}
-            and b.get(margins) == pytest.approx(a.get(margins), abs=2e-3))
+    """Equal facts, log-probabilities within fp tolerance (batched reductions differ in order)."""
+    scored = ("review_verdict_margins", "vote_likelihoods")
+    return ({k: v for k, v in a.items() if k not in scored} == {k: v for k, v in b.items() if k not in scored}
+            and all(b.get(k) == pytest.approx(a.get(k), abs=2e-3) for k in scored))
 
 
 def small(cls, comm="latent", **kw):
@@ -58,6 +59,11 @@ PRIMS = {
     "kv:review-early-stop": lambda: small(Review, "kv", rounds=2, early_stop=True, stop_margin=0.0),
     "kv:vote": lambda: small(Vote, "kv", n=3),
     "kv:vote-majority": lambda: small(Vote, "kv", n=3, aggregate="majority", temperature=0.9),
+    # answer keys from the text's length, so random tiny-model candidates differ and the selector scores them
+    "kv:vote-likelihood": lambda: small(Vote, "kv", n=3, aggregate="likelihood", temperature=0.9,
+                                        answer_key=lambda t: str(len(t) % 3)),
+    "text:vote-likelihood": lambda: small(Vote, "text", n=3, aggregate="likelihood", temperature=0.9,
+                                          answer_key=lambda t: str(len(t) % 3)),
     "kv:plan": lambda: small(PlanExecute, "kv", k=2),
     "consistency": lambda: SelfConsistency(n=3, max_new_tokens=5),
     "kv-sequence": lambda: Sequence(small(PlanExecute, "kv", k=2), small(Review, "kv", rounds=1)),

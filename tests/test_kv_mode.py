@@ -131,3 +131,41 @@ def test_kv_sequence_hands_the_decoded_answer_to_the_next_primitive_in_the_cache
     solver_read = next(s for s in res.trace.steps if s.agent == "solver" and s.action == "read")
     assert set(integrated.writes) <= set(solver_read.reads)
     assert model.decode(transcript_ids(res.state), skip_special_tokens=False).count(integrated.text_out) >= 1
+
+
+@pytest.mark.parametrize("comm", ["kv", "text"])
+def test_vote_likelihood_chooses_the_candidate_answer_the_selector_scores_highest(model, comm):
+    """aggregate="likelihood": the selector reads the candidates and scores each distinct answer; the vote's
+    answer is the first candidate with the best one. Golden in kv mode: the scores equal a reader's on the merge
+    of each branch decoded alone."""
+    keys = ["7", "3", "7"]
+    picks = iter(keys)
+    prim = Vote(comm=comm, n=3, max_new_tokens=6, aggregate="likelihood", answer_key=lambda t: next(picks))
+    res = prim(Q, model=model)
+    facts = res.meta
+    scores = facts["vote_likelihoods"]
+    assert facts["vote_candidates"] == keys and len(scores) == 2  # "7" and "3", in first-seen order
+    assert facts["vote_choice"] == ("7" if scores[0] >= scores[1] else "3")
+    cands = next(s for s in res.trace.steps if s.action == "speak").text_out.split("\n---\n")
+    assert res.answer == cands[keys.index(facts["vote_choice"])]
+    selector = [s.action for s in res.trace.steps if s.agent == "selector"]
+    assert "score" in selector and "speak" not in selector  # a constrained choice, nothing decoded
+    if comm != "kv":
+        return
+    ctx = RunContext(model=model, question=Q, system=TEAM_SYSTEM)
+    prefix = prim.shared_prefix(ctx, Output.start(model))
+    alone = [prefix.extend(Agent("x").turn(ctx, f"{p} {vote_mod.SOLVE}", fresh=False))
+             for p in prim._personas()]
+    alone = [row.speak(6).state.extend(model.turn_end) for row in alone]
+    reader = LatentState.merge(alone, policy="shared").extend(
+        Agent("x").turn(ctx, prim.final_instruction(ctx, vote_mod.SELECT), fresh=False))
+    expected = reader.score([vote_mod.ANSWER_FORM.format(k) for k in ("7", "3")])
+    assert scores == pytest.approx(expected, abs=1e-3)
+
+
+def test_vote_likelihood_with_one_distinct_answer_needs_no_selector(model):
+    picks = iter(["7", None, "7"])
+    res = Vote(comm="kv", n=3, max_new_tokens=6, aggregate="likelihood", answer_key=lambda t: next(picks))(
+        Q, model=model)
+    assert res.meta["vote_choice"] == "7" and "vote_likelihoods" not in res.meta
+    assert not any(s.agent == "selector" for s in res.trace.steps)

@@ -77,7 +77,7 @@ PRIMITIVE_PARAMS: dict[str, dict[str, Param]] = {
     "single": dict(_COMMON),
     "review": {**_COMMON, "rounds": Param(int, 1, 8), "early_stop": Param(bool), "stop_margin": Param(float, 0.0, 100.0)},
     "vote": {**_COMMON, "n": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill")),
-             "aggregate": Param(str, choices=("selector", "majority"))},
+             "aggregate": Param(str, choices=("selector", "majority", "likelihood"))},
     "plan": {**_COMMON, "k": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill"))},
     "consistency": {**_COMMON, "n": Param(int, 1, 16)},
 }

@@ -21,6 +21,10 @@ PERSONAS = (
     "You are Solver {i}, an engineer who estimates first and then computes exactly.",
 )
 SOLVE = "Solve the problem step by step."
+AGGREGATES = ("selector", "majority", "likelihood")
+# The selector's constrained choice scores each distinct candidate answer in this form (same words before it,
+# so the scores differ only by the answer and what follows it).
+ANSWER_FORM = "The final answer is \\boxed{{{}}}."
 SELECT = ("You are the Selector. Several solvers worked on the problem above. Using their work as a reference, "
           "solve the problem step by step and give the single best final answer in the format the problem asks for.")
 
@@ -70,7 +74,11 @@ class Vote(Primitive):
     solvers decode their solutions into their rows of the shared state; the rows merge (``merge_policy``) and
     the selector reads the candidates' own KV, nothing re-prefilled.
     ``aggregate="majority"`` answers with the majority answer when candidate answers are extractable and a
-    strict majority exists (text candidates), else falls back to the selector. ``answer_key`` maps a
+    strict majority exists (text candidates), else falls back to the selector. ``aggregate="likelihood"``: the
+    selector reads the candidates (their KV in kv mode, their text in text mode) and makes a constrained choice
+    among their distinct answers, the one whose ``ANSWER_FORM`` has the highest log-probability; the answer is
+    the first candidate that gave it (no selector decode; the selector's own free answer when no candidate
+    answer is extractable). ``answer_key`` maps a
     candidate's text to a comparable answer (default None: :func:`answer_key` for the run's question, the
     option label or number the scorer would read).
     """
@@ -84,8 +92,8 @@ class Vote(Primitive):
         self.n = check_param("n", n)
         if merge_policy not in MERGE_POLICIES:
             raise BadInputError(f"unknown merge policy {merge_policy!r} (one of {', '.join(MERGE_POLICIES)})")
-        if aggregate not in ("selector", "majority"):
-            raise BadInputError(f"unknown aggregate {aggregate!r} (selector|majority)")
+        if aggregate not in AGGREGATES:
+            raise BadInputError(f"unknown aggregate {aggregate!r} ({'|'.join(AGGREGATES)})")
         self.merge_policy = merge_policy
         self.aggregate = aggregate
 
@@ -137,11 +145,27 @@ class Vote(Primitive):
             text = next(c for c, k in zip(cands, keys) if k == top)
             return inp.then(rows.select([keys.index(top)]), answer=text, message=("Selected solution", text),
                             vote_candidates=keys, vote_majority=top)
+        distinct = list(dict.fromkeys(k for k in keys if k))
+        if self.aggregate == "likelihood" and len(distinct) == 1:  # nothing to choose between
+            return self._chosen(inp, rows, cands, keys, distinct[0], None)
         if self.comm == "kv":
             state = selector.read(ctx, solvers.merge(ctx, rows, self.merge_policy),
                                   self.final_instruction(ctx, SELECT), fresh=False)
         else:
             state = selector.read(ctx, base, self.text_context(ctx, inp, shown) + "\n\n"
                                   + self.final_instruction(ctx, SELECT))
+        if self.aggregate == "likelihood" and distinct:
+            scores = selector.score(ctx, state, [ANSWER_FORM.format(k) for k in distinct])
+            best = max(range(len(distinct)), key=lambda i: (scores[i], -i))  # ties: the earliest answer
+            return self._chosen(inp, rows, cands, keys, distinct[best], [round(x, 4) for x in scores])
         return self.conclude(ctx, selector, inp, state, speak=True, final=final, label="Selected solution",
                              vote_candidates=keys)
+
+    def _chosen(self, inp: Output, rows: LatentState, cands: list[str], keys: list, key: str,
+                scores: list[float] | None) -> Output:
+        """The first candidate whose answer is ``key``, as the vote's answer (its row's state goes on)."""
+        i = keys.index(key)
+        facts = {"vote_candidates": keys, "vote_choice": key}
+        if scores is not None:
+            facts["vote_likelihoods"] = scores
+        return inp.then(rows.select([i]), answer=cands[i], message=("Selected solution", cands[i]), **facts)
