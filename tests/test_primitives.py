@@ -209,6 +209,21 @@ def test_review_early_stop_is_measured(model):
     assert r.meta["review_stopped_at_round"] is None and len(r.meta["review_verdict_margins"]) == 2
 
 
+@pytest.mark.parametrize("comm", ["kv", "text"])
+@pytest.mark.parametrize("margin", [-1e9, 1e9])
+def test_review_records_the_answer_of_each_draft_the_critic_read(model, comm, margin):
+    """review_drafts: one answer key per critiqued draft (the draft's own words, read as the scorer reads them),
+    so a study can tell a refinement that fixed a draft from one that broke it."""
+    prim = Review(comm=comm, rounds=2, max_new_tokens=4, early_stop=True, stop_margin=margin)
+    speaks = [s.index for s in prim(Q, model=model).trace.steps if s.agent == "solver" and s.action == "speak"]
+    drafts = [r"so \boxed{5}", "The answer is 6.", "It is 7."]
+    ivs = {"solver": [Intervention("replace", d, steps={i}) for d, i in zip(drafts, speaks)]}
+    r = prim(Q, model=model, interventions=ivs)
+    read = 1 if margin < 0 else 2  # an agreeing critic stops after the first draft
+    assert r.meta["review_drafts"] == ["5", "6"][:read]
+    assert r.answer == drafts[read - 1 if margin < 0 else 2]
+
+
 def test_plan_executors_all_merged(model):
     r = small(PlanExecute, k=3)(Q, model=model)
     ex = [s for s in r.state.segments if s.agent == "executors"]

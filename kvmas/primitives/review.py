@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
 from kvmas.primitives.base import Output, Primitive, check_param
+from kvmas.primitives.vote import answer_key
 
 SOLVE = "You are the Solver. Work out the solution to the problem step by step."
 CRITIQUE = ("You are the Critic. Check the Solver's solution above for mistakes in reasoning or arithmetic. "
@@ -91,10 +92,14 @@ class Review(Primitive):
             state = solver.read(ctx, self.handoff(state), self.final_instruction(ctx, FINAL))
         return self.conclude(ctx, solver, inp, state, speak=final, **self._facts(margins, stopped))
 
-    def _facts(self, margins: list[float], stopped: int | None) -> dict:
+    def _facts(self, margins: list[float], stopped: int | None, drafts: list | None = None) -> dict:
+        """What the review did: the round an early stop ended it, the verdict margins, and the answer of each
+        decoded draft the critic read (``review_drafts``; so a study can see whether refinement fixed or broke)."""
         facts: dict = {"review_stopped_at_round": stopped}
         if margins:
             facts["review_verdict_margins"] = margins
+        if drafts is not None:
+            facts["review_drafts"] = drafts
         return facts
 
     def _kv(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
@@ -102,17 +107,20 @@ class Review(Primitive):
         margins: list[float] = []
         state = solver.read(ctx, self.shared_prefix(ctx, inp), SOLVE)
         draft, state = solver.speak(ctx, state, close_turn=True)
+        drafts = []
         for r in range(self.rounds):
+            drafts.append(answer_key(draft, ctx.question))
             state = critic.read(ctx, state, CRITIQUE)
             if self._critic_agrees(ctx, critic, state, margins):  # the accepted draft is the answer
                 state = state.drop(state.segments[-1].id)
-                return inp.then(state, answer=draft, message=("Reviewed solution", draft), **self._facts(margins, r))
+                return inp.then(state, answer=draft, message=("Reviewed solution", draft),
+                                **self._facts(margins, r, drafts))
             _, state = critic.speak(ctx, state, close_turn=True)
             state = solver.read(ctx, state, self.final_instruction(ctx, REFINE))
             if r < self.rounds - 1:
                 draft, state = solver.speak(ctx, state, close_turn=True)
         return self.conclude(ctx, solver, inp, state, speak=True, final=final, label="Reviewed solution",
-                             **self._facts(margins, None))
+                             **self._facts(margins, None, drafts))
 
     def _text(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver, critic = self._agents()
@@ -120,7 +128,9 @@ class Review(Primitive):
         margins: list[float] = []
         stopped = None
         draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, inp) + "\n\n" + SOLVE))
+        drafts = []
         for r in range(self.rounds):
+            drafts.append(answer_key(draft, ctx.question))
             shown = [("Solver's solution", draft)]
             cstate = critic.read(ctx, empty, self.text_context(ctx, inp, shown) + "\n\n" + CRITIQUE)
             if self._critic_agrees(ctx, critic, cstate, margins):
@@ -131,4 +141,5 @@ class Review(Primitive):
             draft, state = solver.speak(ctx, solver.read(
                 ctx, empty, self.text_context(ctx, inp, shown) + "\n\n" + self.final_instruction(ctx, REFINE)),
                 final=final and r == self.rounds - 1)  # the last refinement is the answer
-        return inp.then(state, answer=draft, message=("Reviewed solution", draft), **self._facts(margins, stopped))
+        return inp.then(state, answer=draft, message=("Reviewed solution", draft),
+                        **self._facts(margins, stopped, drafts))
