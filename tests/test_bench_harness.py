@@ -4,12 +4,13 @@ import pytest
 from typer.testing import CliRunner
 
 from kvmas.agents.state import LatentState
-from kvmas.bench.harness import BenchConfig, merge_runs, parse_methods, run_bench
+from kvmas.bench.harness import BenchConfig, ItemResult, merge_runs, parse_methods, run_bench
 from kvmas.cli.bench_cmd import app
 from kvmas.errors import BadInputError
 from kvmas.organizer import PipelineSpec
 from kvmas.tasks import load_tasks, loglik_continuations, loglik_prefix
 from kvmas.testing import tiny_model
+from kvmas.trace import Usage
 
 CFG = BenchConfig(max_new_tokens=4, latent_steps=1)
 
@@ -329,3 +330,25 @@ def test_vote_candidates_are_scored_and_summarised(model, tmp_path):
     meta = {"facts": {"vote_candidates": [tasks[0].answer, "no", None]}}
     _score_candidates(meta, tasks[0])
     assert meta["candidates_correct"] == [True, False, False]
+
+
+def test_review_drafts_are_scored_and_what_refinement_did_is_counted(model, tmp_path):
+    """Each draft a Review's critic read is scored against the gold answer; the report counts first drafts
+    right, and refinements that fixed or broke them."""
+    from kvmas.bench.harness import _score_candidates, draft_summary
+
+    tasks = load_tasks("synthetic-number", n=2, seed=2)
+    s = run_bench(tasks, "kv:review", model, tmp_path, BenchConfig(max_new_tokens=4, seed=0))
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert all(len(i["meta"]["drafts_correct"]) == 2 for i in items)  # two rounds: two drafts read
+    assert s["methods"]["kv:review"]["drafts"]["n"] == 2
+    assert "What refinement did" in (tmp_path / "results.md").read_text()
+    task = tasks[0]
+    meta = {"facts": {"review_drafts": [task.answer, "no"]}}
+    _score_candidates(meta, task)
+    assert meta["drafts_correct"] == [True, False]
+    rows = [ItemResult("kv:review", t, "number", task.answer, p, ok, "", Usage(), 0.0,
+                       meta={"drafts_correct": d})
+            for t, p, ok, d in (("a", "1", False, [True, False]), ("b", task.answer, True, [False, True]),
+                                ("c", task.answer, True, [True]), ("d", "1", False, [False, False]))]
+    assert draft_summary(rows) == {"n": 4, "first_right": 2, "final_right": 2, "fixed": 1, "broke": 1}

@@ -274,11 +274,34 @@ class _Runner:
 
 
 def _score_candidates(meta: dict[str, Any], task: Task) -> None:
-    """Score each candidate answer a Vote recorded (``facts.vote_candidates``) against the gold answer, so the
-    report can show what selection had to choose from."""
-    keys = (meta.get("facts") or {}).get("vote_candidates")
-    if isinstance(keys, list):
-        meta["candidates_correct"] = [bool(k) and matches_gold(str(k), task) for k in keys]
+    """Score each candidate answer a Vote recorded (``facts.vote_candidates``) and each draft a Review's critic
+    read (``facts.review_drafts``) against the gold answer, so the report can show what selection had to choose
+    from and what refinement did."""
+    facts = meta.get("facts") or {}
+    for fact, scored in (("vote_candidates", "candidates_correct"), ("review_drafts", "drafts_correct")):
+        keys = facts.get(fact)
+        if isinstance(keys, list):
+            meta[scored] = [bool(k) and matches_gold(str(k), task) for k in keys]
+
+
+def draft_summary(items: list[ItemResult]) -> dict[str, int] | None:
+    """What a Review's refinement did, over the items that recorded their drafts: ``first_right`` (the first
+    draft was right), ``fixed`` (first draft wrong, final answer right), ``broke`` (first draft right, final
+    answer wrong); None when no item recorded drafts.
+
+    >>> from kvmas.trace import Usage
+    >>> r = ItemResult("kv:review", "t1", "number", "3", "3", True, "", Usage(), 0.0,
+    ...                meta={"facts": {"review_drafts": ["4", "3"]}, "drafts_correct": [False, True]})
+    >>> draft_summary([r])
+    {'n': 1, 'first_right': 0, 'final_right': 1, 'fixed': 1, 'broke': 0}
+    """
+    rows = [r for r in items if r.meta.get("drafts_correct")]
+    if not rows:
+        return None
+    first = [r.meta["drafts_correct"][0] for r in rows]
+    return {"n": len(rows), "first_right": sum(first), "final_right": sum(r.correct for r in rows),
+            "fixed": sum(r.correct and not f for r, f in zip(rows, first)),
+            "broke": sum(f and not r.correct for r, f in zip(rows, first))}
 
 
 def candidate_summary(items: list[ItemResult]) -> dict[str, int] | None:
@@ -344,6 +367,9 @@ def _summarise(items: list[ItemResult]) -> dict[str, Any]:
     cands = candidate_summary(items)
     if cands:
         out["candidates"] = cands
+    drafts = draft_summary(items)
+    if drafts:
+        out["drafts"] = drafts
     chosen = [r.meta.get("chosen") for r in items if r.meta.get("chosen")]
     if chosen:
         counts: dict[str, int] = {}
@@ -801,6 +827,12 @@ def to_markdown(summary: dict[str, Any]) -> str:
                   "unanimous |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {n} | {c['n']} | {summary['methods'][n]['correct']} | {c['any_correct']} | {c['majority']} | "
                   f"{c['majority_correct']} | {c['unanimous']} |" for n, c in cands.items()]
+    drafts = {n: s["drafts"] for n, s in summary["methods"].items() if "drafts" in s}
+    if drafts:
+        lines += ["", "What refinement did (the first draft the critic read against the final answer):", "",
+                  "| method | items | first draft right | final right | fixed | broke |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {d['n']} | {d['first_right']} | {d['final_right']} | {d['fixed']} | {d['broke']} |"
+                  for n, d in drafts.items()]
     chosen = {n: s["chosen_pipelines"] for n, s in summary["methods"].items() if "chosen_pipelines" in s}
     if chosen:
         lines += ["", "Pipelines chosen:"]
