@@ -366,3 +366,23 @@ def test_report_refuses_a_bad_judge_k_and_judge_with_replay(tmp_path):
     assert r.exit_code == 2 and "--judge-k must be >= 1" in r.output
     r = runner.invoke(app, [str(p), "--judge", "no-such-model", "--replay"])
     assert r.exit_code == 2 and "--replay attributes by re-running" in r.output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+def test_judge_verdicts_on_a_shared_prefix_equal_each_prompt_scored_alone(family):
+    """Golden: verdicts for several steps of one log come from one prefill of the prompts' common tokens and
+    a fork per step; each equals its own prompt scored from scratch."""
+    from kvmas.attribution.judge import LogJudge
+    from kvmas.testing import tiny_model
+
+    model = tiny_model(family)
+    log = _orchestrator_log()
+    steps = [len(log.steps) - 1, 1, 3]
+    judge = LogJudge(model)
+    shared = judge.verdicts(log, steps)
+    for step, got in zip(steps, shared):
+        yes, no = model.score_continuations(judge._prompt(log, step, judge._ask(log, step)), ["Yes", "No"])
+        assert got == pytest.approx(yes - no, abs=1e-4)
+    assert judge.verdict(log, 1) == shared[1]  # cached
+    with pytest.raises(BadInputError, match="outside"):
+        judge.verdicts(log, [1, len(log.steps)])

@@ -115,6 +115,7 @@ class LogAttributor:
         judged: list[str] = []
         if self.judge is not None:
             top = [r.step for r in ranking if r.agent in players][:max(1, self.judge_k)]
+            self.judge.verdicts(log, top)  # one shared prefill for the top steps
             step = rerank(probs, top, lambda i: self.judge.verdict(log, i), k=len(top))
             agent, method = agents[step], f"log/speaker+judge({self.judge.model.name}, top {len(top)})"
             judged = [f"judge verdicts (log-odds of a mistake) on the scorer's top {len(top)}: "

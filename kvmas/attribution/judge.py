@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from kvmas.agents.state import LatentState
 from kvmas.attribution.attributor import rerank
 from kvmas.attribution.log import AttributionLog
 from kvmas.errors import BadInputError
@@ -102,16 +103,40 @@ class LogJudge:
     # -- verdicts -------------------------------------------------------------------------------------
     def verdict(self, log: AttributionLog, step: int) -> float:
         """log P("Yes") - log P("No") that ``step`` is the decisive mistake, given the log up to it."""
-        if not 0 <= step < len(log.steps):
-            raise BadInputError(f"{log.log_id}: step {step} outside 0..{len(log.steps) - 1}")
+        return self.verdicts(log, [step])[0]
+
+    def verdicts(self, log: AttributionLog, steps: list[int]) -> list[float]:
+        """:meth:`verdict` for several steps. The prompts of one log agree up to the earliest asked step, so
+        the uncached ones are scored on one prefill of their common tokens (a fork each for the rest)."""
+        for step in steps:
+            if not 0 <= step < len(log.steps):
+                raise BadInputError(f"{log.log_id}: step {step} outside 0..{len(log.steps) - 1}")
         entry = self._entry(log)
-        if str(step) not in entry["verdicts"]:
-            ask = (f"Was step {step} ({log.steps[step].agent}) the decisive mistake that made the run fail? "
-                   "Answer Yes or No.")
-            yes, no = self.model.score_continuations(self._prompt(log, step, ask), ["Yes", "No"])
-            entry["verdicts"][str(step)] = float(yes - no)
+        todo = sorted({s for s in steps if str(s) not in entry["verdicts"]})
+        if todo:
+            prompts = [self.model.encode(self._prompt(log, s, self._ask(log, s))) for s in todo]
+            for step, (yes, no) in zip(todo, self._score_shared(prompts, ["Yes", "No"])):
+                entry["verdicts"][str(step)] = float(yes - no)
             self._save(log)
-        return float(entry["verdicts"][str(step)])
+        return [float(entry["verdicts"][str(s)]) for s in steps]
+
+    @staticmethod
+    def _ask(log: AttributionLog, step: int) -> str:
+        return (f"Was step {step} ({log.steps[step].agent}) the decisive mistake that made the run fail? "
+                "Answer Yes or No.")
+
+    def _score_shared(self, prompts: list[list[int]], continuations: list[str]) -> list[list[float]]:
+        """Each prompt's continuation log-probs, with the prompts' common leading tokens prefilled once
+        (the same tokens each prompt has alone, so the scores are those of separate runs up to fp order)."""
+        common = len(prompts[0])
+        for ids in prompts[1:]:
+            common = next((i for i, (a, b) in enumerate(zip(ids[:common], prompts[0])) if a != b),
+                          min(common, len(ids)))
+        common = min(common, min(len(ids) for ids in prompts) - 1)  # every prompt keeps a token of its own
+        shared = LatentState.empty(self.model)
+        if common:
+            shared = shared.extend(prompts[0][:common], agent="judge", role="scorer")
+        return [shared.extend(ids[common:], agent="judge", role="scorer").score(continuations) for ids in prompts]
 
     def all_at_once(self, log: AttributionLog, candidates: list[int]) -> int:
         """The candidate step whose number the model finds likeliest as the decisive mistake (whole log read)."""
@@ -180,6 +205,7 @@ def judge_eval(test_path: str | Path, model, train_path: str | Path | None = Non
         probs = np.zeros(len(it.agents))
         probs[it.cand] = scorers[i].probs(it.x[it.cand])
         preds["portable_speaker"].append((agent, step))
+        judge.verdicts(lg, order[:k])  # the top k on one shared prefill
         rs = rerank(probs, order, lambda j, _lg=lg: judge.verdict(_lg, j), k=k)
         preds[f"judge_rerank_top{k}"].append((it.agents[rs], rs))
         aa = judge.all_at_once(lg, it.cand)
