@@ -65,7 +65,7 @@ class LineProgress(Progress):
         task = self._tasks.get(task_id)
         if task is None:
             return
-        now = time.monotonic()
+        now = self.get_time()  # the clock the tasks were started on
         if task.finished:
             if self._printed.get(task_id) == float("inf"):
                 return  # its last line is out already
