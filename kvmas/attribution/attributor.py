@@ -115,11 +115,11 @@ class LogAttributor:
         judged: list[str] = []
         if self.judge is not None:
             top = [r.step for r in ranking if r.agent in players][:max(1, self.judge_k)]
-            self.judge.verdicts(log, top)  # one shared prefill for the top steps
-            step = rerank(probs, top, lambda i: self.judge.verdict(log, i), k=len(top))
+            verdicts = dict(zip(top, self.judge.verdicts(log, top)))  # one shared prefill for the top steps
+            step = rerank(probs, top, verdicts.__getitem__, k=len(top))
             agent, method = agents[step], f"log/speaker+judge({self.judge.model.name}, top {len(top)})"
             judged = [f"judge verdicts (log-odds of a mistake) on the scorer's top {len(top)}: "
-                      + ", ".join(f"step {i} {self.judge.verdict(log, i):+.2f}" for i in top)]
+                      + ", ".join(f"step {i} {v:+.2f}" for i, v in verdicts.items())]
         chosen = next(r for r in ranking if r.step == step)
         ev = [f"step {step} ({agent}) ranks {ranking.index(chosen) + 1}/{len(ranking)} "
               f"with p={chosen.score:.2f}"] + judged + chosen.evidence

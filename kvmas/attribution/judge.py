@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +129,8 @@ class LogJudge:
     def _score_shared(self, prompts: list[list[int]], continuations: list[str]) -> list[list[float]]:
         """Each prompt's continuation log-probs, with the prompts' common leading tokens prefilled once
         (the same tokens each prompt has alone, so the scores are those of separate runs up to fp order)."""
-        common = len(prompts[0])
-        for ids in prompts[1:]:
-            common = next((i for i, (a, b) in enumerate(zip(ids[:common], prompts[0])) if a != b),
-                          min(common, len(ids)))
-        common = min(common, min(len(ids) for ids in prompts) - 1)  # every prompt keeps a token of its own
+        # commonprefix compares any sequences element-wise, token lists included
+        common = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)  # each keeps a token
         shared = LatentState.empty(self.model)
         if common:
             shared = shared.extend(prompts[0][:common], agent="judge", role="scorer")
@@ -205,8 +203,8 @@ def judge_eval(test_path: str | Path, model, train_path: str | Path | None = Non
         probs = np.zeros(len(it.agents))
         probs[it.cand] = scorers[i].probs(it.x[it.cand])
         preds["portable_speaker"].append((agent, step))
-        judge.verdicts(lg, order[:k])  # the top k on one shared prefill
-        rs = rerank(probs, order, lambda j, _lg=lg: judge.verdict(_lg, j), k=k)
+        verdicts = dict(zip(order[:k], judge.verdicts(lg, order[:k])))  # the top k on one shared prefill
+        rs = rerank(probs, order, verdicts.__getitem__, k=k)
         preds[f"judge_rerank_top{k}"].append((it.agents[rs], rs))
         aa = judge.all_at_once(lg, it.cand)
         preds["judge_all_at_once"].append((it.agents[aa], aa))
