@@ -57,6 +57,8 @@ PRIMS = {
     "text:plan": lambda: small(PlanExecute, "text", k=2),
     "kv:review": lambda: small(Review, "kv", rounds=2),
     "kv:review-early-stop": lambda: small(Review, "kv", rounds=2, early_stop=True, stop_margin=0.0),
+    "kv:review-question-draft": lambda: small(Review, "kv", rounds=1, draft="question"),
+    "latent:review-question-draft": lambda: small(Review, rounds=1, draft="question"),
     "kv:vote": lambda: small(Vote, "kv", n=3),
     "kv:vote-majority": lambda: small(Vote, "kv", n=3, aggregate="majority", temperature=0.9),
     # answer keys from the text's length, so random tiny-model candidates differ and the selector scores them

@@ -9,7 +9,8 @@ import torch
 
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
-from kvmas.primitives import PlanExecute, Review, Sequence, Vote
+from kvmas.errors import BadInputError
+from kvmas.primitives import PlanExecute, Review, Sequence, Single, Vote
 from kvmas.primitives import plan as plan_mod
 from kvmas.primitives import review as review_mod
 from kvmas.primitives import vote as vote_mod
@@ -46,9 +47,9 @@ def test_the_turn_end_is_what_the_template_writes_after_a_reply(model):
     assert model.turn_end  # both tiny templates close a reply with a marker
 
 
-@pytest.mark.parametrize("rounds", [1, 2])
-def test_kv_review_is_the_chat_transcript_and_its_reader_equals_a_text_reader(model, rounds):
-    res = Review(comm="kv", rounds=rounds, max_new_tokens=5)(Q, model=model)
+@pytest.mark.parametrize("rounds,draft", [(1, "solver"), (2, "solver"), (2, "question")])
+def test_kv_review_is_the_chat_transcript_and_its_reader_equals_a_text_reader(model, rounds, draft):
+    res = Review(comm="kv", rounds=rounds, max_new_tokens=5, draft=draft)(Q, model=model)
     state = res.state
     ids = transcript_ids(state)
     assert state.length == len(ids) and torch.equal(state.positions[0], torch.arange(len(ids)))
@@ -61,6 +62,8 @@ def test_kv_review_is_the_chat_transcript_and_its_reader_equals_a_text_reader(mo
     turns = [review_mod.SOLVE] + [review_mod.CRITIQUE, refine] * rounds
     msgs = [{"role": "system", "content": TEAM_SYSTEM},
             {"role": "user", "content": f"Problem:\n{Q}"}]
+    if draft == "question":  # the draft answers the question as the single agent is asked it
+        turns, msgs = [Q] + turns[1:], msgs[:1]
     for instruction, reply in zip(turns, speeches):
         msgs += [{"role": "user", "content": instruction}, {"role": "assistant", "content": reply}]
     want = model.chat_text(msgs, add_generation_prompt=False)
@@ -68,6 +71,33 @@ def test_kv_review_is_the_chat_transcript_and_its_reader_equals_a_text_reader(mo
     assert want.startswith(got) and want[len(got):] == model.turn_end  # the answer's turn is left open
     # a text reader given these tokens from scratch computes the same next-token distribution
     assert (state.last_logits[0] - recomputed(model, ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("comm", ["kv", "text", "latent"])
+def test_a_question_draft_is_the_single_agents_answer(model, comm):
+    """draft="question": a fresh review's first draft reads the single agent's prompt token for token, so its
+    draft is the single agent's answer (kv, text) and, in latent mode, the question stays in the critic's view."""
+    single = Single(max_new_tokens=6)(Q, model=model)
+    prim = Review(comm=comm, rounds=1, max_new_tokens=6, latent_steps=2, draft="question")
+    res = prim(Q, model=model)
+    asked = res.trace.steps[0]
+    assert asked.agent == "user" and asked.text_in == single.trace.steps[0].text_in
+    if comm != "latent":
+        draft = next(s for s in res.trace.steps if s.agent == "solver" and s.action == "speak")
+        assert draft.text_out == single.answer
+        return
+    critic_read = next(s for s in res.trace.steps if s.agent == "critic" and s.action == "read")
+    assert set(asked.writes) <= set(critic_read.reads)  # the hand-off keeps the question
+
+
+def test_a_question_draft_after_another_stage_falls_back_to_the_solver_instruction(model):
+    """In a pipeline the input already holds a conversation: there is no fresh question to answer as single."""
+    res = Sequence(Single(comm="kv", max_new_tokens=3), Review(comm="kv", rounds=1, max_new_tokens=3,
+                                                               draft="question"))(Q, model=model)
+    solver_reads = [s for s in res.trace.steps if s.agent == "solver" and s.action == "read"]
+    assert review_mod.SOLVE in solver_reads[1].text_in
+    with pytest.raises(BadInputError, match="draft"):
+        Review(draft="answer")
 
 
 def test_kv_review_prefills_less_than_its_text_twin_for_the_same_work(model):

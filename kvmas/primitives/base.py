@@ -166,9 +166,19 @@ class Primitive:
         state = inp.state
         if state.length:
             return self.handoff(state)
-        text = ctx.model.chat_text([{"role": "system", "content": ctx.system},
-                                    {"role": "user", "content": self.text_context(ctx, inp)}],
-                                   add_generation_prompt=False)
+        return self._prefill_question(ctx, state, self.text_context(ctx, inp), open_turn=False)
+
+    def asked(self, ctx: RunContext, inp: Output) -> LatentState | None:
+        """The question as a user asks it, with the answer's turn open: the single agent's prompt, token for
+        token, prefilled as the shared question (so no hand-off drops it). None when the input already holds
+        a conversation (state or messages): then there is no fresh question to answer as single does."""
+        if inp.state.length or inp.messages:
+            return None
+        return self._prefill_question(ctx, inp.state, ctx.question, open_turn=True)
+
+    def _prefill_question(self, ctx: RunContext, state: LatentState, content: str, open_turn: bool) -> LatentState:
+        text = ctx.model.chat_text([{"role": "system", "content": ctx.system}, {"role": "user", "content": content}],
+                                   add_generation_prompt=open_turn)
         t0 = time.perf_counter()
         after = state.extend(text, agent="user", role="question")
         ctx.trace.add(Step(agent="user", role="question", action="read", writes=after.segment_ids(),

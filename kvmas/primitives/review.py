@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
+from kvmas.errors import BadInputError
 from kvmas.primitives.base import Output, Primitive, check_param
 from kvmas.primitives.vote import answer_key
 
@@ -16,6 +17,8 @@ FINAL = ("You are the Solver. Solve the problem step by step and give the final 
          "problem asks for.")
 # Same words up to the verdict, so the score difference is log P(correct) - log P(incorrect) at that point.
 VERDICTS = ("The solution is correct.", "The solution is incorrect.")
+# What the first draft answers: the question as the single agent is asked it, or the Solver's role instruction.
+DRAFTS = ("question", "solver")
 
 
 class Review(Primitive):
@@ -27,21 +30,27 @@ class Review(Primitive):
     decoded into the one shared state and read there (nothing is re-prefilled; nothing is dropped).
     Early stop (``early_stop``, off by default): before a critic writes, its state
     scores the two verdicts in ``VERDICTS``; if "correct" wins by ``stop_margin`` nats the rounds end.
+    ``draft``: what a fresh review's first draft answers, ``"solver"`` (the problem, then the Solver's ``SOLVE``)
+    or ``"question"`` (the question as the single agent is asked it: the draft is the single agent's answer).
     """
 
     name = "review"
 
     # early_stop is opt-in: measured on smollm2-135m (GSM8K dev 0-19) the verdict margin exceeded 2 nats on 20/20
     # questions, so the rule ended every review after the draft without discriminating anything.
-    def __init__(self, comm="latent", rounds: int = 2, early_stop: bool = False, stop_margin: float = 2.0, **kw):
+    def __init__(self, comm="latent", rounds: int = 2, early_stop: bool = False, stop_margin: float = 2.0,
+                 draft: str = "solver", **kw):
         super().__init__(comm=comm, **kw)
         self.rounds = check_param("rounds", rounds)
+        if draft not in DRAFTS:
+            raise BadInputError(f"unknown draft {draft!r} (known: {', '.join(DRAFTS)})")
+        self.draft = draft
         self.early_stop = early_stop
         self.stop_margin = stop_margin
 
     def params(self) -> dict:
         return {**super().params(), "rounds": self.rounds, "early_stop": self.early_stop,
-                "stop_margin": self.stop_margin}
+                "stop_margin": self.stop_margin, "draft": self.draft}
 
     def positions_needed(self, question_tokens: int) -> int:
         if self.comm == "kv":  # the whole conversation stays in one state
@@ -53,6 +62,18 @@ class Review(Primitive):
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   latent_steps=self.latent_steps)
         return Agent("solver", **kw), Agent("critic", **kw)
+
+    def _draft_state(self, ctx: RunContext, solver: Agent, inp: Output) -> LatentState:
+        """The state the first draft is decoded (or thought) on. ``draft="question"``: the question as the
+        single agent is asked it, so a fresh review's draft is the single agent's answer; with an input
+        conversation (a later pipeline stage), or ``draft="solver"``: the problem, then the Solver's ``SOLVE``
+        (text mode: re-read from a fresh cache)."""
+        asked = self.asked(ctx, inp) if self.draft == "question" else None
+        if asked is not None:
+            return asked
+        if self.comm == "text":
+            return solver.read(ctx, LatentState.empty(ctx.model), self.text_context(ctx, inp) + "\n\n" + SOLVE)
+        return solver.read(ctx, self.shared_prefix(ctx, inp), SOLVE)
 
     def _critic_agrees(self, ctx: RunContext, critic: Agent, state: LatentState, margins: list[float]) -> bool:
         """Early stop: before the critic writes, its state scores the two verdicts (a recorded step)."""
@@ -68,8 +89,7 @@ class Review(Primitive):
         if self.comm == "kv":
             return self._kv(ctx, inp, final)
         solver, critic = self._agents()
-        state = self.shared_prefix(ctx, inp)
-        state = solver.think(ctx, solver.read(ctx, state, SOLVE))
+        state = solver.think(ctx, self._draft_state(ctx, solver, inp))
         critique_ids: list[int] = []
         margins: list[float] = []
         stopped = None
@@ -105,8 +125,7 @@ class Review(Primitive):
     def _kv(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         solver, critic = self._agents()
         margins: list[float] = []
-        state = solver.read(ctx, self.shared_prefix(ctx, inp), SOLVE)
-        draft, state = solver.speak(ctx, state, close_turn=True)
+        draft, state = solver.speak(ctx, self._draft_state(ctx, solver, inp), close_turn=True)
         drafts = []
         for r in range(self.rounds):
             drafts.append(answer_key(draft, ctx.question))
@@ -127,7 +146,7 @@ class Review(Primitive):
         empty = LatentState.empty(ctx.model)
         margins: list[float] = []
         stopped = None
-        draft, state = solver.speak(ctx, solver.read(ctx, empty, self.text_context(ctx, inp) + "\n\n" + SOLVE))
+        draft, state = solver.speak(ctx, self._draft_state(ctx, solver, inp))
         drafts = []
         for r in range(self.rounds):
             drafts.append(answer_key(draft, ctx.question))
