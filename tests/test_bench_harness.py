@@ -176,6 +176,11 @@ def test_choice_scoring_by_likelihood_after_the_answer(model, tmp_path):
         assert len(sc) == 4 and i["pred"] == "ABCD"[max(range(4), key=sc.__getitem__)]
         assert i["correct"] == (i["pred"] == i["gold"]) and "extracted" in i["meta"]
     assert s["config"]["choice_scoring"] == "loglik"
+    for m in ("single", "latent:vote"):  # the report keeps both readings of the same answers
+        mine = [i for i in items if i["method"] == m]
+        assert s["methods"][m]["extracted"]["correct"] == sum(i["meta"]["extracted"] == i["gold"] for i in mine)
+        assert s["methods"][m]["extracted"]["n"] == len(mine)
+    assert "read from the text" in (tmp_path / "results.md").read_text()
     with pytest.raises(BadInputError, match="choice scoring"):
         run_bench(tasks, "single", model, tmp_path, BenchConfig(choice_scoring="vibes"))
 

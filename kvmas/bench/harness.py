@@ -370,6 +370,11 @@ def _summarise(items: list[ItemResult]) -> dict[str, Any]:
     drafts = draft_summary(items)
     if drafts:
         out["drafts"] = drafts
+    read = [r for r in items if "extracted" in r.meta]  # --choice-scoring loglik keeps the text's own answer too
+    if read:
+        k_text = sum(r.meta["extracted"] == r.gold for r in read)
+        out["extracted"] = {"n": len(read), "correct": k_text,
+                            "ci95_wilson": [round(x, 4) for x in wilson(k_text, len(read))]}
     chosen = [r.meta.get("chosen") for r in items if r.meta.get("chosen")]
     if chosen:
         counts: dict[str, int] = {}
@@ -833,6 +838,15 @@ def to_markdown(summary: dict[str, Any]) -> str:
                   "| method | items | first draft right | final right | fixed | broke |", "|---|---|---|---|---|---|"]
         lines += [f"| {n} | {d['n']} | {d['first_right']} | {d['final_right']} | {d['fixed']} | {d['broke']} |"
                   for n, d in drafts.items()]
+    both = {n: s for n, s in summary["methods"].items() if "extracted" in s}
+    if both:
+        lines += ["", "Both readings of the same answers (ranked by likelihood after the answer, and the option the "
+                      "answer text gives):", "",
+                  "| method | ranked by likelihood | 95% CI | read from the text | 95% CI |", "|---|---|---|---|---|"]
+        for n, s in both.items():
+            e = s["extracted"]
+            lines.append(f"| {n} | {s['correct']}/{s['n']} | {_ci_cell(s['ci95_wilson'])} | {e['correct']}/{e['n']} | "
+                         f"{_ci_cell(e['ci95_wilson'])} |")
     chosen = {n: s["chosen_pipelines"] for n, s in summary["methods"].items() if "chosen_pipelines" in s}
     if chosen:
         lines += ["", "Pipelines chosen:"]
@@ -949,6 +963,10 @@ def write_pareto(summary: dict[str, Any], path: str | Path) -> Path | None:
     fig.suptitle(f"accuracy vs cost · {summary['config']['data']} · {summary['config']['model']} · "
                  f"n={summary['config']['n']}")
     return _save_png(plt, fig, path)
+
+
+def _ci_cell(ci: list[float]) -> str:
+    return f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%"
 
 
 def _strict_cell(s: dict[str, Any]) -> str:
