@@ -1,7 +1,7 @@
 """The one progress bar: counted work (items, tensors, questions) or bytes (assembly, downloads).
 
 On a terminal it is a live rich bar. Written to a file or a pipe (``nohup kvmas bench ... > log``) a live bar
-shows nothing until the end, so there it prints one plain line per task at most every ``every`` seconds, and
+shows nothing until the end, so there it prints one plain line per running task every ``every`` seconds, and
 when a task finishes.
 
 >>> import io
@@ -18,6 +18,7 @@ questions 2/2 (100%) 0:00:00
 
 from __future__ import annotations
 
+import threading
 import time
 
 from rich import get_console
@@ -45,13 +46,39 @@ def progress_bar(console: Console | None = None, *, unit: str = "count", transie
 
 class LineProgress(Progress):
     """Progress for logs: no live display; ``"<description> done/total (pct) elapsed"`` lines instead, one per
-    task at most every ``every`` seconds, and always when the task completes."""
+    task every ``every`` seconds while it runs (moved or not), and always when the task completes."""
 
     def __init__(self, console: Console, *, unit: str = "count", every: float = 30.0) -> None:
         super().__init__(console=console, disable=True)
         self.unit = unit
         self.every = every
         self._printed: dict[TaskID, float] = {}
+        self._line_lock = threading.Lock()  # not _lock: that is rich's own
+        self._stopped = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Also a heartbeat: a task whose count has not moved still gets its line every ``every`` seconds
+        (a batch of long questions finishes nothing for many minutes; the elapsed time shows it is alive)."""
+        super().start()
+        if self.every > 0 and self._beat is None:
+            self._stopped.clear()
+            self._beat = threading.Thread(target=self._heartbeat, name="progress-lines", daemon=True)
+            self._beat.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+        super().stop()
+
+    def _heartbeat(self) -> None:
+        while not self._stopped.wait(self.every / 2):  # half: the throttle below is what spaces the lines
+            for task_id in list(self._tasks):
+                task = self._tasks.get(task_id)
+                if task is not None and task.started and not task.finished:
+                    self._report(task_id)
 
     def update(self, task_id: TaskID, **kw) -> None:
         super().update(task_id, **kw)
@@ -62,6 +89,10 @@ class LineProgress(Progress):
         self._report(task_id)
 
     def _report(self, task_id: TaskID) -> None:
+        with self._line_lock:  # the heartbeat thread reports too
+            self._report_locked(task_id)
+
+    def _report_locked(self, task_id: TaskID) -> None:
         task = self._tasks.get(task_id)
         if task is None:
             return

@@ -49,3 +49,22 @@ def test_a_terminal_keeps_the_live_bar():
     console = Console(file=io.StringIO(), force_terminal=True)
     bar = progress_bar(console)
     assert type(bar) is Progress
+
+
+def test_a_task_that_has_not_moved_still_gets_lines_and_none_after_the_end():
+    """The heartbeat: a long batch completes nothing for minutes, and its log must still show it is alive."""
+    import time
+
+    console, out = _log_console()
+    with progress_bar(console, every=0.05) as p:
+        task = p.add_task("kv:review", total=4)
+        p.advance(task)
+        deadline = time.monotonic() + 10
+        while out.getvalue().count("kv:review 1/4") < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert out.getvalue().count("kv:review 1/4") >= 3  # the count stood still; the lines kept coming
+        p.update(task, completed=4)
+    ended = out.getvalue()
+    assert ended.count("kv:review 4/4 (100%)") == 1
+    time.sleep(0.2)
+    assert out.getvalue() == ended  # the heartbeat stopped with the bar
