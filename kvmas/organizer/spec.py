@@ -75,8 +75,8 @@ _COMMON = {
 #: Parameters each primitive accepts in a spec (names, types, bounds). Kept in step with kvmas.primitives.
 PRIMITIVE_PARAMS: dict[str, dict[str, Param]] = {
     "single": dict(_COMMON),
-    "review": {**_COMMON, "rounds": Param(int, 1, 8), "early_stop": Param(bool), "stop_margin": Param(float, 0.0, 100.0),
-               "draft": Param(str, choices=("question", "solver"))},
+    "review": {**_COMMON, "rounds": Param(int, 1, 8), "early_stop": Param(bool),
+               "stop_margin": Param(float, 0.0, 100.0), "draft": Param(str, choices=("question", "solver"))},
     "vote": {**_COMMON, "n": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill")),
              "aggregate": Param(str, choices=("selector", "majority", "likelihood"))},
     "plan": {**_COMMON, "k": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill"))},
