@@ -799,9 +799,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "") + "---|"]
     for name, s in summary["methods"].items():
         t = s["tokens_per_item"]
-        lo, hi = s["ci95_wilson"]
         lines.append(f"| {name} | {s['correct']}/{s['n']} ({100 * s['accuracy']:.1f}%) | "
-                     f"{100 * lo:.1f}–{100 * hi:.1f}% | {_strict_cell(s)} | {t['computed']:.0f} | "
+                     f"{_ci_cell(s['ci95_wilson'])} | {_strict_cell(s)} | {t['computed']:.0f} | "
                      f"{t['prefilled']:.0f} | {t['reused']:.0f} | {t['generated']:.0f} | {t['latent']:.0f} | "
                      f"{seconds_per_question(s):.2f} | {s['answer_tokens_mean']:.0f} | {s['no_extractable_answer']} | "
                      f"{s.get('echoes', 0)} | {s['errors']} | " + (f"{s.get('peak_rss_mb', 0):.0f} | " if peak else "")
