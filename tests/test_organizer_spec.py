@@ -28,6 +28,10 @@ def test_round_trip_and_views():
     text = spec.with_params(comm="text", rounds=5)
     assert all(n.params["comm"] == "text" for n in text.nodes)
     assert text.nodes[1].params["rounds"] == 5 and "rounds" not in text.nodes[2].params
+    # defaults fill only what a node leaves unset: the review keeps its own comm and rounds
+    kv = spec.with_defaults(comm="kv", rounds=5)
+    assert [n.params.get("comm") for n in kv.nodes] == ["kv", "text", "kv", "kv"]
+    assert kv.nodes[1].params["rounds"] == 1 and kv.edges == spec.edges
 
 
 @pytest.mark.parametrize("data,path", [

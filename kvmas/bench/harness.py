@@ -650,7 +650,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     order: dict[str, int] = {}
     walls: dict[str, float] = {}
     for d in map(Path, run_dirs):
-        summary, items = _load_run(d)
+        summary, items = load_run(d)
         cfg = summary["config"]
         for key in MERGE_KEYS:
             if configs and _setting(cfg, key) != _setting(configs[0], key):
@@ -706,7 +706,7 @@ def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path)
     src = Path(run_dir)
     if Path(out_dir).resolve() == src.resolve():
         raise BadInputError(f"the rescored report would overwrite its input ({out_dir})")
-    before, items = _load_run(src)
+    before, items = load_run(src)
     by_id = {t.id: t for t in tasks}
     results: dict[str, list[ItemResult]] = {}
     for item in items:
@@ -731,7 +731,7 @@ def rescore_run(run_dir: str | Path, tasks: Sequence[Task], out_dir: str | Path)
     return _write_report(Path(out_dir), config, results)
 
 
-def _load_run(d: Path) -> tuple[dict[str, Any], list[ItemResult]]:
+def load_run(d: Path) -> tuple[dict[str, Any], list[ItemResult]]:
     """A finished run's results dict and item records; BadInputError naming what is wrong."""
     try:
         summary = json.loads((d / "results.json").read_text(encoding="utf-8"))

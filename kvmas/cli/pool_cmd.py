@@ -6,6 +6,7 @@
     kvmas pool search "QUESTION" [-k 4]          # what the organizer would retrieve (lexical; --model to embed)
     kvmas pool export FILE | kvmas pool import FILE | kvmas pool stats
     kvmas pool feedback RUN_ID --good|--bad      # teach the pool the verified outcome of a `kvmas run --auto`
+    kvmas pool learn RUN_DIR [--model NAME]      # teach it every verified outcome of a `kvmas bench accuracy` run
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.render import DataTable, console, lit, say
 from kvmas.errors import BadInputError, KvmasError
 
-app = typer.Typer(help="The organizer's knowledge pool: list, show, add, search, export, import, stats, feedback.",
+app = typer.Typer(help="The organizer's knowledge pool: list, show, add, search, export, import, stats, feedback, learn.",
                   no_args_is_help=True, add_completion=False)
 POOL_OPT = typer.Option(None, "--pool", help="pool file (default: KVMAS_HOME/pool.sqlite)")
 
@@ -162,3 +163,24 @@ def feedback_cmd(run: str = typer.Argument(..., help="run id printed by `kvmas r
         say(f"recorded success; pool entry #{entry.id} now {entry.successes}/{entry.trials}")
     else:
         say("recorded failure")
+
+
+@app.command("learn")
+def learn_cmd(run_dir: Path = typer.Argument(..., help="a finished `kvmas bench accuracy` output folder"),
+              pool: Path = POOL_OPT,
+              data: Path = typer.Option(None, "--data", help="the run's task file, if it moved (default: as recorded)"),
+              model: str = typer.Option(None, "--model", help="embed the learned entries now with this model")) -> None:
+    """Teach the pool every verified outcome of a bench run's fixed methods (train items; see DECISIONS)."""
+    from kvmas.bench.lessons import teach_pool
+
+    try:
+        m = None
+        if model:
+            from kvmas.agents.model import Model
+
+            m = Model.load(model)
+        lessons = teach_pool(run_dir, _pool(pool), data=data, model=m)
+    except KvmasError as exc:
+        _fail(exc)
+    for line in lessons.lines():
+        say(line)

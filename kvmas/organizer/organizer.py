@@ -93,8 +93,9 @@ class Decision:
 class Organizer:
     """Retrieve ``k`` candidates (cosine + MMR, lexical fallback), choose one by constrained choice, run it.
 
-    ``pool=None`` or an empty pool: always the fallback. ``comm`` is applied to every node of the chosen
-    pipeline (``"latent"`` or ``"text"``; None keeps each node's own). ``random_choice=True`` is the
+    ``pool=None`` or an empty pool: always the fallback. ``comm`` is the mode of every node of the chosen
+    pipeline that names none (a pipeline learned as ``vote(comm=kv)`` keeps ``kv``; None: the primitive's own
+    default); ``node_params`` (budgets) are set on every node. ``random_choice=True`` is the
     random-composition ablation (a seeded uniform pick among the candidates, no model call).
     """
 
@@ -115,10 +116,8 @@ class Organizer:
         self.random_choice = random_choice
 
     def _finish(self, spec: PipelineSpec) -> PipelineSpec:
-        extra = dict(self.node_params)
-        if self.comm is not None:
-            extra["comm"] = self.comm
-        return spec.with_params(**extra) if extra else spec
+        spec = spec.with_params(**self.node_params) if self.node_params else spec
+        return spec.with_defaults(comm=self.comm) if self.comm is not None else spec
 
     def choose(self, question: str, model, *, seed: int = 0) -> Decision:
         """Pick a pipeline for ``question`` (see the module doc for the rule and the fallbacks)."""

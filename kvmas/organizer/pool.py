@@ -225,6 +225,11 @@ class KnowledgePool(SQLiteStore):
     def __len__(self) -> int:
         return int(self.connection().execute("SELECT COUNT(*) FROM entries WHERE retired = 0").fetchone()[0])
 
+    def has_outcome(self, run_id: str) -> bool:
+        """Whether :meth:`learn` already recorded the outcome of run ``run_id``."""
+        row = self.connection().execute("SELECT 1 FROM outcomes WHERE run_id = ?", (str(run_id),)).fetchone()
+        return row is not None
+
     def stats(self) -> dict[str, Any]:
         """Counts by origin, total trials/successes, embedded models."""
         c = self.connection()

@@ -234,10 +234,18 @@ class PipelineSpec(BaseModel):
 
     def with_params(self, **params: Any) -> "PipelineSpec":
         """The same DAG with ``params`` set on every node that accepts them (e.g. ``comm="text"``)."""
+        return self._set(params, keep_own=False)
+
+    def with_defaults(self, **params: Any) -> "PipelineSpec":
+        """The same DAG with ``params`` set on every node that accepts them and does not set them already
+        (a learned ``vote(comm=kv)`` keeps its ``kv``; a node with no ``comm`` takes the one given)."""
+        return self._set(params, keep_own=True)
+
+    def _set(self, params: dict[str, Any], keep_own: bool) -> "PipelineSpec":
         nodes = []
         for n in self.nodes:
-            schema = PRIMITIVE_PARAMS[n.type]
-            extra = {k: v for k, v in params.items() if k in schema}
+            extra = {k: v for k, v in params.items()
+                     if k in PRIMITIVE_PARAMS[n.type] and not (keep_own and k in n.params)}
             nodes.append(n.model_copy(update={"params": {**n.params, **extra}}).model_dump())
         return PipelineSpec.from_dict({"version": self.version, "nodes": nodes, "edges": self.edges})
 
