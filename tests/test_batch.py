@@ -66,6 +66,8 @@ PRIMS = {
                                         answer_key=lambda t: str(len(t) % 3)),
     "text:vote-likelihood": lambda: small(Vote, "text", n=3, aggregate="likelihood", temperature=0.9,
                                           answer_key=lambda t: str(len(t) % 3)),
+    "kv:vote-question": lambda: small(Vote, "kv", n=3, candidates="question", aggregate="majority", temperature=0.9),
+    "text:vote-question": lambda: small(Vote, "text", n=2, candidates="question", temperature=0.9),
     "kv:plan": lambda: small(PlanExecute, "kv", k=2),
     "consistency": lambda: SelfConsistency(n=3, max_new_tokens=5),
     "kv-sequence": lambda: Sequence(small(PlanExecute, "kv", k=2), small(Review, "kv", rounds=1)),

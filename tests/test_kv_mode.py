@@ -109,6 +109,7 @@ def test_kv_review_prefills_less_than_its_text_twin_for_the_same_work(model):
 
 
 @pytest.mark.parametrize("cls,kw,instruction", [(Vote, {"n": 3}, vote_mod.SELECT),
+                                                (Vote, {"n": 3, "candidates": "question"}, vote_mod.SELECT),
                                                 (PlanExecute, {"k": 3}, plan_mod.INTEGRATE)])
 def test_kv_fan_in_reader_equals_each_branch_run_alone_then_merged(model, cls, kw, instruction):
     """Branches decode as rows of one state (finishing at different steps); the reader on their merge equals a
@@ -126,11 +127,13 @@ def test_kv_fan_in_reader_equals_each_branch_run_alone_then_merged(model, cls, k
         prefix = Agent("planner").read(ctx, prefix, plan_mod.PLAN)
         prefix = prefix.extend(model.encode(plan_ids.text_out) + model.encode(model.turn_end), kind="generated")
         turns = [plan_mod.EXECUTE.format(i=i + 1, k=kw["k"]) for i in range(kw["k"])]
+    elif prim.candidates == "question":  # each candidate answers the single agent's prompt, no persona turn
+        prefix, turns = prim.asked(ctx, Output.start(model)), [None] * kw["n"]
     else:
         turns = [f"{p} {vote_mod.SOLVE}" for p in prim._personas()]
     alone = []
     for turn, text in zip(turns, texts):
-        row = prefix.extend(Agent("x").turn(ctx, turn, fresh=False))
+        row = prefix if turn is None else prefix.extend(Agent("x").turn(ctx, turn, fresh=False))
         sp = row.speak(6)
         assert sp.text == text  # a batch row decodes what the branch decodes alone
         alone.append(sp.state.extend(model.turn_end))
@@ -139,6 +142,27 @@ def test_kv_fan_in_reader_equals_each_branch_run_alone_then_merged(model, cls, k
     answer = reader.speak(6)
     assert answer.text == res.answer
     assert (answer.state.last_logits[0] - res.state.last_logits[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("comm", ["kv", "text"])
+def test_question_candidates_are_the_single_agents_answer(model, comm):
+    """candidates="question": each candidate reads the single agent's prompt token for token (greedy: each is
+    the single agent's answer); after another stage the personas answer; latent mode is refused."""
+    single = Single(max_new_tokens=6)(Q, model=model)
+    res = Vote(comm=comm, n=3, max_new_tokens=6, candidates="question")(Q, model=model)
+    asked = res.trace.steps[0]
+    assert asked.agent == "user" and asked.text_in == single.trace.steps[0].text_in
+    cands = next(s for s in res.trace.steps if s.agent == "solvers" and s.action == "speak").text_out
+    assert cands.split("\n---\n") == [single.answer] * 3
+    assert not any(s.agent == "solvers" and s.action == "read" for s in res.trace.steps)  # no persona turn
+    later = Sequence(Single(comm=comm, max_new_tokens=3), Vote(comm=comm, n=2, max_new_tokens=3,
+                                                               candidates="question"))(Q, model=model)
+    reads = [s for s in later.trace.steps if s.agent == "solvers" and s.action == "read"]
+    assert reads and vote_mod.SOLVE in reads[0].text_in
+    with pytest.raises(BadInputError, match="kv' or 'text"):
+        Vote(candidates="question")
+    with pytest.raises(BadInputError, match="candidates"):
+        Vote(comm="kv", candidates="everyone")
 
 
 def test_kv_vote_majority_answers_with_the_majority_candidate(model):

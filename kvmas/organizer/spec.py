@@ -78,7 +78,8 @@ PRIMITIVE_PARAMS: dict[str, dict[str, Param]] = {
     "review": {**_COMMON, "rounds": Param(int, 1, 8), "early_stop": Param(bool),
                "stop_margin": Param(float, 0.0, 100.0), "draft": Param(str, choices=("question", "solver"))},
     "vote": {**_COMMON, "n": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill")),
-             "aggregate": Param(str, choices=("selector", "majority", "likelihood"))},
+             "aggregate": Param(str, choices=("selector", "majority", "likelihood")),
+             "candidates": Param(str, choices=("persona", "question"))},
     "plan": {**_COMMON, "k": Param(int, 1, 16), "merge_policy": Param(str, choices=("shared", "rerotate", "reprefill"))},
     "consistency": {**_COMMON, "n": Param(int, 1, 16)},
 }

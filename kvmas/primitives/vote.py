@@ -22,6 +22,8 @@ PERSONAS = (
 )
 SOLVE = "Solve the problem step by step."
 AGGREGATES = ("selector", "majority", "likelihood")
+# What each candidate answers: its persona's instruction, or the question as the single agent is asked it.
+CANDIDATES = ("persona", "question")
 # The selector's constrained choice scores each distinct candidate answer in this form (same words before it,
 # so the scores differ only by the answer and what follows it).
 ANSWER_FORM = "The final answer is \\boxed{{{}}}."
@@ -81,13 +83,22 @@ class Vote(Primitive):
     answer is extractable). ``answer_key`` maps a
     candidate's text to a comparable answer (default None: :func:`answer_key` for the run's question, the
     option label or number the scorer would read).
+    ``candidates="question"`` (kv and text modes): every candidate answers the question as the single agent is
+    asked it, token for token (no persona), so the candidates are samples of the single agent's answer
+    (identical under greedy decoding: sample with ``temperature``); with an input conversation (a later pipeline
+    stage) the personas answer, as with the default ``"persona"``.
     """
 
     name = "vote"
 
     def __init__(self, comm="latent", n: int = 3, merge_policy: str = "shared", aggregate: str = "selector",
-                 answer_key: Callable[[str], str | None] | None = None, **kw):
+                 answer_key: Callable[[str], str | None] | None = None, candidates: str = "persona", **kw):
         super().__init__(comm=comm, **kw)
+        if candidates not in CANDIDATES:
+            raise BadInputError(f"unknown candidates {candidates!r} (known: {', '.join(CANDIDATES)})")
+        if candidates == "question" and comm == "latent":
+            raise BadInputError("candidates='question' decodes each candidate: use comm 'kv' or 'text'")
+        self.candidates = candidates
         self.answer_key = answer_key
         self.n = check_param("n", n)
         if merge_policy not in MERGE_POLICIES:
@@ -98,7 +109,8 @@ class Vote(Primitive):
         self.aggregate = aggregate
 
     def params(self) -> dict:
-        return {**super().params(), "n": self.n, "merge_policy": self.merge_policy, "aggregate": self.aggregate}
+        return {**super().params(), "n": self.n, "merge_policy": self.merge_policy, "aggregate": self.aggregate,
+                "candidates": self.candidates}
 
     def positions_needed(self, question_tokens: int) -> int:
         per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
@@ -129,13 +141,18 @@ class Vote(Primitive):
         solvers, selector = self._agents()
         if self.comm == "latent":
             return self.conclude(ctx, selector, inp, self.selector_state(ctx, inp), speak=final)
-        if self.comm == "kv":  # candidates decoded into their rows of the shared state
+        base = LatentState.empty(ctx.model)
+        asked = self.asked(ctx, inp) if self.candidates == "question" else None
+        if asked is not None:  # the single agent's prompt, prefilled once, one row per candidate
+            rows = asked.fork(self.n)
+        elif self.comm == "kv":  # candidates decoded into their rows of the shared state
             rows = solvers.read(ctx, self.shared_prefix(ctx, inp).fork(self.n), self._solver_turns(), fresh=False)
-            cands, rows = solvers.speak(ctx, rows, close_turn=True)
         else:  # text mode: the shared problem prompt is prefilled once, candidates decoded as batch rows
-            base = LatentState.empty(ctx.model)
             prompts = [self.text_context(ctx, inp) + "\n\n" + f"{p} {SOLVE}" for p in self._personas()]
             rows = solvers.read(ctx, base.fork(self.n), prompts, fresh=True)
+        if self.comm == "kv":
+            cands, rows = solvers.speak(ctx, rows, close_turn=True)
+        else:
             cands, _ = solvers.speak(ctx, rows)
         cands = list(cands) if isinstance(cands, list) else [cands]
         keys = keys_of(cands, ctx, self.answer_key)
