@@ -64,6 +64,9 @@ def test_run_bench_writes_everything(model, tmp_path, small_pool):
         assert m["correct"] == sum(i["correct"] for i in items if i["method"] == name)
     # auto-empty is the fallback single agent; auto pays for its organizer on top of what it runs
     assert s["methods"]["auto-empty"]["chosen_pipelines"] == {"single": 2}
+    assert s["methods"]["auto-empty"]["chosen_correct"] == {"single": sum(
+        i["correct"] for i in items if i["method"] == "auto-empty")}
+    assert "- auto-empty: single ×2 (" in md
     by = {(i["method"], i["task_id"]): i for i in items}
     assert all(by[("auto-empty", t.id)]["answer"] == by[("single", t.id)]["answer"] for t in tasks)
     assert s["methods"]["auto"]["tokens_per_item"]["prefilled"] > s["methods"]["single"]["tokens_per_item"]["prefilled"]

@@ -375,12 +375,12 @@ def _summarise(items: list[ItemResult]) -> dict[str, Any]:
         k_text = sum(r.meta["extracted"] == r.gold for r in read)
         out["extracted"] = {"n": len(read), "correct": k_text,
                             "ci95_wilson": [round(x, 4) for x in wilson(k_text, len(read))]}
-    chosen = [r.meta.get("chosen") for r in items if r.meta.get("chosen")]
-    if chosen:
-        counts: dict[str, int] = {}
-        for c in chosen:
-            counts[c] = counts.get(c, 0) + 1
-        out["chosen_pipelines"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    chosen = [r for r in items if r.meta.get("chosen")]
+    if chosen:  # how often each pipeline was chosen, and how often it was then right
+        counts = Counter(r.meta["chosen"] for r in chosen)
+        right = Counter(r.meta["chosen"] for r in chosen if r.correct)
+        out["chosen_pipelines"] = dict(counts.most_common())
+        out["chosen_correct"] = {c: right[c] for c in out["chosen_pipelines"]}
     return out
 
 
@@ -846,10 +846,12 @@ def to_markdown(summary: dict[str, Any]) -> str:
             e = s["extracted"]
             lines.append(f"| {n} | {s['correct']}/{s['n']} | {_ci_cell(s['ci95_wilson'])} | {e['correct']}/{e['n']} | "
                          f"{_ci_cell(e['ci95_wilson'])} |")
-    chosen = {n: s["chosen_pipelines"] for n, s in summary["methods"].items() if "chosen_pipelines" in s}
+    chosen = {n: s for n, s in summary["methods"].items() if "chosen_pipelines" in s}
     if chosen:
-        lines += ["", "Pipelines chosen:"]
-        lines += [f"- {n}: " + ", ".join(f"{k} ×{v}" for k, v in c.items()) for n, c in chosen.items()]
+        lines += ["", "Pipelines chosen (times chosen, right when chosen):"]
+        lines += [f"- {n}: " + ", ".join(f"{k} ×{v}" + (f" ({s['chosen_correct'][k]} right)" if "chosen_correct" in s
+                                                        else "") for k, v in s["chosen_pipelines"].items())
+                  for n, s in chosen.items()]
     eff = summary.get("efficiency")
     if eff:
         lines += ["", "Ratios measured in this run:", "", "| ratio | value |", "|---|---|"]
