@@ -1,4 +1,5 @@
 import json
+from importlib import resources
 
 import pytest
 from typer.testing import CliRunner
@@ -99,3 +100,21 @@ def test_cli_pool_learn(run, tmp_path):
     assert "kv:vote: 1/3 right" in res.output and "skipped 3: method 'loglik' is not a fixed pipeline" in res.output
     res = runner.invoke(app, ["learn", str(tmp_path / "nowhere"), "--pool", pool])
     assert res.exit_code != 0 and "not a finished accuracy run" in res.output
+
+
+def test_teach_pool_reads_the_tasks_the_run_took(model, tmp_path):
+    """The run's own start and n: a damaged line elsewhere in the file does not stop the lesson; an older
+    run with no recorded start falls back to the whole file, whose damage is then a clear error."""
+    sample = resources.files("kvmas").joinpath("data", "gsm8k_sample.jsonl").read_text().splitlines()
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(sample[:4] + ['{"id": "broken", "question": "unterminated']) + "\n")
+    tasks = load_tasks(str(data), n=2, start=1)
+    run_bench(tasks, "single", model, tmp_path / "run", CFG, data_name=str(data), start=1)
+    lessons = teach_pool(tmp_path / "run", KnowledgePool(tmp_path / "pool.sqlite", seed=False))
+    assert lessons.taught == 2 and not lessons.skipped
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (summary["config"]["start"], summary["config"]["shuffle"]) == (1, False)
+    del summary["config"]["start"]
+    (tmp_path / "run" / "results.json").write_text(json.dumps(summary))
+    with pytest.raises(BadInputError, match="data.jsonl:5: not valid JSON"):
+        teach_pool(tmp_path / "run", KnowledgePool(tmp_path / "other.sqlite", seed=False))

@@ -403,8 +403,12 @@ def _paired(results: dict[str, list[ItemResult]], seed: int) -> list[dict[str, A
 def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out_dir: str | Path,
               cfg: BenchConfig | None = None, data_name: str = "",
               progress: Callable[[str, int, int], None] | None = None, extra=None,
-              after_submit: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
+              after_submit: Callable[[Any, int], None] | None = None, start: int = 0,
+              shuffle: bool = False) -> dict[str, Any]:
     """Run every method on every task; write the item log, JSON, markdown and chart; return the results dict.
+
+    ``start`` and ``shuffle`` say how ``tasks`` were taken from ``data_name`` (``load_tasks``' arguments); they
+    are only recorded, so that ``kvmas pool learn`` can read the same tasks again.
 
     ``model``: a Model (or, with ``cfg.isolate`` or ``cfg.workers``, also a registry name / model dir for the
     workers to load; with workers the name is not loaded here unless ``auto`` learns online).
@@ -467,7 +471,8 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
     else:
         model_name = model if isinstance(model, str) else getattr(model, "name", "?")
         model_key = _model_key(model, cfg)
-    config = {"data": data_name, "n": len(tasks), "seed": cfg.seed, "model": model_name,
+    config = {"data": data_name, "n": len(tasks), "start": start, "shuffle": shuffle, "seed": cfg.seed,
+              "model": model_name,
               "model_key": model_key, "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
               "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
@@ -674,6 +679,7 @@ def merge_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str,
     config["method_wall_s"] = walls
     config["batch_sizes"] = {m: c.get("batch_size") for c in configs for m in c.get("methods", [])}
     config["merged_from"] = [str(d) for d in run_dirs]
+    config.pop("start", None)  # the joined ranges need not be one: a reader looks tasks up by id
     fanned = [c["fanout"] for c in configs if c.get("fanout")]
     config.pop("fanout", None)
     if fanned:  # the runs over workers, joined: the most workers any used, every death and every re-run

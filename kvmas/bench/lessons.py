@@ -67,7 +67,7 @@ def teach_pool(run_dir: str | Path, pool: KnowledgePool, *, data: str | Path | N
     """
     summary, items = load_run(Path(run_dir))
     cfg = summary["config"]
-    tasks = _tasks_by_id(data or cfg.get("data"), cfg)
+    tasks = _tasks_by_id(data or cfg.get("data"), cfg, {item.task_id for item in items})
     started = cfg.get("started") or Path(run_dir).resolve().name
     style = cfg.get("prompt", "cot")
     specs: dict[str, PipelineSpec | str] = {}
@@ -99,11 +99,14 @@ def teach_pool(run_dir: str | Path, pool: KnowledgePool, *, data: str | Path | N
     return out
 
 
-def _tasks_by_id(data, cfg: dict) -> dict[str, Task]:
+def _tasks_by_id(data, cfg: dict, wanted: set[str]) -> dict[str, Task]:
+    """The run's tasks as it took them (its data, n, start, seed, shuffle); when some are not among them (a
+    merged run, or one that recorded no start), the whole file."""
     if not data:
         raise BadInputError("the run records no data file; pass the task file")
-    if Path(str(data)).is_file():  # the whole file: a run may have started anywhere in it
-        tasks = load_tasks(data)
-    else:  # a sample name or generated tasks: the run's own n and seed rebuild them
-        tasks = load_tasks(data, n=cfg.get("n"), seed=cfg.get("seed", 0))
-    return {t.id: t for t in tasks}
+    tasks = load_tasks(data, n=cfg.get("n"), seed=cfg.get("seed", 0), start=cfg.get("start") or 0,
+                       shuffle=bool(cfg.get("shuffle")))
+    by_id = {t.id: t for t in tasks}
+    if wanted - by_id.keys() and Path(str(data)).is_file():
+        by_id = {t.id: t for t in load_tasks(data)}
+    return by_id

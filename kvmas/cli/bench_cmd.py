@@ -145,7 +145,7 @@ def accuracy(
                           ray_address=ray_address)
         with _progress(console) as progress, _sigterm_interrupts():
             summary = run_bench(tasks, meths, m, out_dir, cfg, data_name=str(data or "synthetic"),
-                                progress=_bars(progress))
+                                progress=_bars(progress), start=start, shuffle=shuffle)
     except InterruptedRunError as exc:
         rep = exc.report
         if rep["done"]:
