@@ -79,9 +79,7 @@ def teach_pool(run_dir: str | Path, pool: KnowledgePool, *, data: str | Path | N
             except BadInputError as exc:
                 specs[item.method] = str(exc)
         spec, task = specs[item.method], tasks.get(item.task_id)
-        why = (spec if isinstance(spec, str) else "the item failed to run" if item.error else
-               "task not in the data" if task is None else
-               "gold answer differs from the data's" if task.answer != item.gold else None)
+        why = _unteachable(item, spec, task)
         if why is not None:
             out.skipped[why] += 1
             continue
@@ -97,6 +95,19 @@ def teach_pool(run_dir: str | Path, pool: KnowledgePool, *, data: str | Path | N
         out.taught += 1
         out.successes += int(item.correct)
     return out
+
+
+def _unteachable(item, spec: PipelineSpec | str, task: Task | None) -> str | None:
+    """Why an item cannot be taught (None when it can): ``spec`` is the method's pipeline or why it has none."""
+    if isinstance(spec, str):
+        return spec
+    if item.error:
+        return "the item failed to run"
+    if task is None:
+        return "task not in the data"
+    if task.answer != item.gold:
+        return "gold answer differs from the data's"
+    return None
 
 
 def _tasks_by_id(data, cfg: dict, wanted: set[str]) -> dict[str, Task]:

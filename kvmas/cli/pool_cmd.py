@@ -21,7 +21,8 @@ from kvmas.cli.boundary import fail as _fail
 from kvmas.cli.render import DataTable, console, lit, say
 from kvmas.errors import BadInputError, KvmasError
 
-app = typer.Typer(help="The organizer's knowledge pool: list, show, add, search, export, import, stats, feedback, learn.",
+app = typer.Typer(help="The organizer's knowledge pool: list, show, add, search, export, import, stats, feedback, "
+                       "learn.",
                   no_args_is_help=True, add_completion=False)
 POOL_OPT = typer.Option(None, "--pool", help="pool file (default: KVMAS_HOME/pool.sqlite)")
 
@@ -170,7 +171,8 @@ def learn_cmd(run_dir: Path = typer.Argument(..., help="a finished `kvmas bench 
               pool: Path = POOL_OPT,
               data: Path = typer.Option(None, "--data", help="the run's task file, if it moved (default: as recorded)"),
               model: str = typer.Option(None, "--model", help="embed the learned entries now with this model")) -> None:
-    """Teach the pool every verified outcome of a bench run's fixed methods (train items; see DECISIONS)."""
+    """Teach the pool every verified outcome of a bench run's fixed methods (run them on training items, then
+    `bench accuracy --methods auto --no-learn --pool` on others)."""
     from kvmas.bench.lessons import teach_pool
 
     try:
