@@ -102,3 +102,9 @@ def test_run_counts_the_organizer_and_feedback_learns(pool, model):
 def test_describe_in_words():
     assert "3 solvers" in describe_in_words(PipelineSpec.chain(("vote", {"n": 3})))
     assert "then" in describe_in_words(PipelineSpec.chain("plan", "review"))
+    # every primitive a spec may hold has words (a pool learned from a consistency run once crashed here)
+    from kvmas.organizer.spec import PRIMITIVE_PARAMS
+
+    for typ in PRIMITIVE_PARAMS:
+        assert describe_in_words(PipelineSpec.chain(typ))
+    assert "5 times" in describe_in_words(PipelineSpec.chain("consistency"))

@@ -52,8 +52,9 @@ _PRIMITIVE_WORDS = {
     "review": "a solver drafts, a critic reviews, the solver refines ({rounds} rounds)",
     "vote": "{n} solvers answer independently and a selector reads all answers",
     "plan": "a planner writes a plan and {k} executors carry it out",
+    "consistency": "one agent answers {n} times independently and the most common answer is kept",
 }
-_DEFAULTS = {"rounds": 2, "n": 3, "k": 3}
+_DEFAULTS = {"review": {"rounds": 2}, "vote": {"n": 3}, "plan": {"k": 3}, "consistency": {"n": 5}}
 
 
 def describe_in_words(spec: PipelineSpec) -> str:
@@ -61,7 +62,7 @@ def describe_in_words(spec: PipelineSpec) -> str:
     parts = []
     for nid in spec.order():
         node = next(n for n in spec.nodes if n.id == nid)
-        parts.append(_PRIMITIVE_WORDS[node.type].format(**{**_DEFAULTS, **node.params}))
+        parts.append(_PRIMITIVE_WORDS[node.type].format(**{**_DEFAULTS.get(node.type, {}), **node.params}))
     return "; then ".join(parts)
 
 
