@@ -287,6 +287,18 @@ class SQLiteStore:
         """``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
         return self.connection().execute("PRAGMA integrity_check").fetchone()[0]
 
+    def copy_to(self, dest: str | Path) -> Path:
+        """A consistent copy of the store at ``dest`` (SQLite's online backup): what committed transactions
+        still hold in the write-ahead log is copied too, which a plain file copy would lose."""
+        dest = Path(dest)
+        with _typed(dest):
+            target = sqlite3.connect(dest)
+            try:
+                self.connection().backup(target)
+            finally:
+                target.close()
+        return dest
+
     # -- export envelope ----------------------------------------------------------------------------
     @classmethod
     def envelope(cls, **body: Any) -> dict[str, Any]:

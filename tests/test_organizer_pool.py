@@ -75,6 +75,21 @@ def test_learn_adds_successes_and_bumps_repeats(pool):
     assert pool.get(seed.id).trials == 2  # used by the first two runs only
 
 
+def test_copy_to_keeps_what_the_write_ahead_log_holds(tmp_path):
+    """A pool still open in this process keeps its last writes in the WAL; ``copy_to`` copies them, a plain
+    copy of the main file would not (the bench once copied a pool that way)."""
+    import shutil
+
+    src = KnowledgePool(tmp_path / "src.sqlite", seed=False)
+    src.add("a question learned a moment ago", PipelineSpec.chain("single"), origin="learned", trials=1, successes=1)
+    assert (tmp_path / "src.sqlite-wal").stat().st_size > 0
+    shutil.copyfile(tmp_path / "src.sqlite", tmp_path / "plain.sqlite")
+    assert len(KnowledgePool(tmp_path / "plain.sqlite", seed=False)) == 0
+    copy = KnowledgePool(src.copy_to(tmp_path / "copy.sqlite"), seed=False)
+    assert [e.query for e in copy.entries()] == ["a question learned a moment ago"]
+    assert copy.integrity() == "ok"
+
+
 def test_lexical_search_diversity_and_tags(pool):
     hits = pool.search("several independent reasoning paths compared, most common answer kept", k=5)
     assert hits[0].entry.name == "self-consistency" and all(h.how == "lexical" for h in hits)

@@ -192,17 +192,14 @@ class _Runner:
         elif method.kind == "pipeline":
             self.prim = Pipeline(PipelineSpec.load(method.arg).with_params(**cfg.prim_params()))
         elif method.kind in ("auto", "auto-empty", "random"):
-            import shutil
-
             path = out_dir / f"pool-{method.kind}.sqlite"
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
             if method.kind == "auto-empty":
                 pool = KnowledgePool(path, seed=False)
             else:
-                if cfg.pool_path:
-                    KnowledgePool(cfg.pool_path)  # validates the source before copying it
-                    shutil.copyfile(cfg.pool_path, path)
+                if cfg.pool_path:  # validated as it opens; copied with what its write-ahead log holds
+                    KnowledgePool(cfg.pool_path).copy_to(path)
                 pool = KnowledgePool(path)
             self.org = Organizer(pool, k=cfg.organizer_k, node_params=cfg.prim_params(),
                                  random_choice=method.kind == "random")
