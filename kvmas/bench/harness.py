@@ -821,7 +821,8 @@ def to_markdown(summary: dict[str, Any]) -> str:
     first = cfg["methods"][0] if cfg.get("methods") else None
     shown = [p for p in summary["paired"] if first in (p["a"], p["b"]) or "auto" in (p["a"], p["b"])]
     if shown:
-        lines += ["", f"Paired comparisons (vs {first} and vs auto; all pairs in results.json):", "",
+        against = first if first == "auto" else f"{first} and vs auto"
+        lines += ["", f"Paired comparisons (vs {against}; all pairs in results.json):", "",
                   "| A vs B | diff (A−B) | 95% CI | only A right | only B right | McNemar p |",
                   "|---|---|---|---|---|---|"]
         for p in shown:
