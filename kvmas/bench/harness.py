@@ -469,8 +469,7 @@ def run_bench(tasks: Sequence[Task], methods: Sequence[Method] | str, model, out
         model_name = model if isinstance(model, str) else getattr(model, "name", "?")
         model_key = _model_key(model, cfg)
     config = {"data": data_name, "n": len(tasks), "start": start, "shuffle": shuffle, "seed": cfg.seed,
-              "model": model_name,
-              "model_key": model_key, "max_new_tokens": cfg.max_new_tokens,
+              "model": model_name, "model_key": model_key, "max_new_tokens": cfg.max_new_tokens,
               "latent_steps": cfg.latent_steps, "learn": cfg.learn, "choice_scoring": cfg.choice_scoring,
               "prompt": cfg.prompt, "started": started, "methods": [m.name for m in methods],
               "batch_size": cfg.batch_size, "method_wall_s": method_wall,
@@ -853,9 +852,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
     chosen = {n: s for n, s in summary["methods"].items() if "chosen_pipelines" in s}
     if chosen:
         lines += ["", "Pipelines chosen (times chosen, right when chosen):"]
-        lines += [f"- {n}: " + ", ".join(f"{k} ×{v}" + (f" ({s['chosen_correct'][k]} right)" if "chosen_correct" in s
-                                                        else "") for k, v in s["chosen_pipelines"].items())
-                  for n, s in chosen.items()]
+        for n, s in chosen.items():
+            right = s.get("chosen_correct", {})  # absent from reports written before it was counted
+            lines.append(f"- {n}: " + ", ".join(f"{k} ×{v}" + (f" ({right[k]} right)" if k in right else "")
+                                                for k, v in s["chosen_pipelines"].items()))
     eff = summary.get("efficiency")
     if eff:
         lines += ["", "Ratios measured in this run:", "", "| ratio | value |", "|---|---|"]
