@@ -47,10 +47,16 @@ def method_spec(name: str) -> PipelineSpec:
 class Lessons:
     """What :func:`teach_pool` did: outcomes taught, successes among them, and every skip with its reason."""
 
-    taught: int = 0
-    successes: int = 0
     per_method: dict[str, list[int]] = field(default_factory=dict)  # method -> [taught, successes]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+    @property
+    def taught(self) -> int:
+        return sum(n for n, _ in self.per_method.values())
+
+    @property
+    def successes(self) -> int:
+        return sum(ok for _, ok in self.per_method.values())
 
     def lines(self) -> list[str]:
         out = [f"taught {self.taught} verified outcomes ({self.successes} successes kept as pool entries)"]
@@ -92,8 +98,6 @@ def teach_pool(run_dir: str | Path, pool: KnowledgePool, *, data: str | Path | N
         counts = out.per_method.setdefault(item.method, [0, 0])
         counts[0] += 1
         counts[1] += int(item.correct)
-        out.taught += 1
-        out.successes += int(item.correct)
     return out
 
 
