@@ -228,3 +228,44 @@ def test_rows_that_finish_leave_the_decode_and_the_rest_continue_the_buffer(mode
     assert all(not t[short, :, pads].any() for t in st.keys + st.values)
     for t in st.keys + st.values:
         assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+FANOUTS = {
+    "consistency": lambda: SelfConsistency(n=8, max_new_tokens=40),
+    "kv:vote-question": lambda: Vote("kv", n=6, candidates="question", max_new_tokens=40, temperature=0.9),
+    "text:vote": lambda: Vote("text", n=6, max_new_tokens=40, temperature=0.9),
+    "latent:vote": lambda: Vote(n=6, latent_steps=8, max_new_tokens=40),
+    "kv:plan": lambda: PlanExecute("kv", k=5, max_new_tokens=40),
+    "kv-sequence": lambda: Sequence(SelfConsistency(n=6, max_new_tokens=40),
+                                    Review("kv", rounds=1, max_new_tokens=40)),
+    "dag": lambda: Pipeline(PipelineSpec.from_dict({
+        "nodes": [{"id": "v", "type": "vote", "params": {"n": 6, "comm": "kv"}}, {"id": "s", "type": "single"}],
+        "edges": [["v", "s"]]}).with_params(max_new_tokens=40)),
+}
+
+
+@pytest.mark.parametrize("name", list(FANOUTS))
+def test_kv_positions_bound_every_forward_of_a_run(model, name, monkeypatch):
+    """``kv_positions`` (what sizes the default batch) bounds the KV any one forward of a run spans, summed
+    over its rows; for these fan-outs that is more than one row's ``positions_needed``."""
+    from kvmas.agents.engine import Engine
+    spans, forward = [], Engine.forward
+
+    def counting(self, req):
+        spans.append(req.rows * (req.past + req.width))
+        return forward(self, req)
+
+    monkeypatch.setattr(Engine, "forward", counting)
+    prim, q = FANOUTS[name](), QS[2]
+    prim(q, model=model, seed=1)
+    tokens = len(model.encode(q))
+    assert max(spans) <= prim.kv_positions(tokens)
+    if name in ("consistency", "kv:vote-question", "text:vote", "kv:plan"):
+        assert max(spans) > prim.positions_needed(tokens)
+
+
+def test_the_bench_default_batch_counts_a_methods_rows(model):
+    from kvmas.agents.engine import default_batch_size
+    one = default_batch_size(model, Single(max_new_tokens=512).kv_positions(200), limit=10**6)
+    five = default_batch_size(model, SelfConsistency(n=5, max_new_tokens=512).kv_positions(200), limit=10**6)
+    assert five <= one // 4

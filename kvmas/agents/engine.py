@@ -473,16 +473,17 @@ def _trim() -> None:
 
 
 def default_batch_size(model, positions: int, limit: int = 32) -> int:
-    """As many rows as fit: a row's KV at ``positions`` columns, kept about three times over while a tick
-    runs (its state, the padded batch, the new state), within a quarter of the memory free now; at most
-    ``limit`` (on these CPUs throughput stops growing well before 32 rows)."""
+    """As many runs as fit: a run's KV at ``positions`` columns (summed over its rows: a Vote's solvers count
+    n times), kept about three times over while a tick runs (its state, the padded batch, the new state),
+    within a quarter of the memory free now; at most ``limit`` (on these CPUs throughput stops growing well
+    before 32 runs)."""
     fp = model.fingerprint
-    per_row = 3 * fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim * positions * model.dtype.itemsize
+    per_run = 3 * fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim * positions * model.dtype.itemsize
     if model.device.type == "cuda":
         free = torch.cuda.mem_get_info(model.device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, min(limit, int(free * 0.25 // max(1, per_row))))
+    return max(1, min(limit, int(free * 0.25 // max(1, per_run))))
 
 
 if os.environ.get("KVMAS_MALLOC_TUNE", "1") != "0":  # at import, before the batch threads allocate

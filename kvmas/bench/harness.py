@@ -205,10 +205,11 @@ class _Runner:
                                  random_choice=method.kind == "random")
 
     def positions(self, tasks: Sequence[Task]) -> int:
-        """Context positions the longest task needs with this method (sizes the default batch)."""
+        """KV positions the longest task holds at once with this method, over all its rows (sizes the
+        default batch)."""
         longest = max(len(self.model.encode(format_question(t, style=self.cfg.prompt))) for t in tasks)
         prim = self.prim if self.org is None and self.method.kind != "loglik" else None
-        return prim.positions_needed(longest) if prim is not None else longest + 1024
+        return prim.kv_positions(longest) if prim is not None else longest + 1024
 
     def run(self, task: Task, index: int = 0) -> ItemResult:
         t0 = time.perf_counter()

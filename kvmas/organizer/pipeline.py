@@ -68,6 +68,10 @@ class Pipeline(Primitive):
     def positions_needed(self, question_tokens: int) -> int:
         return question_tokens + sum(p.positions_needed(0) for p in self.prims.values())
 
+    def kv_positions(self, question_tokens: int) -> int:
+        # a node's rows fork at most the whole pipeline's context
+        return max(p.kv_positions(self.positions_needed(question_tokens)) for p in self.prims.values())
+
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         outs: dict[str, Output] = {}
         sink = self.spec.sink

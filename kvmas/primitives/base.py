@@ -65,6 +65,11 @@ class Primitive:
         """Upper bound of context positions one run needs (checked before running)."""
         return question_tokens + 256 + self.latent_steps + self.max_new_tokens
 
+    def kv_positions(self, question_tokens: int) -> int:
+        """Upper bound of the KV positions one run holds at once, summed over its rows (sizes the default
+        batch): one row of ``positions_needed`` unless the primitive forks rows."""
+        return self.positions_needed(question_tokens)
+
     def continues_state(self) -> bool:
         """Whether ``forward`` reads on top of its input state, so that a run can continue a saved one:
         latent and kv hand-offs do; a text-mode team re-reads decoded messages from a fresh cache."""
@@ -230,6 +235,10 @@ class Sequence(Primitive):
 
     def positions_needed(self, question_tokens: int) -> int:
         return question_tokens + sum(s.positions_needed(0) for s in self.steps)
+
+    def kv_positions(self, question_tokens: int) -> int:
+        # a step's rows fork at most the whole sequence's context
+        return max(s.kv_positions(self.positions_needed(question_tokens)) for s in self.steps)
 
     def continues_state(self) -> bool:
         return self.steps[0].continues_state()

@@ -44,6 +44,9 @@ class SelfConsistency(Primitive):
     def params(self) -> dict:
         return {**super().params(), "n": self.n}
 
+    def kv_positions(self, question_tokens: int) -> int:
+        return self.n * self.positions_needed(question_tokens)  # one row per sample
+
     def continues_state(self) -> bool:
         return True  # one prompt in every mode, read on top of the input state
 

@@ -38,6 +38,10 @@ class PlanExecute(Primitive):
         per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
         return question_tokens + 256 + (self.k + 1) * per + self.max_new_tokens
 
+    def kv_positions(self, question_tokens: int) -> int:
+        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
+        return self.positions_needed(question_tokens) + self.k * (question_tokens + 256 + 2 * per)  # + executors
+
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   latent_steps=self.latent_steps)
