@@ -1,7 +1,8 @@
 """The efficiency benchmark on the harness, on tiny models (one test runs the real worker process)."""
 
 from kvmas.bench.efficiency import merge_policy_error, ratios, run_efficiency
-from kvmas.bench.harness import BenchConfig, run_bench, to_markdown
+from kvmas.bench.harness import BenchConfig, run_bench
+from kvmas.bench.report import to_markdown
 from kvmas.tasks import load_tasks
 from kvmas.testing import tiny_model
 

@@ -118,14 +118,14 @@ def test_correctness_is_judged_on_the_answer(model, tmp_path):
 
 
 def test_report_has_strict_and_flexible_figures_with_rule_counts(model, tmp_path):
-    from kvmas.bench.harness import _summarise
+    from kvmas.bench.report import summarise
 
     from kvmas.tasks import Task
 
     task = Task(id="t", question="Tom has 10 apples and eats 4. How many are left?", answer="6")
     replies = [r"\boxed{6}", "#### 6", "The answer is 6.", "So 6 are left.", "no idea", r"\boxed{5}"]
     runner = _planted_runner(model, tmp_path, replies)
-    s = _summarise([runner.run(task) for _ in replies])
+    s = summarise([runner.run(task) for _ in replies])
     assert (s["correct"], s["correct_strict"], s["accuracy_strict"]) == (4, 2, round(2 / 6, 4))
     assert s["rules"] == {"boxed": {"n": 2, "correct": 1}, "####": {"n": 1, "correct": 1},
                           "answer-is": {"n": 1, "correct": 1}, "last-number": {"n": 1, "correct": 1},
@@ -343,7 +343,8 @@ def test_vote_candidates_are_scored_and_summarised(model, tmp_path):
 def test_review_drafts_are_scored_and_what_refinement_did_is_counted(model, tmp_path):
     """Each draft a Review's critic read is scored against the gold answer; the report counts first drafts
     right, and refinements that fixed or broke them."""
-    from kvmas.bench.harness import _score_candidates, draft_summary
+    from kvmas.bench.harness import _score_candidates
+    from kvmas.bench.report import draft_summary
 
     tasks = load_tasks("synthetic-number", n=2, seed=2)
     s = run_bench(tasks, "kv:review", model, tmp_path, BenchConfig(max_new_tokens=4, seed=0))

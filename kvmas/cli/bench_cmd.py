@@ -39,7 +39,7 @@ def _bench() -> None:
 
 def accuracy_table(summary: dict) -> DataTable:
     """A rich table of a results dict from :func:`kvmas.bench.harness.run_bench`."""
-    from kvmas.bench.harness import seconds_per_question
+    from kvmas.bench.report import seconds_per_question
 
     table = DataTable(f"accuracy · {summary['config']['data']} · n={summary['config']['n']} · "
                       f"{summary['config']['model']}")
@@ -222,12 +222,12 @@ def _print_summary(console: Console, summary: dict, out_dir: Path) -> None:
             console.print(lit(f"  {p['a']} vs {p['b']}: {100 * p['diff']:+.1f} pts "
                               f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}], "
                               f"McNemar p={p['mcnemar_p']:.3g}"))
-    from kvmas.bench.harness import rule_counts
+    from kvmas.bench.report import rule_counts
 
     for name, s in summary["methods"].items():
         console.print(lit(f"  {name} answers by rule (correct/read): {rule_counts(s)}"))
     if summary["config"].get("fanout"):
-        from kvmas.bench.harness import fanout_line
+        from kvmas.bench.report import fanout_line
 
         fanout = summary["config"]["fanout"]
         console.print(lit("  " + fanout_line(fanout), "yellow" if fanout.get("workers_died") else "dim"))
