@@ -70,6 +70,11 @@ class Primitive:
         batch): one row of ``positions_needed`` unless the primitive forks rows."""
         return self.positions_needed(question_tokens)
 
+    def turn_positions(self) -> int:
+        """Upper bound of the positions one agent's turn adds: its instruction, then its thoughts (latent) or
+        its decoded message."""
+        return 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
+
     def continues_state(self) -> bool:
         """Whether ``forward`` reads on top of its input state, so that a run can continue a saved one:
         latent and kv hand-offs do; a text-mode team re-reads decoded messages from a fresh cache."""

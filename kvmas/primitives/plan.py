@@ -35,12 +35,11 @@ class PlanExecute(Primitive):
         return {**super().params(), "k": self.k, "merge_policy": self.merge_policy}
 
     def positions_needed(self, question_tokens: int) -> int:
-        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
-        return question_tokens + 256 + (self.k + 1) * per + self.max_new_tokens
+        return question_tokens + 256 + (self.k + 1) * self.turn_positions() + self.max_new_tokens
 
     def kv_positions(self, question_tokens: int) -> int:
-        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
-        return self.positions_needed(question_tokens) + self.k * (question_tokens + 256 + 2 * per)  # + executors
+        executors = self.k * (question_tokens + 256 + 2 * self.turn_positions())  # each forks the plan
+        return self.positions_needed(question_tokens) + executors
 
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -113,12 +113,11 @@ class Vote(Primitive):
                 "candidates": self.candidates}
 
     def positions_needed(self, question_tokens: int) -> int:
-        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
-        return question_tokens + 256 + self.n * per + self.max_new_tokens
+        return question_tokens + 256 + self.n * self.turn_positions() + self.max_new_tokens
 
     def kv_positions(self, question_tokens: int) -> int:
-        per = 64 + (self.latent_steps if self.comm == "latent" else self.max_new_tokens)
-        return self.positions_needed(question_tokens) + self.n * (question_tokens + 256 + per)  # + the solvers' rows
+        solvers = self.n * (question_tokens + 256 + self.turn_positions())  # the solvers' rows, beside the merged one
+        return self.positions_needed(question_tokens) + solvers
 
     def _personas(self) -> list[str]:
         return [PERSONAS[i % len(PERSONAS)].format(i=i + 1) for i in range(self.n)]
