@@ -269,3 +269,11 @@ def test_the_bench_default_batch_counts_a_methods_rows(model):
     one = default_batch_size(model, Single(max_new_tokens=512).kv_positions(200), limit=10**6)
     five = default_batch_size(model, SelfConsistency(n=5, max_new_tokens=512).kv_positions(200), limit=10**6)
     assert five <= one // 4
+
+
+def test_a_one_node_pipeline_holds_what_its_primitive_holds():
+    vote = Vote("kv", n=5, candidates="question", max_new_tokens=512)
+    spec = PipelineSpec.from_dict({"nodes": [{"id": "v", "type": "vote", "params": {
+        "comm": "kv", "n": 5, "candidates": "question"}}]}).with_params(max_new_tokens=512)
+    assert Pipeline(spec).kv_positions(150) == vote.kv_positions(150)
+    assert Sequence(vote).kv_positions(150) == vote.kv_positions(150)

@@ -20,7 +20,7 @@ from kvmas.agents.agent import Agent, RunContext
 from kvmas.agents.state import LatentState
 from kvmas.organizer.spec import PipelineSpec
 from kvmas.primitives import build
-from kvmas.primitives.base import Primitive
+from kvmas.primitives.base import Primitive, chained_kv_positions
 from kvmas.primitives.run import Message, Output, merge_facts
 
 
@@ -69,8 +69,7 @@ class Pipeline(Primitive):
         return question_tokens + sum(p.positions_needed(0) for p in self.prims.values())
 
     def kv_positions(self, question_tokens: int) -> int:
-        # a node's rows fork at most the whole pipeline's context
-        return max(p.kv_positions(self.positions_needed(question_tokens)) for p in self.prims.values())
+        return chained_kv_positions(question_tokens, [self.prims[n] for n in self.order])
 
     def forward(self, ctx: RunContext, inp: Output, final: bool = True) -> Output:
         outs: dict[str, Output] = {}

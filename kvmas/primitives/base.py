@@ -39,6 +39,15 @@ def check_param(name: str, value: int) -> int:
     return value
 
 
+def chained_kv_positions(question_tokens: int, steps) -> int:
+    """The largest ``kv_positions`` of steps run in this order, each reading at most the question and every
+    earlier step's positions (a Sequence's steps, a pipeline's nodes in topological order)."""
+    before, peak = question_tokens, 0
+    for step in steps:
+        peak, before = max(peak, step.kv_positions(before)), before + step.positions_needed(0)
+    return peak
+
+
 class Primitive:
     """Base class. Subclasses set ``name`` and implement ``forward``; compose with :class:`Sequence`."""
 
@@ -242,8 +251,7 @@ class Sequence(Primitive):
         return question_tokens + sum(s.positions_needed(0) for s in self.steps)
 
     def kv_positions(self, question_tokens: int) -> int:
-        # a step's rows fork at most the whole sequence's context
-        return max(s.kv_positions(self.positions_needed(question_tokens)) for s in self.steps)
+        return chained_kv_positions(question_tokens, self.steps)
 
     def continues_state(self) -> bool:
         return self.steps[0].continues_state()
