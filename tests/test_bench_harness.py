@@ -4,7 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kvmas.agents.state import LatentState
-from kvmas.bench.harness import BenchConfig, ItemResult, merge_runs, parse_methods, run_bench
+from kvmas.bench.harness import BenchConfig, merge_runs, parse_methods, run_bench
+from kvmas.bench.items import ItemResult
 from kvmas.cli.bench_cmd import app
 from kvmas.errors import BadInputError
 from kvmas.organizer import PipelineSpec

@@ -1,12 +1,13 @@
 """The evaluation harness: every method on the same tasks, same model, same seed and budgets; honest statistics.
 
-``kvmas bench accuracy`` and ``kvmas bench efficiency`` both run here: one item record (:class:`ItemResult`,
-carrying the run's :class:`~kvmas.trace.Usage`), one task loop (:func:`run_bench`); the summary, markdown
-report and charts are :mod:`kvmas.bench.report`'s. Options: ``BenchConfig.isolate`` runs each method in its
-own worker process, so its peak memory is its own; ``trace_dir`` keeps every run's trace; ``workers=N`` (and
-``ray_address``) spreads each method's tasks over N Ray workers, one model replica each (:mod:`kvmas.bench.fanout`): contiguous chunks of
-tasks, each run as rows of one batch on a worker, kept in task order, so items and statistics equal a
-single-process run; a worker that dies has its chunk re-run elsewhere, and ``config.fanout`` says which tasks.
+``kvmas bench accuracy`` and ``kvmas bench efficiency`` both run here: one task loop (:func:`run_bench`)
+writing one item record per method and task (:class:`kvmas.bench.items.ItemResult`, carrying the run's
+:class:`~kvmas.trace.Usage`); the summary, markdown report and charts are :mod:`kvmas.bench.report`'s.
+Options: ``BenchConfig.isolate`` runs each method in its own worker process, so its peak memory is its own;
+``trace_dir`` keeps every run's trace; ``workers=N`` (and ``ray_address``) spreads each method's tasks over N
+Ray workers, one model replica each (:mod:`kvmas.bench.fanout`): contiguous chunks of tasks, each run as rows
+of one batch on a worker, kept in task order, so items and statistics equal a single-process run; a worker
+that dies has its chunk re-run elsewhere, and ``config.fanout`` says which tasks.
 ``auto`` learning online cannot be split (each choice depends on what the pool learned from the items before
 it): it runs in this process, one item at a time, as without workers. Every answer is checked for an echoed
 role prompt.
@@ -41,13 +42,14 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kvmas.agents.engine import default_batch_size, run_batched
 from kvmas.agents.model import Model
 from kvmas.agents.state import LatentState
+from kvmas.bench.items import ItemResult
 from kvmas.bench.report import write_summary
 from kvmas.clock import utc_now
 from kvmas.errors import BadInputError, InterruptedRunError, KvmasError
@@ -58,13 +60,12 @@ from kvmas.paths import atomic_write_text, inside, safe_name
 from kvmas.primitives import COMMS, PRIMITIVES, parse_method
 from kvmas.primitives.echo import echoes_role_prompt
 from kvmas.tasks import Task, format_question, loglik_continuations, loglik_prefix
-from kvmas.tasks.answers import STRICT_RULES, matches_gold, read_answer
+from kvmas.tasks.answers import matches_gold, read_answer
 from kvmas.tasks.prompts import check_style, prompt_echo_floor
 from kvmas.trace import Usage
 
 LABEL_LEAD = "\nTherefore, the answer is ("
 # strict figures count explicit answer formats, and labels ranked by likelihood (no text is parsed for those)
-STRICT_SCORED = STRICT_RULES | {"loglik"}
 SPECIAL = ("auto", "auto-empty", "random", "loglik")
 DEFAULT_METHODS = "single,latent:review,text:review,latent:vote,text:vote,latent:plan,text:plan,auto"
 
@@ -105,37 +106,6 @@ def parse_methods(text: str) -> list[Method]:
     if len(set(names)) != len(names):
         raise BadInputError(f"duplicate methods in {text!r}")
     return out
-
-
-@dataclass
-class ItemResult:
-    """One method on one task."""
-
-    method: str
-    task_id: str
-    kind: str
-    gold: str
-    pred: str | None
-    correct: bool
-    answer: str
-    usage: Usage
-    wall_s: float
-    answer_tokens: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    rule: str | None = None  # the scoring rule that read ``pred`` (kvmas.tasks.answers.RULES, or "loglik")
-    echo: bool = False  # the answer copies a role instruction (a collapse, see kvmas.primitives.echo)
-
-    @property
-    def correct_strict(self) -> bool:
-        """Correct with the answer in an explicit format (boxed / ####), or ranked by likelihood."""
-        return self.correct and self.rule in STRICT_SCORED
-
-    def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "task_id": self.task_id, "kind": self.kind, "gold": self.gold,
-                "pred": self.pred, "correct": self.correct, "rule": self.rule, "answer": self.answer,
-                "usage": self.usage.model_dump(), "wall_s": round(self.wall_s, 4),
-                "answer_tokens": self.answer_tokens, "meta": self.meta, "error": self.error, "echo": self.echo}
 
 
 @dataclass
@@ -488,7 +458,7 @@ def _run_isolated(m: Method, tasks: Sequence[Task], model, cfg: BenchConfig, out
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         if line.startswith("ITEM "):
-            keep(_item_from_json(json.loads(line[5:])))
+            keep(ItemResult.from_json(json.loads(line[5:])))
     err = proc.stderr.read()
     try:
         if proc.wait() != 0:
@@ -628,7 +598,7 @@ def load_run(d: Path) -> tuple[dict[str, Any], list[ItemResult]]:
     items = []
     for n, line in enumerate(lines, 1):
         try:
-            items.append(_item_from_json(json.loads(line)))
+            items.append(ItemResult.from_json(json.loads(line)))
         except (ValueError, KeyError, TypeError) as exc:
             raise BadInputError(f"{d}/items.jsonl line {n}: not an item record ({exc})") from exc
     return summary, items
@@ -640,12 +610,6 @@ def _write_report(out: Path, config: dict[str, Any], results: dict[str, list[Ite
     atomic_write_text(out / "items.jsonl", "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
                                                    for items in results.values() for r in items))
     return write_summary(out, config, results)
-
-
-def _item_from_json(d: dict[str, Any]) -> ItemResult:
-    return ItemResult(d["method"], d["task_id"], d["kind"], d["gold"], d["pred"], d["correct"], d["answer"],
-                      Usage(**d["usage"]), d["wall_s"], d.get("answer_tokens", 0), d.get("meta") or {},
-                      d.get("error"), d.get("rule"), d.get("echo", echoes_role_prompt(d["answer"])))
 
 
 if __name__ == "__main__":

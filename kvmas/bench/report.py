@@ -4,7 +4,6 @@ accuracy chart and the Pareto chart (accuracy against seconds and tokens per que
 
 Built from item records alone, so a run, a merge of runs and a rescoring report the same way.
 
->>> from kvmas.bench.harness import ItemResult
 >>> from kvmas.trace import Usage
 >>> s = summarise([ItemResult("single", "t1", "number", "3", "3", True, "3", Usage(), 1.0)])
 >>> s["n"], s["correct"], s["ci95_wilson"]
@@ -17,14 +16,12 @@ import json
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kvmas.bench.items import ItemResult
 from kvmas.paths import atomic_write_text
 from kvmas.stats import mcnemar_exact, paired_bootstrap, wilson
 from kvmas.trace import Usage
-
-if TYPE_CHECKING:
-    from kvmas.bench.harness import ItemResult
 
 
 def draft_summary(items: list[ItemResult]) -> dict[str, int] | None:
@@ -32,8 +29,7 @@ def draft_summary(items: list[ItemResult]) -> dict[str, int] | None:
     draft was right), ``fixed`` (first draft wrong, final answer right), ``broke`` (first draft right, final
     answer wrong); None when no item recorded drafts.
 
-    >>> from kvmas.bench.harness import ItemResult
-    >>> from kvmas.trace import Usage
+        >>> from kvmas.trace import Usage
     >>> r = ItemResult("kv:review", "t1", "number", "3", "3", True, "", Usage(), 0.0,
     ...                meta={"facts": {"review_drafts": ["4", "3"]}, "drafts_correct": [False, True]})
     >>> draft_summary([r])
@@ -53,8 +49,7 @@ def candidate_summary(items: list[ItemResult]) -> dict[str, int] | None:
     any selection), ``majority`` (items with a strict majority answer) and ``majority_correct`` (that answer
     right), ``unanimous``; None when no item recorded candidates.
 
-    >>> from kvmas.bench.harness import ItemResult
-    >>> from kvmas.trace import Usage
+        >>> from kvmas.trace import Usage
     >>> r = ItemResult("kv:vote", "t1", "number", "3", "4", False, "", Usage(), 0.0,
     ...                meta={"facts": {"vote_candidates": ["3", "3", "4"]}, "candidates_correct": [True, True, False]})
     >>> candidate_summary([r])
